@@ -1,0 +1,239 @@
+"""Typed records passed between the pipeline's stages.
+
+inputs -> reference capture -> deployment capture -> align -> checks -> verdict -> reports.
+Each stage takes and returns these records; no stage reaches into another's internals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+BosPolicy = Literal["first", "every_text"]
+Positions = Literal["image", "text", "all"]
+Severity = Literal["error", "warning", "info"]
+
+# ---------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One piece of a canonical input: text, or one image (a file path)."""
+
+    kind: Literal["text", "image"]
+    text: str = ""
+    image: Path | None = None
+
+
+@dataclass(frozen=True)
+class CanonicalInput:
+    """A named test case. Both sides' calls are built from this one description."""
+
+    name: str
+    segments: tuple[Segment, ...]
+    # "first": BOS on the first segment only (what lmdeploy does);
+    # "every_text": BOS on every text part (what the XComposer2-7b chat code does).
+    bos_policy: BosPolicy = "first"
+
+
+@dataclass
+class PreparedInput:
+    """The rows both sides must see, built once from a CanonicalInput.
+
+    `embeddings` is the full input-embedding matrix (token embeddings with image features spliced in);
+    `image_rows` is the row mask of image features; `ranges` the [begin, end) row spans of each image.
+    """
+
+    name: str
+    token_ids: list[int]              # one id per row; image rows carry the placeholder id
+    image_rows: torch.Tensor          # bool [rows]
+    bos_rows: torch.Tensor            # bool [rows]
+    embeddings: torch.Tensor          # float32 [rows, hidden]
+    image_features: list[torch.Tensor]  # float32 [n_i, hidden], one per image, in order
+    ranges: list[tuple[int, int]]
+    bos_policy: BosPolicy
+    placeholder_id: int
+    text_parts: list[str] = field(default_factory=list)  # for the report: what each row span says
+    row_labels: list[str] = field(default_factory=list)  # per row: decoded token or "<img k>"
+
+
+@dataclass
+class HFCall:
+    """What the HF reference receives: `model(inputs_embeds=..., im_mask=...)`."""
+
+    inputs_embeds: torch.Tensor  # [1, rows, hidden]
+    im_mask: torch.Tensor        # bool [1, rows]
+    content_hash: str
+
+
+@dataclass
+class EngineCall:
+    """What a TurboMind-style engine receives (`input_ids`, `input_embeddings`, `input_embedding_ranges`)."""
+
+    input_ids: list[int]
+    input_embeddings: list[torch.Tensor]
+    input_embedding_ranges: list[tuple[int, int]]
+    content_hash: str
+
+
+# ---------------------------------------------------------------- deployment side
+
+
+@dataclass(frozen=True)
+class RuntimeSemantics:
+    """What one lmdeploy release range does with PLoRA (turbomind-plora.md, section 1)."""
+
+    version: str
+    converter_writes_lora: bool
+    runtime_applies_plora: bool
+    workspace_loads_lora: bool
+    note: str = ""
+
+
+@dataclass
+class ConversionRecord:
+    """What `parity convert` did: recorded next to the workspace as parity-conversion.json."""
+
+    model: str
+    workspace: str
+    lmdeploy_version: str
+    sub_type: str                 # "7b" | "4khd" | "2.5" as lmdeploy decided
+    lora_config: dict[str, Any]
+    tp: int
+    warnings: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- findings and report
+
+
+@dataclass
+class Finding:
+    check: str
+    severity: Severity
+    cause: str
+    message: str
+    layer: int | None = None
+    module: str | None = None
+    positions: Positions | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    case: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Divergence:
+    layer: int | None
+    module: str | None
+    positions: Positions | None
+    cause: str
+    case: str | None = None
+    message: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# Cause tags (issue 4); checks must use only these.
+CAUSES: tuple[str, ...] = (
+    "weight_mismatch",
+    "missing_tensor",
+    "shape_mismatch",
+    "lora_rank_mismatch",
+    "lora_scale_mismatch",
+    "lora_not_applied",
+    "lora_outside_mask",
+    "im_mask_mismatch",
+    "embeddings_skipped",
+    "bias_dropped",
+    "config_mismatch",
+    "input_mismatch",
+    "nonfinite",
+    "numeric_drift",
+    "unsupported_version",
+)
+
+
+@dataclass
+class PointResult:
+    """One comparison of one canonical point of one case.
+
+    `e2e` compares the engine's own forward with the reference; `local` compares the engine fed the
+    reference's inputs (teacher-forced), which is where an error is *created*. Metric dicts hold:
+    cosine, rel_l2, max_abs, max_abs_row, max_abs_col, mean_abs, nonfinite_ref, nonfinite_eng, and
+    `by_class` {"image"|"text"|"bos": {rel_l2, max_abs, cosine, rows}}.
+    `floor` is the reference against itself at the engine's precision (relative L2), `threshold` the
+    limit the local error was judged against.
+    """
+
+    case: str
+    layer: int | None
+    module: str
+    e2e: dict[str, Any]
+    local: dict[str, Any] | None
+    floor: float
+    threshold: float
+    row_err: list[float] = field(default_factory=list)
+    exceeded: bool = False
+
+
+@dataclass
+class CaseSummary:
+    """What the report shows about one input case."""
+
+    name: str
+    rows: int
+    bos_policy: str
+    image_spans: list[tuple[int, int]]
+    bos_rows: list[int]
+    row_labels: list[str]
+    hashes: dict[str, str]
+    # Row masks as 0/1 lists: what HF received, what the engine derived from its ranges, the canonical one.
+    masks: dict[str, list[int]] = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    status: Literal["pass", "fail", "error"]
+    engine: dict[str, Any]                 # {"kind", "lmdeploy_version", "numeric", "semantics", ...}
+    model: str
+    workspace: str | None
+    findings: list[Finding]
+    first_divergence: Divergence | None
+    points: list[PointResult] = field(default_factory=list)
+    cases: list[CaseSummary] = field(default_factory=list)
+    config_audit: list[dict[str, Any]] = field(default_factory=list)   # {field, hf, engine, ok, note}
+    weights_audit: list[dict[str, Any]] = field(default_factory=list)  # {tensor, status, shape, max_abs_diff}
+    plora_table: list[dict[str, Any]] = field(default_factory=list)    # {case, layer, linear, rank_ref, ...}
+    thresholds: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    parity_version: str = ""
+
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "error"]
+
+    def __bool__(self) -> bool:  # truthy on pass, like Polygraphy's results
+        return self.status == "pass"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stable JSON contract (README, "report.json")."""
+        return {
+            "status": self.status,
+            "engine": self.engine,
+            "model": self.model,
+            "workspace": self.workspace,
+            "first_divergence": self.first_divergence.to_dict() if self.first_divergence else None,
+            "findings": [f.to_dict() for f in self.findings],
+            "layers": [asdict(p) for p in self.points],
+            "cases": [asdict(c) for c in self.cases],
+            "config_audit": self.config_audit,
+            "weights_audit": self.weights_audit,
+            "plora": self.plora_table,
+            "thresholds": self.thresholds,
+            "timings": self.timings,
+            "parity_version": self.parity_version,
+        }
