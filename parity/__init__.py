@@ -1,3 +1,13 @@
 """parity: layer-by-layer numerical parity between an HF PLoRA model and its TurboMind deployment."""
 
 __version__ = "0.1.0"
+
+__all__ = ["run", "assert_parity", "__version__"]
+
+
+def __getattr__(name):  # keep `import parity` cheap: torch and transformers load on first use
+    if name in ("run", "assert_parity"):
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(name)

@@ -1,0 +1,45 @@
+# Two commands do everything on a fresh machine:
+#   make parity [MODEL=path TRUST_REMOTE_CODE=1]   set up, build fixtures, convert, compare, write reports
+#   make test                                      set up, run the test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.setup-done
+FIXTURES := .cache/fixtures
+DEFAULT_MODEL := $(FIXTURES)/xcomposer2-tiny
+MODEL  ?= $(DEFAULT_MODEL)
+OUT    ?= reports/$(notdir $(patsubst %/,%,$(MODEL)))
+ARGS   ?=
+# The built-in fixtures are our own code; a user's model runs its own code only when they say so.
+ifeq ($(MODEL),$(DEFAULT_MODEL))
+TRUST_REMOTE_CODE ?= 1
+endif
+TRUST_FLAG := $(if $(filter 1 yes true,$(TRUST_REMOTE_CODE)),--trust-remote-code,)
+
+.PHONY: setup test parity fixtures faults bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile scripts/install-chromium.sh
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: this takes the CPU build from local disk; unpinned it pulls a multi-GB CUDA build
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test,lmdeploy-cpu]'
+	# lmdeploy's wheel would drag in a CUDA torch: install it alone, its pure-Python needs come from above
+	$(BIN)/pip install -q --no-deps lmdeploy==0.7.1
+	scripts/install-chromium.sh
+	touch $(STAMP)
+
+fixtures: setup
+	$(BIN)/parity fixtures --out $(FIXTURES)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+parity: setup
+	@if [ "$(MODEL)" = "$(DEFAULT_MODEL)" ]; then $(BIN)/parity fixtures --out $(FIXTURES) >/dev/null; fi
+	$(BIN)/parity run $(MODEL) $(TRUST_FLAG) --out $(OUT) $(ARGS)
+
+clean:
+	rm -rf .cache reports/*/ build *.egg-info

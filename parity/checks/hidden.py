@@ -1,0 +1,79 @@
+"""Hidden states: every point whose local (teacher-forced) error exceeds its threshold is a finding, with a
+cause attributed from the other checks' findings (weights, config, LoRA, mask, inputs)."""
+
+from __future__ import annotations
+
+import math
+
+from ..compare.align import exceeded_positions
+from ..records import Finding, PointResult
+from .base import CheckContext, CheckOutput
+
+# When several findings could explain a point, the more specific cause wins.
+_PRIORITY = (
+    "missing_tensor", "shape_mismatch", "lora_rank_mismatch", "lora_scale_mismatch", "lora_not_applied",
+    "lora_outside_mask", "weight_mismatch", "bias_dropped", "unsupported_version", "config_mismatch", "nonfinite",
+)
+# Wrong inputs or a wrong mask explain every later difference of their case, so they are asked first.
+_CASE_WIDE = ("input_mismatch", "embeddings_skipped", "im_mask_mismatch")
+
+
+def _applies(f: Finding, p: PointResult) -> bool:
+    if f.case is not None and f.case != p.case:
+        return False
+    layers = f.metrics.get("layers") if isinstance(f.metrics, dict) else None
+    if f.module is not None and f.module != p.module:
+        return False
+    if layers is not None:
+        return p.layer in layers
+    return f.layer is None or f.layer == p.layer
+
+
+def attribute(p: PointResult, prior: list[Finding]) -> tuple[str, Finding | None]:
+    errors = [f for f in prior if f.severity == "error"]
+    case_wide = [f for f in errors if f.cause in _CASE_WIDE and (f.case is None or f.case == p.case)]
+    if case_wide:
+        return case_wide[0].cause, case_wide[0]
+    specific = [f for f in errors if f.module is not None and _applies(f, p)]
+    if specific:
+        best = min(specific, key=lambda f: _PRIORITY.index(f.cause) if f.cause in _PRIORITY else 99)
+        return best.cause, best
+    version = [f for f in errors if f.cause in ("unsupported_version", "lora_not_applied") and f.layer is None]
+    if version and exceeded_positions(p) == "image":
+        return "lora_not_applied", version[0]
+    config = [f for f in errors if f.cause in ("config_mismatch", "bias_dropped")]
+    if config:
+        return config[0].cause, config[0]
+    if p.local and (p.local.get("nonfinite_eng", 0) > p.local.get("nonfinite_ref", 0)):
+        return "nonfinite", None
+    return "numeric_drift", None
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}" if math.isfinite(x) else str(x)
+
+
+def run(ctx: CheckContext, prior: list[Finding]) -> CheckOutput:
+    out = CheckOutput()
+    for p in ctx.points:
+        if not p.exceeded or p.local is None:
+            continue
+        pos = exceeded_positions(p)
+        cause, source = attribute(p, prior)
+        by = p.local.get("by_class", {})
+        classes = ", ".join(f"{c} {_fmt(m['rel_l2'])}" for c, m in by.items())
+        why = f" Cause: {source.message}" if source is not None else (
+            " No conversion or config finding explains it: numeric drift beyond the noise floor."
+            if cause == "numeric_drift" else "")
+        where = f"layer {p.layer}, {p.module}" if p.layer is not None else p.module
+        out.findings.append(Finding(
+            check="hidden", severity="error", cause=cause, layer=p.layer, module=p.module, positions=pos,
+            case=p.case,
+            message=(f"{where}: local error {_fmt(p.local['rel_l2'])} exceeds {_fmt(p.threshold)} "
+                     f"(noise floor {_fmt(p.floor)}) on {pos} rows [{classes}]; end-to-end {_fmt(p.e2e['rel_l2'])}."
+                     + why),
+            metrics={"local_rel_l2": p.local["rel_l2"], "e2e_rel_l2": p.e2e["rel_l2"], "floor": p.floor,
+                     "threshold": p.threshold, "max_abs": p.local["max_abs"],
+                     "max_abs_row": p.local["max_abs_row"], "max_abs_col": p.local["max_abs_col"]},
+        ))
+    return out

@@ -1,0 +1,43 @@
+"""im_mask placement: what HF received vs what the engine derived from its ranges vs the canonical rows."""
+
+from __future__ import annotations
+
+import torch
+
+from ..points import plora_key
+from ..records import Finding
+from .base import CheckContext, CheckOutput
+
+
+def masks_for(ct) -> dict[str, torch.Tensor]:
+    canon = ct.prepared.image_rows.to(torch.uint8)
+    out = {"canonical": canon}
+    for side, trace in (("hf", ct.reference), ("engine", ct.engine)):
+        m = trace.get(0, plora_key("attention.wqkv", "mask")) if trace.num_layers else None
+        if m is not None:
+            out[side] = m.to(torch.uint8).reshape(-1)
+    return out
+
+
+def run(ctx: CheckContext) -> CheckOutput:
+    out = CheckOutput()
+    for ct in ctx.cases:
+        if (ct.engine_info or {}).get("ranges_valid") is False:
+            continue  # the inputs check already names the skipped embeddings
+        masks = masks_for(ct)
+        canon = masks["canonical"]
+        for side in ("hf", "engine"):
+            m = masks.get(side)
+            if m is None or m.shape != canon.shape:
+                continue
+            bad = torch.nonzero(m != canon).flatten().tolist()
+            if bad:
+                out.findings.append(Finding(
+                    check="mask", severity="error", cause="im_mask_mismatch", layer=0, module="attention.wqkv",
+                    positions="all", case=ct.prepared.name,
+                    message=(f"The {'HF model' if side == 'hf' else 'engine'}'s image mask differs from the image "
+                             f"rows of the input at {len(bad)} row(s), first at row {bad[0]}: rows {bad[:8]}."),
+                    metrics={"rows": bad[:64], "side": side},
+                ))
+        out.table.append({"case": ct.prepared.name, **{k: v.tolist() for k, v in masks.items()}})
+    return out

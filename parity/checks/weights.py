@@ -1,0 +1,89 @@
+"""Weights audit: every workspace tensor against the HF tensor transformed to TurboMind's layout, exactly."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..records import Finding
+from .base import CheckContext, CheckOutput, tm_name_location
+
+
+def _fingerprint(t: torch.Tensor) -> tuple:
+    t = t.double()
+    return (tuple(t.shape), round(float(t.sum()), 6), round(float(t.abs().sum()), 6))
+
+
+def _hint(name: str, got: torch.Tensor, hf: dict) -> str:
+    """Say where a mismatching tensor seems to come from (another layer/linear, or a forgotten transpose)."""
+    fp = _fingerprint(got)
+    stem = re.sub(r"^layers\.\d+\.", "", name)
+    for other, t in hf.items():
+        if other == name or t is None:
+            continue
+        if t.shape == got.shape and _fingerprint(t.to(got.dtype)) == fp:
+            return f"its values equal the reference's {other}"
+        if t.dim() == 2 and t.shape[::-1] == got.shape and torch.equal(t.to(got.dtype).t().contiguous(), got):
+            return f"its values equal the transpose of the reference's {other}"
+    if got.dim() == 2 and hf.get(name) is not None and hf[name].shape[::-1] == got.shape:
+        return "the transpose was forgotten"
+    return f"no other {stem} matches"
+
+
+def run(ctx: CheckContext) -> CheckOutput:
+    out = CheckOutput()
+    ws, hf = ctx.workspace, ctx.hf_tm_tensors
+    if ws is None or hf is None:
+        return out
+    present = set(ws.names())
+    ok = 0
+    for name in sorted(set(hf) | present, key=_order):
+        layer, module = tm_name_location(name)
+        want = hf.get(name)
+        if want is None:
+            out.table.append({"tensor": name, "status": "unexpected", "shape": None, "max_abs_diff": None})
+            out.findings.append(Finding(
+                check="weights", severity="warning", cause="weight_mismatch", layer=layer, module=module,
+                positions="all", message=f"Workspace tensor {name} has no counterpart in the HF model."))
+            continue
+        if name not in present:
+            lora = ".lora_" in name
+            out.table.append({"tensor": name, "status": "missing", "shape": list(want.shape), "max_abs_diff": None})
+            out.findings.append(Finding(
+                check="weights", severity="error", cause="missing_tensor", layer=layer, module=module,
+                positions="image" if lora else "all",
+                message=f"Workspace has no {name} (expected shape {list(want.shape)} from the HF model)."))
+            continue
+        got = ws.tensor(name)
+        want = want.to(got.dtype)
+        if tuple(got.shape) != tuple(want.shape):
+            out.table.append({"tensor": name, "status": "shape", "shape": list(got.shape), "max_abs_diff": None,
+                              "expected": list(want.shape)})
+            out.findings.append(Finding(
+                check="weights", severity="error", cause="shape_mismatch", layer=layer, module=module,
+                positions="all", message=f"{name} has shape {list(got.shape)}, expected {list(want.shape)}."))
+            continue
+        if torch.equal(got, want):
+            ok += 1
+            out.table.append({"tensor": name, "status": "ok", "shape": list(got.shape), "max_abs_diff": 0.0})
+            continue
+        diff = (got.double() - want.double()).abs()
+        nonfinite = int((~torch.isfinite(got)).sum())
+        mad = float(diff[torch.isfinite(diff)].max()) if bool(torch.isfinite(diff).any()) else float("inf")
+        lora = ".lora_" in name
+        hint = _hint(name, got, hf)
+        out.table.append({"tensor": name, "status": "mismatch", "shape": list(got.shape), "max_abs_diff": mad,
+                          "note": hint})
+        out.findings.append(Finding(
+            check="weights", severity="error", cause="weight_mismatch", layer=layer, module=module,
+            positions="image" if lora else "all",
+            message=(f"{name} differs from the HF tensor after the layout transform (max |diff| {mad:.3g}"
+                     f"{f', {nonfinite} non-finite' if nonfinite else ''}); {hint}."),
+            metrics={"max_abs_diff": mad, "nonfinite": nonfinite, "tensor": name}))
+    return out
+
+
+def _order(name: str) -> tuple:
+    m = re.match(r"layers\.(\d+)\.(.*)", name)
+    return (int(m.group(1)), m.group(2)) if m else (-1 if name.startswith("tok") else 10**9, name)

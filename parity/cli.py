@@ -1,0 +1,117 @@
+"""`parity` command line. Exit codes: 0 pass, 1 divergence found, 2 bad input or usage (one paragraph, no
+traceback)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from .errors import ParityInputError
+
+err = Console(stderr=True, highlight=False)
+
+
+def _common_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", type=Path, help="HF model folder (XComposer2 remote-code layout)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow running the model's own modeling code (required for XComposer2 checkpoints)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="parity", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fixtures", help="generate the built-in tiny fixture models")
+    f.add_argument("--out", type=Path, default=Path(".cache/fixtures"))
+
+    c = sub.add_parser("convert", help="convert a model with lmdeploy's own converter (on CPU)")
+    c.add_argument("model", type=Path)
+    c.add_argument("--out", type=Path, required=True, help="workspace folder to write")
+    c.add_argument("--tp", type=int, default=1)
+
+    r = sub.add_parser("run", help="compare the HF reference with the deployment, layer by layer")
+    _common_model(r)
+    r.add_argument("--workspace", type=Path, help="converted workspace (default: convert into the cache)")
+    r.add_argument("--engine", choices=["replay", "turbomind"], default="replay")
+    r.add_argument("--lmdeploy-version", help="replay this release's runtime semantics (default: installed)")
+    r.add_argument("--numeric", choices=["fp32", "emulate"], default="fp32",
+                   help="fp32 isolates conversion/config faults; emulate rounds like the deployment dtype")
+    r.add_argument("--serve-from", choices=["hf", "workspace"], default="hf",
+                   help="how the deployment loads weights (a workspace-served TurboMind has no LoRA)")
+    r.add_argument("--inputs", type=Path, help="YAML/JSON file of input cases")
+    r.add_argument("--out", type=Path, default=Path("reports/latest"))
+    r.add_argument("--cache-dir", type=Path, default=Path(".cache"))
+    r.add_argument("--keep-traces", type=Path, help="copy the raw traces (safetensors) here")
+    r.add_argument("--floor-factor", type=float, help="threshold = factor x noise floor (default 10)")
+    r.add_argument("--fp32-min-rel", type=float)
+    r.add_argument("--fp32-max-rel", type=float)
+    r.add_argument("--lowp-min-rel", type=float)
+    r.add_argument("--lowp-max-rel", type=float)
+    return ap
+
+
+def _run(a: argparse.Namespace) -> int:
+    from .compare.thresholds import load_thresholds
+    from .pipeline import RunOptions, run_parity
+    from .report import write_reports
+    from .report.terminal import print_summary
+
+    thresholds = load_thresholds(
+        floor_factor=a.floor_factor, fp32_min_rel=a.fp32_min_rel, fp32_max_rel=a.fp32_max_rel,
+        lowp_min_rel=a.lowp_min_rel, lowp_max_rel=a.lowp_max_rel,
+    )
+    _check_writable(a.out)
+    opts = RunOptions(
+        model=a.model, workspace=a.workspace, engine=a.engine, lmdeploy_version=a.lmdeploy_version,
+        inputs=a.inputs, numeric=a.numeric, serve_from=a.serve_from, trust_remote_code=a.trust_remote_code,
+        thresholds=thresholds, cache_dir=a.cache_dir, keep_traces=a.keep_traces,
+    )
+    report = run_parity(opts)
+    paths = write_reports(report, a.out)
+    print_summary(report, Console(highlight=False), paths={k: str(v) for k, v in paths.items()})
+    return 0 if report.status == "pass" else 1
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before any work if the report folder cannot be written."""
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise ParityInputError(f"Output folder {out} cannot be written ({probe} is not a writable folder).")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "fixtures":
+            from .fixtures import generate
+
+            for name, path in generate(args.out).items():
+                Console(highlight=False).print(f"[green]fixture[/] {name}: {path}")
+            return 0
+        if args.command == "convert":
+            from .deploy.convert import convert
+
+            rec = convert(args.model, args.out, tp=args.tp)
+            Console(highlight=False).print(
+                f"[green]converted[/] {rec.model} -> {rec.workspace} (lmdeploy {rec.lmdeploy_version}, "
+                f"sub-type {rec.sub_type}, lora {rec.lora_config})")
+            for w in rec.warnings:
+                err.print(f"[yellow]warning:[/] {w}")
+            return 0
+        return _run(args)
+    except ParityInputError as e:
+        err.print(f"[bold red]parity: error:[/] {e}", soft_wrap=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/]")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Canonical inputs: one description of a case, from which both sides' calls are built.
+
+Building the HF call (`inputs_embeds`, `im_mask`) and the engine call (`input_ids` with placeholder ids
+at image rows, `input_embeddings`, `input_embedding_ranges`) from one `PreparedInput` makes the two sides
+see the same rows by construction; the content hashes let the comparator prove it afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import yaml
+
+from .errors import ParityInputError
+from .records import CanonicalInput, EngineCall, HFCall, PreparedInput, Segment
+
+# lmdeploy puts this id at image rows of `input_ids` (IMAGE_DUMMY_TOKEN_INDEX); the rows are overwritten.
+PLACEHOLDER_ID = 0
+
+SYSTEM = "[UNUSED_TOKEN_146]system\nYou are a helpful assistant.[UNUSED_TOKEN_145]\n"
+
+
+def default_cases(image: Path) -> list[CanonicalInput]:
+    """The built-in case: system text, one image, a question (XComposer2's chat template)."""
+    return [
+        CanonicalInput(
+            name="default",
+            segments=(
+                Segment("text", text=SYSTEM + "[UNUSED_TOKEN_146]user\n"),
+                Segment("image", image=image),
+                Segment("text", text="What is in the image?[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]assistant\n"),
+            ),
+        )
+    ]
+
+
+def load_cases(path: Path | str) -> list[CanonicalInput]:
+    """Read an inputs file (YAML or JSON): `cases: [{name, bos_policy?, segments: [{text}|{image}]}]`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParityInputError(f"Inputs file {path} does not exist; expected a YAML/JSON file with a `cases` list.")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ParityInputError(f"Inputs file {path} does not parse as YAML/JSON: {str(e).splitlines()[0]}.") from None
+    if isinstance(data, list):
+        data = {"cases": data}
+    if not isinstance(data, dict) or not isinstance(data.get("cases"), list) or not data["cases"]:
+        raise ParityInputError(f"Inputs file {path}: expected a mapping with a non-empty `cases` list.")
+    cases, names = [], set()
+    for n, raw in enumerate(data["cases"]):
+        where = f"Inputs file {path}, cases[{n}]"
+        if not isinstance(raw, dict) or not isinstance(raw.get("segments"), list) or not raw["segments"]:
+            raise ParityInputError(f"{where}: expected a mapping with a non-empty `segments` list.")
+        name = str(raw.get("name", f"case{n}"))
+        if name in names:
+            raise ParityInputError(f"{where}: the case name {name!r} is used twice; names must be unique.")
+        names.add(name)
+        policy = raw.get("bos_policy", "first")
+        if policy not in ("first", "every_text"):
+            raise ParityInputError(f"{where}: bos_policy must be 'first' or 'every_text', got {policy!r}.")
+        segs = []
+        for m, s in enumerate(raw["segments"]):
+            if isinstance(s, dict) and set(s) == {"text"} and isinstance(s["text"], str):
+                segs.append(Segment("text", text=s["text"]))
+            elif isinstance(s, dict) and set(s) == {"image"} and isinstance(s["image"], str):
+                img = (path.parent / s["image"]).resolve()
+                if not img.is_file():
+                    raise ParityInputError(
+                        f"{where}.segments[{m}]: image {s['image']!r} does not exist (looked at {img})."
+                    )
+                segs.append(Segment("image", image=img))
+            else:
+                raise ParityInputError(
+                    f"{where}.segments[{m}]: expected {{text: str}} or {{image: path}}, got {s!r}."
+                )
+        cases.append(CanonicalInput(name=name, segments=tuple(segs), bos_policy=policy))
+    return cases
+
+
+def prepare(
+    case: CanonicalInput,
+    tokenize: Callable[[str], list[int]],
+    embed_tokens: Callable[[torch.Tensor], torch.Tensor],
+    encode_image: Callable[[Path], torch.Tensor],
+    bos_id: int,
+    decode: Callable[[int], str] = str,
+) -> PreparedInput:
+    """Lay out the rows of one case. BOS placement follows `case.bos_policy`, explicitly."""
+    ids: list[int] = []
+    labels: list[str] = []
+    is_image: list[bool] = []
+    is_bos: list[bool] = []
+    rows: list[torch.Tensor] = []
+    features: list[torch.Tensor] = []
+    ranges: list[tuple[int, int]] = []
+    texts: list[str] = []
+    first = True
+    for seg in case.segments:
+        if seg.kind == "text":
+            toks = list(tokenize(seg.text))
+            bos = case.bos_policy == "every_text" or first
+            if bos:
+                toks = [bos_id] + toks
+            if toks:
+                t = torch.tensor(toks, dtype=torch.long)
+                rows.append(embed_tokens(t).float())
+                ids += toks
+                is_image += [False] * len(toks)
+                is_bos += [bos] + [False] * (len(toks) - 1) if bos else [False] * len(toks)
+                labels += [decode(x) for x in toks]
+            texts.append(seg.text)
+        else:
+            if first:  # lmdeploy's prompt always starts with BOS, even before an image
+                t = torch.tensor([bos_id], dtype=torch.long)
+                rows.append(embed_tokens(t).float())
+                ids.append(bos_id)
+                is_image.append(False)
+                is_bos.append(True)
+                labels.append(decode(bos_id))
+            f = encode_image(seg.image).float()
+            f = f.reshape(-1, f.shape[-1])
+            begin = len(ids)
+            ranges.append((begin, begin + f.shape[0]))
+            features.append(f)
+            rows.append(f)
+            ids += [PLACEHOLDER_ID] * f.shape[0]
+            is_image += [True] * f.shape[0]
+            is_bos += [False] * f.shape[0]
+            labels += [f"<img{len(features)}:{k}>" for k in range(f.shape[0])]
+            texts.append(f"<image {seg.image.name if seg.image else ''}>")
+        first = False
+    return PreparedInput(
+        name=case.name,
+        token_ids=ids,
+        image_rows=torch.tensor(is_image, dtype=torch.bool),
+        bos_rows=torch.tensor(is_bos, dtype=torch.bool),
+        embeddings=torch.cat(rows, dim=0),
+        image_features=features,
+        ranges=ranges,
+        bos_policy=case.bos_policy,
+        placeholder_id=PLACEHOLDER_ID,
+        text_parts=texts,
+        row_labels=labels,
+    )
+
+
+def _digest(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(len(p).to_bytes(8, "little"))
+        h.update(p)
+    return h.hexdigest()[:16]
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().contiguous().float().numpy().tobytes()
+
+
+def rows_hash(embeddings: torch.Tensor, image_rows: Sequence[bool]) -> str:
+    """Hash of what a side's layer 0 receives: the embedding rows and which of them are image rows."""
+    mask = bytes(int(bool(x)) for x in image_rows)
+    return _digest(_tensor_bytes(embeddings), mask)
+
+
+def hf_call(p: PreparedInput) -> HFCall:
+    return HFCall(
+        inputs_embeds=p.embeddings.unsqueeze(0),
+        im_mask=p.image_rows.unsqueeze(0),
+        content_hash=rows_hash(p.embeddings, p.image_rows.tolist()),
+    )
+
+
+def engine_call(p: PreparedInput) -> EngineCall:
+    ids = json.dumps(p.token_ids).encode()
+    feats = b"".join(_tensor_bytes(f) for f in p.image_features)
+    rng = json.dumps(p.ranges).encode()
+    return EngineCall(
+        input_ids=list(p.token_ids),
+        input_embeddings=[f.clone() for f in p.image_features],
+        input_embedding_ranges=list(p.ranges),
+        content_hash=_digest(ids, feats, rng),
+    )

@@ -1,0 +1,212 @@
+"""The straight line: inputs -> reference capture -> deployment capture -> align -> checks -> verdict -> report.
+
+`run_parity` is the one entry point the CLI, the pytest plugin and the fault catalogue share. Each stage
+takes and returns records; this module only orders them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import __version__
+from .checks import config as config_check
+from .checks import hidden as hidden_check
+from .checks import inputs as inputs_check
+from .checks import mask as mask_check
+from .checks import nonfinite as nonfinite_check
+from .checks import plora as plora_check
+from .checks import weights as weights_check
+from .checks.base import CheckContext
+from .compare.align import CaseTraces, compare_case
+from .compare.thresholds import Thresholds
+from .errors import ParityInputError
+from .inputs import default_cases, engine_call, hf_call, load_cases, prepare, rows_hash
+from .records import CanonicalInput, CaseSummary, Finding, PreparedInput, Report
+from .reference.capture import capture_reference
+from .reference.loader import ReferenceModel, load_reference
+from .verdict import decide, sort_findings
+
+DEFAULT_CACHE = Path(".cache")
+
+
+@dataclass
+class RunOptions:
+    model: Path
+    workspace: Path | None = None
+    engine: str = "replay"
+    lmdeploy_version: str | None = None
+    inputs: Path | None = None
+    cases: list[CanonicalInput] | None = None       # programmatic alternative to `inputs`
+    numeric: str = "fp32"                            # "fp32" | "emulate" (deployment dtype)
+    serve_from: str = "hf"                           # "hf" | "workspace" (the workspace-loading trap)
+    trust_remote_code: bool = False
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    cache_dir: Path = DEFAULT_CACHE
+    keep_traces: Path | None = None
+    # Hooks for the fault catalogue: mutate what a stage hands to the next (never used by plain runs).
+    mutate_engine_call: Callable[[str, Any], Any] | None = None
+    mutate_hf_prepared: Callable[[PreparedInput], PreparedInput] | None = None
+    mutate_engine_prepared: Callable[[PreparedInput], PreparedInput] | None = None
+
+
+def _engine(opts: RunOptions, ws, semantics):
+    if opts.engine == "replay":
+        from .deploy.replay import ReplayEngine
+
+        return ReplayEngine(ws, semantics, numeric=opts.numeric, serve_from=opts.serve_from)
+    if opts.engine == "turbomind":
+        from .errors import EngineUnavailable
+
+        if not torch.cuda.is_available():
+            raise EngineUnavailable(
+                "--engine turbomind needs a CUDA GPU and lmdeploy's compiled TurboMind extension; this machine has "
+                "no CUDA device. Use --engine replay (the default) to replay the workspace on CPU."
+            )
+        raise EngineUnavailable("--engine turbomind is not available in this build of parity yet.")
+    raise ParityInputError(f"Unknown engine {opts.engine!r}; expected 'replay' or 'turbomind'.")
+
+
+def _hf_plora(ref: ReferenceModel) -> dict[int, dict[str, dict[str, Any]]]:
+    return {
+        i: {p: {"rank": lin.rank, "scale": lin.scale, "has_bias": lin.module.bias is not None}
+            for p, lin in lins.items()}
+        for i, lins in ref.anatomy.linears.items()
+    }
+
+
+def _hf_tm_tensors(ref: ReferenceModel, ws) -> dict[str, torch.Tensor]:
+    from .deploy.layout import hf_to_tm
+
+    state = {k: v for k, v in ref.model.state_dict().items()}
+    return hf_to_tm(state, ws.model)
+
+
+def _cases(opts: RunOptions) -> list[CanonicalInput]:
+    if opts.cases:
+        return list(opts.cases)
+    if opts.inputs:
+        return load_cases(opts.inputs)
+    from .fixtures import IMAGES_DIR
+
+    images = sorted(Path(IMAGES_DIR).glob("*.png"))
+    if not images:
+        raise ParityInputError(f"No default test image found in {IMAGES_DIR}; pass --inputs FILE.")
+    return default_cases(images[0])
+
+
+def _summary(p: PreparedInput, hf_hash: str, eng_hash: str, masks: dict[str, list[int]]) -> CaseSummary:
+    return CaseSummary(
+        name=p.name, rows=len(p.token_ids), bos_policy=p.bos_policy, image_spans=[tuple(r) for r in p.ranges],
+        bos_rows=[i for i, b in enumerate(p.bos_rows.tolist()) if b], row_labels=p.row_labels,
+        hashes={"hf": hf_hash, "engine": eng_hash}, masks=masks,
+    )
+
+
+def run_parity(opts: RunOptions) -> Report:
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    from .deploy.convert import convert_cached
+    from .deploy.versions import semantics_for
+    from .deploy.compat import installed_lmdeploy_version
+    from .deploy.workspace import Workspace
+
+    version = opts.lmdeploy_version or installed_lmdeploy_version()
+    if version is None:
+        raise ParityInputError("lmdeploy is not installed and no --lmdeploy-version was given; run `make setup`.")
+    semantics = semantics_for(version)
+    if opts.numeric not in ("fp32", "emulate"):
+        raise ParityInputError(f"--numeric must be 'fp32' or 'emulate', got {opts.numeric!r}.")
+    ref = load_reference(opts.model, opts.trust_remote_code, torch.float32)
+    cases = _cases(opts)
+    timings["load_reference"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    ws_path = opts.workspace or convert_cached(opts.model, opts.cache_dir / "workspaces")
+    ws = Workspace.open(ws_path)
+    timings["convert"] = time.perf_counter() - t
+    engine = _engine(opts, ws, semantics)
+    floor_dtype = torch.float64 if opts.numeric == "fp32" else ws.dtype
+    floor_ref = ref.with_dtype(floor_dtype)
+
+    work = Path(tempfile.mkdtemp(prefix="parity-traces-"))
+    case_traces: list[CaseTraces] = []
+    summaries: list[CaseSummary] = []
+    try:
+        for case in cases:
+            prepared = prepare(case, ref.tokenize, ref.embed_tokens, ref.encode_image, ref.bos_id, ref.decode)
+            hf_p = opts.mutate_hf_prepared(prepared) if opts.mutate_hf_prepared else prepared
+            eng_p = opts.mutate_engine_prepared(prepared) if opts.mutate_engine_prepared else prepared
+            hcall, ecall = hf_call(hf_p), engine_call(eng_p)
+            if opts.mutate_engine_call:
+                ecall = opts.mutate_engine_call(case.name, ecall)
+            d = work / case.name
+            t = time.perf_counter()
+            reference = capture_reference(ref, hcall, d / "reference", case.name)
+            floor_e2e = capture_reference(floor_ref, hcall, d / "floor_e2e", case.name, side="floor")
+            floor_local = capture_reference(floor_ref, hcall, d / "floor_local", case.name, side="floor-local",
+                                            teacher=reference)
+            timings["reference"] = timings.get("reference", 0.0) + time.perf_counter() - t
+            t = time.perf_counter()
+            from .trace import Trace, TraceMeta, TraceWriter
+
+            def new_writer(name: str) -> TraceWriter:
+                return TraceWriter(d / name, TraceMeta(side="replay", case=case.name, num_layers=ws.model.num_layer,
+                                                       dtype=str(ws.dtype)))
+
+            w = new_writer("engine")
+            info = engine.run(ecall, w) or {}
+            w.meta.extras.setdefault("content_hash", ecall.content_hash)
+            eng_trace = w.close() if not (d / "engine" / "meta.json").exists() else Trace(d / "engine")
+            w = new_writer("engine_local")
+            engine.run(ecall, w, teacher=reference)
+            eng_local = w.close() if not (d / "engine_local" / "meta.json").exists() else Trace(d / "engine_local")
+            timings["engine"] = timings.get("engine", 0.0) + time.perf_counter() - t
+            ct = CaseTraces(hf_p, reference, floor_e2e, floor_local, eng_trace, eng_local, info)
+            case_traces.append(ct)
+            summaries.append(_summary(hf_p, hcall.content_hash, ecall.content_hash,
+                                      {k: v.tolist() for k, v in mask_check.masks_for(ct).items()}))
+
+        t = time.perf_counter()
+        points = []
+        for ct in case_traces:
+            points += compare_case(ct, opts.thresholds, opts.numeric)
+        ctx = CheckContext(
+            hf_config=ref.config, hf_plora=_hf_plora(ref), hf_tm_tensors=_hf_tm_tensors(ref, ws), workspace=ws,
+            semantics=semantics, serve_from=opts.serve_from, cases=case_traces, points=points,
+            thresholds=opts.thresholds, numeric=opts.numeric,
+        )
+        findings: list[Finding] = []
+        outputs = {}
+        for name, check in (("inputs", inputs_check), ("config", config_check), ("weights", weights_check),
+                            ("mask", mask_check), ("plora", plora_check), ("nonfinite", nonfinite_check)):
+            outputs[name] = check.run(ctx)
+            findings += outputs[name].findings
+        findings += hidden_check.run(ctx, findings).findings
+        names = [c.name for c in cases]
+        status, first = decide(findings, ref.anatomy.num_layers, names)
+        findings = sort_findings(findings, ref.anatomy.num_layers, names)
+        timings["compare"] = time.perf_counter() - t
+        if opts.keep_traces:
+            shutil.copytree(work, opts.keep_traces, dirs_exist_ok=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    timings["total"] = time.perf_counter() - t0
+    record = ws.conversion_record()
+    return Report(
+        status=status,
+        engine={"kind": opts.engine, "lmdeploy_version": semantics.version, "numeric": opts.numeric,
+                "serve_from": opts.serve_from, "semantics": semantics.__dict__,
+                "weight_type": ws.model.weight_type, "sub_type": record.sub_type if record else None,
+                "conversion_warnings": record.warnings if record else []},
+        model=str(opts.model), workspace=str(ws.root), findings=findings, first_divergence=first, points=points,
+        cases=summaries, config_audit=outputs["config"].table, weights_audit=outputs["weights"].table,
+        plora_table=outputs["plora"].table, thresholds=opts.thresholds.to_dict(), timings=timings,
+        parity_version=__version__,
+    )

@@ -1,0 +1,147 @@
+"""Capture the HF reference at canonical points with forward hooks, streaming one layer at a time.
+
+Values are cloned at capture time (an in-place op later in the forward must not change what was
+recorded). For each PLoRA linear the hook records its input, the base output `x @ W.T (+ b)`, the LoRA
+delta exactly as the model added it (taken from `Plora_B`'s output times the scaling, placed on the rows
+of the mask it received) and that mask.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..points import plora_key
+from ..records import HFCall
+from ..trace import Trace, TraceMeta, TraceWriter
+from .loader import ReferenceModel
+
+
+def _first(x: Any) -> torch.Tensor:
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1, t.shape[-1]).clone()
+
+
+class _Recorder:
+    """Holds the current layer's values until the layer finishes, then hands them to the writer."""
+
+    def __init__(self, ref: ReferenceModel, writer: TraceWriter, store_dtype: torch.dtype, teacher: Trace | None):
+        self.ref = ref
+        self.writer = writer
+        self.store = store_dtype
+        self.teacher = teacher
+        self.current: dict[str, torch.Tensor] = {}
+        self.b_out: dict[tuple[int, str], torch.Tensor] = {}
+        self.plora: dict[str, dict[str, dict[str, float]]] = {}
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        self.current[key] = _rows(value).to(self.store)
+
+    def install(self, stack: ExitStack) -> None:
+        a = self.ref.anatomy
+        hooks = []
+        for i, layer in enumerate(a.layers):
+            hooks.append(layer.register_forward_hook(self._layer_done(i)))
+            if self.teacher is not None:
+                hooks.append(layer.register_forward_pre_hook(self._teacher_input(i), with_kwargs=True))
+            for name, norm in a.norms[i].items():
+                hooks.append(norm.register_forward_hook(self._plain(name)))
+            for point, lin in a.linears.get(i, {}).items():
+                hooks.append(lin.module.Plora_B.register_forward_hook(self._b_output(i, point)))
+                hooks.append(lin.module.register_forward_hook(self._linear(i, point, lin), with_kwargs=True))
+                self.plora.setdefault(str(i), {})[point] = {"rank": lin.rank, "scale": lin.scale}
+        hooks.append(a.final_norm.register_forward_hook(lambda m, i, o: self.writer.post("norm", _rows(o).to(self.store))))
+        hooks.append(a.lm_head.register_forward_hook(lambda m, i, o: self.writer.post("output", _rows(o).to(self.store))))
+        for h in hooks:
+            stack.callback(h.remove)
+
+    def _plain(self, point: str):
+        def hook(module, args, output):
+            self.put(point, _first(output))
+        return hook
+
+    def _b_output(self, layer: int, point: str):
+        def hook(module, args, output):
+            self.b_out[(layer, point)] = output.detach().reshape(-1, output.shape[-1]).clone()
+        return hook
+
+    def _linear(self, layer: int, point: str, lin):
+        def hook(module, args, kwargs, output):
+            x = args[0]
+            mask = args[1] if len(args) > 1 else kwargs.get("im_mask")
+            rows = _rows(x)
+            base = F.linear(x, module.weight, module.bias)
+            out = _rows(output)
+            delta = torch.zeros_like(out)
+            flat_mask = torch.zeros(rows.shape[0], dtype=torch.bool)
+            b = self.b_out.pop((layer, point), None)
+            if mask is not None:
+                flat_mask = mask.reshape(-1).bool().cpu()
+                if b is not None:
+                    if flat_mask.any():
+                        delta[flat_mask] = b * lin.scale
+                    else:  # upstream's all-False branch: one row of B(A(x)) * 0 added to row 0
+                        delta[0] = b[0] * 0
+            if point == "attention.wo":
+                self.put("attention", x)
+            self.put(point, out)
+            self.put(plora_key(point, "input"), rows)
+            self.put(plora_key(point, "base"), base)
+            self.put(plora_key(point, "delta"), delta)
+            self.current[plora_key(point, "mask")] = flat_mask.to(torch.uint8)
+        return hook
+
+    def _teacher_input(self, layer: int):
+        """Layer-level teacher forcing: feed layer k the teacher's input for layer k."""
+        def hook(module, args, kwargs):
+            src = self.teacher.get(None, "embeddings") if layer == 0 else self.teacher.get(layer - 1, "layer")
+            if args:
+                h = args[0]
+                new = src.to(h.dtype).reshape(h.shape)
+                return (new, *args[1:]), kwargs
+            h = kwargs["hidden_states"]
+            kwargs["hidden_states"] = src.to(h.dtype).reshape(h.shape)
+            return args, kwargs
+        return hook
+
+    def _layer_done(self, index: int):
+        def hook(module, args, output):
+            self.put("layer", _first(output))
+            self.writer.layer(index, self.current)
+            self.current = {}
+        return hook
+
+
+@torch.no_grad()
+def capture_reference(
+    ref: ReferenceModel,
+    call: HFCall,
+    writer_root,
+    case: str,
+    side: str = "reference",
+    teacher: Trace | None = None,
+    store_dtype: torch.dtype | None = None,
+) -> Trace:
+    """Run the reference once on `call` and stream its trace to `writer_root`.
+
+    With `teacher`, every decoder layer is fed the teacher's input for that layer (layer-level local run),
+    which is how the noise floor of local errors is measured.
+    """
+    store = store_dtype or (torch.float64 if ref.dtype == torch.float64 else torch.float32)
+    meta = TraceMeta(side=side, case=case, num_layers=ref.anatomy.num_layers, dtype=str(ref.dtype).replace("torch.", ""))
+    writer = TraceWriter(writer_root, meta)
+    embeds = call.inputs_embeds.to(ref.dtype)
+    writer.pre("embeddings", embeds.to(store))
+    rec = _Recorder(ref, writer, store, teacher)
+    with ExitStack() as stack:
+        rec.install(stack)
+        ref.model(inputs_embeds=embeds, im_mask=call.im_mask, use_cache=False)
+    meta.plora = rec.plora
+    meta.extras = {"content_hash": call.content_hash, "teacher": str(teacher.root) if teacher else None}
+    return writer.close()

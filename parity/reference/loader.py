@@ -1,0 +1,126 @@
+"""Load the HF reference model the way a user's checkpoint ships: remote code, asked for explicitly."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ParityInputError
+from .anatomy import Anatomy, discover
+
+XCOMPOSER2_ARCH = "InternLMXComposer2ForCausalLM"
+
+
+def read_hf_config(path: Path) -> dict[str, Any]:
+    cfg_path = path / "config.json"
+    if not path.is_dir():
+        raise ParityInputError(f"Model folder {path} does not exist; expected an HF model folder with config.json.")
+    if not cfg_path.is_file():
+        raise ParityInputError(f"Model folder {path} has no config.json; expected an HF model folder.")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ParityInputError(f"{cfg_path} is not valid JSON ({e}).") from None
+    if not isinstance(cfg, dict):
+        raise ParityInputError(f"{cfg_path} must hold a JSON object.")
+    return cfg
+
+
+def is_xcomposer2(cfg: dict[str, Any]) -> bool:
+    """lmdeploy's own test (archs.get_model_arch / Xcomposer2VisionModel.match): arch or any auto_map value."""
+    archs = cfg.get("architectures") or []
+    if archs and archs[0] == XCOMPOSER2_ARCH:
+        return True
+    return any(XCOMPOSER2_ARCH in str(v) for v in (cfg.get("auto_map") or {}).values())
+
+
+@dataclass
+class ReferenceModel:
+    path: Path
+    model: nn.Module
+    anatomy: Anatomy
+    tokenizer: Any
+    config: dict[str, Any]
+    dtype: torch.dtype
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config["hidden_size"])
+
+    @property
+    def bos_id(self) -> int:
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        return int(bos if bos is not None else self.config.get("bos_token_id", 1))
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, token_id: int) -> str:
+        return self.tokenizer.convert_ids_to_tokens(int(token_id))
+
+    @torch.no_grad()
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.anatomy.embed_tokens(ids).float()
+
+    @torch.no_grad()
+    def encode_image(self, image: Path) -> torch.Tensor:
+        """Image features as the model itself computes them (its own `encode_img`), float32 [n, hidden]."""
+        if not hasattr(self.model, "encode_img"):
+            raise ParityInputError(
+                f"Model {self.path} has no `encode_img` method; parity needs XComposer2's image entry point to "
+                "build image rows."
+            )
+        feats = self.model.encode_img(str(image))
+        return feats.float().reshape(-1, feats.shape[-1])
+
+    def with_dtype(self, dtype: torch.dtype) -> "ReferenceModel":
+        """A copy running in another dtype (for the noise floor). Weights cast exactly from the loaded ones."""
+        if dtype == self.dtype:
+            return self
+        model = copy.deepcopy(self.model).to(dtype)
+        return replace(self, model=model, anatomy=discover(model, str(self.path)), dtype=dtype)
+
+
+def load_reference(path: Path | str, trust_remote_code: bool, dtype: torch.dtype = torch.float32) -> ReferenceModel:
+    path = Path(path)
+    cfg = read_hf_config(path)
+    if not is_xcomposer2(cfg):
+        raise ParityInputError(
+            f"{path / 'config.json'}: architectures={cfg.get('architectures')} and auto_map do not name "
+            f"{XCOMPOSER2_ARCH}; lmdeploy applies PLoRA only to XComposer2 models, so parity compares those. "
+            "For a Qwen2-based PLoRA model, disguise it first (see README)."
+        )
+    if cfg.get("auto_map") and not trust_remote_code:
+        raise ParityInputError(
+            f"Model {path} ships its own modeling code (auto_map in config.json), which runs on this machine when "
+            "loaded. Pass --trust-remote-code (trust_remote_code=True in Python) if you trust it."
+        )
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), trust_remote_code=trust_remote_code, torch_dtype=dtype, attn_implementation="eager"
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except ParityInputError:
+        raise
+    except Exception as e:  # transformers/safetensors raise many types for a broken folder
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ParityInputError(
+            f"Could not load the model in {path} with transformers ({type(e).__name__}: {first}). Expected a "
+            "complete HF folder: config.json, the remote-code .py files it names, readable *.safetensors and a "
+            "tokenizer."
+        ) from None
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return ReferenceModel(path, model, discover(model, str(path)), tokenizer, cfg, dtype)
