@@ -185,3 +185,21 @@ def engine_call(p: PreparedInput) -> EngineCall:
         input_embedding_ranges=list(p.ranges),
         content_hash=_digest(ids, feats, rng),
     )
+
+
+def engine_rows(call: EngineCall, embed_tokens: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows an engine call *asks for*, looked up in the reference's own embedding table, and the image
+    mask its ranges imply. Comparing these with the HF call checks the inputs, not the engine's weights.
+    Ranges that do not fit are clipped; whether the engine accepts them is the engine's business."""
+    ids = torch.tensor(call.input_ids, dtype=torch.long)
+    rows = embed_tokens(ids).float().clone()
+    mask = torch.zeros(len(call.input_ids), dtype=torch.bool)
+    for (b, e), emb in zip(call.input_embedding_ranges, call.input_embeddings):
+        b, e = max(0, int(b)), min(len(call.input_ids), int(e))
+        if e <= b:
+            continue
+        emb = emb.float().reshape(-1, rows.shape[-1])
+        n = min(e - b, emb.shape[0])
+        rows[b:b + n] = emb[:n]
+        mask[b:e] = True
+    return rows, mask

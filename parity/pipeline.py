@@ -26,11 +26,11 @@ from .checks import weights as weights_check
 from .checks.base import CheckContext
 from .compare.align import CaseTraces, compare_case
 from .compare.thresholds import Thresholds
-from .errors import ParityInputError
-from .inputs import default_cases, engine_call, hf_call, load_cases, prepare, rows_hash
+from .errors import EngineRefused, ParityInputError
+from .inputs import default_cases, engine_call, engine_rows, hf_call, load_cases, prepare
 from .records import CanonicalInput, CaseSummary, Finding, PreparedInput, Report
-from .reference.capture import capture_reference
-from .reference.loader import ReferenceModel, load_reference
+from .reference.loader import ReferenceModel
+from .reference.session import ReferenceSession
 from .verdict import decide, sort_findings
 
 DEFAULT_CACHE = Path(".cache")
@@ -50,6 +50,7 @@ class RunOptions:
     thresholds: Thresholds = field(default_factory=Thresholds)
     cache_dir: Path = DEFAULT_CACHE
     keep_traces: Path | None = None
+    session: ReferenceSession | None = None          # share reference captures across runs
     # Hooks for the fault catalogue: mutate what a stage hands to the next (never used by plain runs).
     mutate_engine_call: Callable[[str, Any], Any] | None = None
     mutate_hf_prepared: Callable[[PreparedInput], PreparedInput] | None = None
@@ -82,10 +83,20 @@ def _hf_plora(ref: ReferenceModel) -> dict[int, dict[str, dict[str, Any]]]:
 
 
 def _hf_tm_tensors(ref: ReferenceModel, ws) -> dict[str, torch.Tensor]:
+    """The HF weights as a faithful conversion would write them. Shaped by the HF config (the truth), so a
+    wrong head count in config.yaml shows up as a difference instead of a crash."""
+    from dataclasses import replace
+
     from .deploy.layout import hf_to_tm
 
-    state = {k: v for k, v in ref.model.state_dict().items()}
-    return hf_to_tm(state, ws.model)
+    c = ref.config
+    heads = int(c["num_attention_heads"])
+    shape = replace(
+        ws.model, head_num=heads, kv_head_num=int(c.get("num_key_value_heads", heads)),
+        size_per_head=int(c.get("head_dim") or c["hidden_size"] // heads), hidden_units=int(c["hidden_size"]),
+        num_layer=int(c["num_hidden_layers"]), vocab_size=int(c["vocab_size"]),
+    )
+    return hf_to_tm(ref.model.state_dict(), shape)
 
 
 def _cases(opts: RunOptions) -> list[CanonicalInput]:
@@ -109,13 +120,26 @@ def _summary(p: PreparedInput, hf_hash: str, eng_hash: str, masks: dict[str, lis
     )
 
 
+def _conversion_findings(record) -> list[Finding]:
+    if record is None:
+        return []
+    return [Finding(check="config", severity="warning", cause="config_mismatch", message=w) for w in record.warnings]
+
+
+def _engine_refused(e: Exception, case: str) -> Finding:
+    return Finding(check="engine", severity="error", cause="shape_mismatch", case=case,
+                   message=f"The engine refused to load the workspace, as TurboMind would at start-up: {e}")
+
+
 def run_parity(opts: RunOptions) -> Report:
+    """One parity run. With `opts.session`, reference captures are reused across runs."""
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
+    from .deploy.compat import installed_lmdeploy_version
     from .deploy.convert import convert_cached
     from .deploy.versions import semantics_for
-    from .deploy.compat import installed_lmdeploy_version
     from .deploy.workspace import Workspace
+    from .trace import TraceMeta, TraceWriter
 
     version = opts.lmdeploy_version or installed_lmdeploy_version()
     if version is None:
@@ -123,7 +147,8 @@ def run_parity(opts: RunOptions) -> Report:
     semantics = semantics_for(version)
     if opts.numeric not in ("fp32", "emulate"):
         raise ParityInputError(f"--numeric must be 'fp32' or 'emulate', got {opts.numeric!r}.")
-    ref = load_reference(opts.model, opts.trust_remote_code, torch.float32)
+    session = opts.session or ReferenceSession(opts.model, opts.trust_remote_code)
+    ref = session.ref
     cases = _cases(opts)
     timings["load_reference"] = time.perf_counter() - t0
 
@@ -133,11 +158,11 @@ def run_parity(opts: RunOptions) -> Report:
     timings["convert"] = time.perf_counter() - t
     engine = _engine(opts, ws, semantics)
     floor_dtype = torch.float64 if opts.numeric == "fp32" else ws.dtype
-    floor_ref = ref.with_dtype(floor_dtype)
 
-    work = Path(tempfile.mkdtemp(prefix="parity-traces-"))
+    work = Path(tempfile.mkdtemp(prefix="parity-engine-"))
     case_traces: list[CaseTraces] = []
     summaries: list[CaseSummary] = []
+    findings: list[Finding] = _conversion_findings(ws.conversion_record())
     try:
         for case in cases:
             prepared = prepare(case, ref.tokenize, ref.embed_tokens, ref.encode_image, ref.bos_id, ref.decode)
@@ -146,29 +171,33 @@ def run_parity(opts: RunOptions) -> Report:
             hcall, ecall = hf_call(hf_p), engine_call(eng_p)
             if opts.mutate_engine_call:
                 ecall = opts.mutate_engine_call(case.name, ecall)
-            d = work / case.name
             t = time.perf_counter()
-            reference = capture_reference(ref, hcall, d / "reference", case.name)
-            floor_e2e = capture_reference(floor_ref, hcall, d / "floor_e2e", case.name, side="floor")
-            floor_local = capture_reference(floor_ref, hcall, d / "floor_local", case.name, side="floor-local",
-                                            teacher=reference)
+            reference, floor_e2e, floor_local = session.traces(hcall, case.name, floor_dtype)
             timings["reference"] = timings.get("reference", 0.0) + time.perf_counter() - t
             t = time.perf_counter()
-            from .trace import Trace, TraceMeta, TraceWriter
-
-            def new_writer(name: str) -> TraceWriter:
-                return TraceWriter(d / name, TraceMeta(side="replay", case=case.name, num_layers=ws.model.num_layer,
-                                                       dtype=str(ws.dtype)))
-
-            w = new_writer("engine")
-            info = engine.run(ecall, w) or {}
-            w.meta.extras.setdefault("content_hash", ecall.content_hash)
-            eng_trace = w.close() if not (d / "engine" / "meta.json").exists() else Trace(d / "engine")
-            w = new_writer("engine_local")
-            engine.run(ecall, w, teacher=reference)
-            eng_local = w.close() if not (d / "engine_local" / "meta.json").exists() else Trace(d / "engine_local")
-            timings["engine"] = timings.get("engine", 0.0) + time.perf_counter() - t
-            ct = CaseTraces(hf_p, reference, floor_e2e, floor_local, eng_trace, eng_local, info)
+            d = work / case.name
+            traces = {}
+            try:
+                # Teacher forcing needs the same rows on both sides; with different rows (a BOS policy or
+                # range mismatch) only the engine's own run exists and the inputs check names the difference.
+                same_rows = len(ecall.input_ids) == hf_p.image_rows.numel()
+                runs = (("engine", None), ("engine_local", reference)) if same_rows else (("engine", None),)
+                for name, teacher in runs:
+                    w = TraceWriter(d / name, TraceMeta(side=opts.engine, case=case.name,
+                                                        num_layers=ws.model.num_layer, dtype=str(ws.dtype)))
+                    info = engine.run(ecall, w, teacher=teacher) or {}
+                    w.meta.extras.setdefault("content_hash", ecall.content_hash)
+                    traces[name] = w.close()
+                    if teacher is None:
+                        engine_info = info
+            except EngineRefused as e:  # TurboMind refuses such a workspace at load time (LoRA byte sizes)
+                findings.append(_engine_refused(e, case.name))
+                continue
+            finally:
+                timings["engine"] = timings.get("engine", 0.0) + time.perf_counter() - t
+            asked_rows, asked_mask = engine_rows(ecall, ref.embed_tokens)
+            ct = CaseTraces(hf_p, reference, floor_e2e, floor_local, traces["engine"],
+                            traces.get("engine_local", traces["engine"]), engine_info, asked_rows, asked_mask)
             case_traces.append(ct)
             summaries.append(_summary(hf_p, hcall.content_hash, ecall.content_hash,
                                       {k: v.tolist() for k, v in mask_check.masks_for(ct).items()}))
@@ -182,7 +211,6 @@ def run_parity(opts: RunOptions) -> Report:
             semantics=semantics, serve_from=opts.serve_from, cases=case_traces, points=points,
             thresholds=opts.thresholds, numeric=opts.numeric,
         )
-        findings: list[Finding] = []
         outputs = {}
         for name, check in (("inputs", inputs_check), ("config", config_check), ("weights", weights_check),
                             ("mask", mask_check), ("plora", plora_check), ("nonfinite", nonfinite_check)):
@@ -194,9 +222,12 @@ def run_parity(opts: RunOptions) -> Report:
         findings = sort_findings(findings, ref.anatomy.num_layers, names)
         timings["compare"] = time.perf_counter() - t
         if opts.keep_traces:
-            shutil.copytree(work, opts.keep_traces, dirs_exist_ok=True)
+            shutil.copytree(work, opts.keep_traces / "engine", dirs_exist_ok=True)
+            shutil.copytree(session.root, opts.keep_traces / "reference", dirs_exist_ok=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if opts.session is None:
+            session.close()
     timings["total"] = time.perf_counter() - t0
     record = ws.conversion_record()
     return Report(

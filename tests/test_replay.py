@@ -27,10 +27,15 @@ from parity.points import LAYER_POINTS, PLORA_LINEARS, plora_key
 from parity.records import EngineCall, RuntimeSemantics
 from parity.trace import Trace, TraceMeta, TraceWriter
 
-SEM_071 = RuntimeSemantics(version="0.7.1", converter_writes_lora=True, runtime_applies_plora=True,
-                           workspace_loads_lora=False)
-SEM_072 = RuntimeSemantics(version="0.7.2", converter_writes_lora=True, runtime_applies_plora=False,
-                           workspace_loads_lora=False)
+try:
+    from parity.deploy.versions import semantics_for
+
+    SEM_071, SEM_072 = semantics_for("0.7.1"), semantics_for("0.7.2")
+except ImportError:  # pragma: no cover - until versions.py exists
+    SEM_071 = RuntimeSemantics(version="0.7.1", converter_writes_lora=True, runtime_applies_plora=True,
+                               workspace_loads_lora=False)
+    SEM_072 = RuntimeSemantics(version="0.7.2", converter_writes_lora=True, runtime_applies_plora=False,
+                               workspace_loads_lora=False)
 
 REPORT = Path(os.environ.get("PARITY_REPLAY_REPORT", "/tmp/parity-replay-errors.json"))
 _measured: dict[str, dict] = {}
@@ -292,6 +297,8 @@ def _hf_capture(model, embeds: torch.Tensor, im_mask: torch.Tensor, root: Path, 
         mods = dict(layer.named_modules())
         for p in PLORA_LINEARS:
             hooks.append(mods[p].register_forward_hook(lin_hook(p), with_kwargs=True))
+            writer.meta.plora.setdefault(str(i), {})[p] = {"rank": int(mods[p].Plora_A.weight.shape[0]),
+                                                          "scale": float(mods[p].lora_scaling)}
         for n in ("attention_norm", "ffn_norm"):
             hooks.append(mods[n].register_forward_hook(lambda m, a, o, n=n: cur.__setitem__(n, rows(o))))
 
@@ -332,23 +339,78 @@ IMG = (5, 13)  # rows 5..12 are image features
 ROWS = 19
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> Setup:
-    model = _build_standin()
-    ws = FakeWorkspace(model.state_dict(), CFG, dtype=torch.bfloat16)
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, CFG["vocab"], (ROWS,), generator=g)
+REPO = Path(__file__).resolve().parents[1]
+SOURCES = ("standin", "xcomposer2-tiny", "xcomposer2-4khd-tiny")
+
+
+def _have_real() -> bool:
+    try:
+        import parity.deploy.convert  # noqa: F401
+        import parity.deploy.workspace  # noqa: F401
+        import parity.fixtures  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _load_real(request, name):
+    """HF model (float32, eager) from the fixture folder and its real lmdeploy-0.7.1 conversion."""
+    if not _have_real():
+        pytest.skip("fixture package / converter / workspace reader not available yet")
+    from transformers import AutoModelForCausalLM
+
+    from parity.deploy.convert import convert_cached
+    from parity.deploy.workspace import Workspace
+
+    path = request.getfixturevalue("fixture_models")[name]
+    model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True, torch_dtype=torch.float32,
+                                                 attn_implementation="eager").eval()
+    ws = Workspace.open(convert_cached(path, REPO / ".cache" / "workspaces"))
+    return model, ws
+
+
+def _make_inputs(table: torch.Tensor, vocab: int, seed: int = 1):
+    """ROWS rows: text, IMG image rows (bf16-exact features of the embedding scale), text."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (ROWS,), generator=g)
     ids[IMG[0]:IMG[1]] = 0  # placeholder id on image rows
-    feats = (torch.randn(IMG[1] - IMG[0], CFG["hidden"], generator=g) * 0.05).to(torch.bfloat16).float()
-    table = model.model.tok_embeddings.weight.detach()
-    embeds = table[ids].clone()
+    scale = table.float().std().item()
+    feats = (torch.randn(IMG[1] - IMG[0], table.shape[1], generator=g) * scale).to(torch.bfloat16).float()
+    embeds = table.float()[ids].clone()
     embeds[IMG[0]:IMG[1]] = feats
     im_mask = torch.zeros(ROWS, dtype=torch.bool)
     im_mask[IMG[0]:IMG[1]] = True
     call = EngineCall(input_ids=ids.tolist(), input_embeddings=[feats], input_embedding_ranges=[IMG],
                       content_hash="test")
-    tmp = tmp_path_factory.mktemp("replay")
+    return call, embeds, im_mask
+
+
+@pytest.fixture(scope="module", params=SOURCES)
+def setup(request, tmp_path_factory) -> Setup:
+    src = request.param
+    if src == "standin":
+        model = _build_standin()
+        ws = FakeWorkspace(model.state_dict(), CFG, dtype=torch.bfloat16)
+    else:
+        model, ws = _load_real(request, src)
+    call, embeds, im_mask = _make_inputs(model.model.tok_embeddings.weight.detach(), ws.model.vocab_size)
+    tmp = tmp_path_factory.mktemp(f"replay-{src}")
     s = Setup(model, ws, call, embeds, im_mask, tmp)
+    s.extra["source"] = src
+    t0 = time.perf_counter()
+    s.ref32 = _hf_capture(model, embeds, im_mask, tmp / "ref32", torch.float32)
+    s.extra["hf_time"] = time.perf_counter() - t0
+    return s
+
+
+@pytest.fixture(scope="module")
+def standin(tmp_path_factory) -> Setup:
+    model = _build_standin()
+    ws = FakeWorkspace(model.state_dict(), CFG, dtype=torch.bfloat16)
+    call, embeds, im_mask = _make_inputs(model.model.tok_embeddings.weight.detach(), CFG["vocab"])
+    tmp = tmp_path_factory.mktemp("replay-standin-only")
+    s = Setup(model, ws, call, embeds, im_mask, tmp)
+    s.extra["source"] = "standin"
     s.ref32 = _hf_capture(model, embeds, im_mask, tmp / "ref32", torch.float32)
     return s
 
@@ -394,8 +456,8 @@ def _errors(eng: Trace, ref: Trace) -> dict[str, float]:
     return out
 
 
-def _record(name, errs):
-    _measured[name] = errs
+def _record(s: Setup, name, errs):
+    _measured.setdefault(s.extra.get("source", "?"), {})[name] = errs
     REPORT.write_text(json.dumps(_measured, indent=1))
 
 
@@ -405,41 +467,49 @@ def _record(name, errs):
 def test_fp32_matches_hf_at_every_point(setup):
     t0 = time.perf_counter()
     info, tr = _run(setup, "fp32", _engine(setup, numeric="fp32"))
+    setup.extra["replay_time"] = time.perf_counter() - t0
     assert info["ranges_valid"] and info["warning"] is None
     assert info["mask"] == setup.im_mask.int().tolist()
     errs = _errors(tr, setup.ref32)
-    _record("fp32_vs_hf_fp32", errs)
+    _record(setup, "fp32_vs_hf_fp32", errs)
     bad = {k: v for k, v in errs.items() if v > 1e-5}
     assert not bad, bad
-    for i in range(CFG["layers"]):
+    L = tr.num_layers
+    assert L == setup.ws.model.num_layer
+    for i in range(L):
         for lin in PLORA_LINEARS:
             m = tr.get(i, plora_key(lin, "mask"))
             assert m.dtype == torch.uint8 and m.tolist() == setup.im_mask.int().tolist()
-            assert tr.plora(i, lin)["rank"] == CFG["lora_r"] and tr.plora(i, lin)["scale"] == CFG["lora_scale"]
+            ref_meta = setup.ref32.plora(i, lin)
+            mine = tr.plora(i, lin)
+            assert mine["rank"] == ref_meta["rank"] and mine["scale"] == pytest.approx(ref_meta["scale"])
+            assert mine["applied"] is True
+            d = tr.get(i, plora_key(lin, "delta"))
+            assert not d[~setup.im_mask].any() and d[setup.im_mask].abs().sum() > 0
     assert tr.meta.side == "replay" and tr.meta.dtype == "float32" and tr.meta.layouts == {}
-    assert tr.meta.extras["numeric"] == "fp32" and tr.meta.extras["semantics"] == "0.7.1"
-    assert tr.meta.extras["ranges_valid"] is True
-    setup.extra["fp32_trace"] = tr
-    setup.extra["fp32_time"] = time.perf_counter() - t0
+    ex = tr.meta.extras
+    assert ex["numeric"] == "fp32" and ex["semantics"] == "0.7.1" and ex["ranges_valid"] is True
+    assert ex["lora_mask"] == setup.im_mask.int().tolist() and ex["serve_from"] == "hf"
 
 
 def test_emulate_within_bf16_noise(setup):
+    import copy
+
     info, tr = _run(setup, "emu", _engine(setup, numeric="emulate"))
-    assert tr.meta.dtype == "bfloat16"
-    # values are the rounded ones (stored as float32), except fp32 logits and the LoRA-free base/delta sums
-    for i in range(CFG["layers"]):
+    assert tr.meta.dtype == "bfloat16" and tr.meta.extras["numeric"] == "emulate"
+    # stored as float32, holding the rounded (bf16) values TurboMind keeps between kernels
+    for i in range(tr.num_layers):
         for p in LAYER_POINTS:
             v = tr.get(i, p)
             assert v.dtype == torch.float32 and torch.equal(v, v.to(torch.bfloat16).float()), p
-    ref_bf16 = _hf_capture(setup.model.to(torch.bfloat16), setup.embeds, setup.im_mask, setup.tmp / "refbf16",
-                           torch.bfloat16)
-    setup.model.float()
+    model16 = copy.deepcopy(setup.model).to(torch.bfloat16)
+    ref_bf16 = _hf_capture(model16, setup.embeds, setup.im_mask, setup.tmp / "refbf16", torch.bfloat16)
+    del model16
     emu = _errors(tr, setup.ref32)
     floor = _errors(ref_bf16, setup.ref32)
-    emu_vs_bf16 = _errors(tr, ref_bf16)
-    _record("emulate_vs_hf_fp32", emu)
-    _record("hf_bf16_vs_hf_fp32", floor)
-    _record("emulate_vs_hf_bf16", emu_vs_bf16)
+    _record(setup, "emulate_vs_hf_fp32", emu)
+    _record(setup, "hf_bf16_vs_hf_fp32", floor)
+    _record(setup, "emulate_vs_hf_bf16", _errors(tr, ref_bf16))
     for k, v in emu.items():
         assert v <= max(4 * floor[k], 2e-2), (k, v, floor[k])
 
@@ -447,10 +517,11 @@ def test_emulate_within_bf16_noise(setup):
 def test_no_runtime_plora_changes_only_image_rows(setup):
     _, on = _run(setup, "on", _engine(setup, numeric="emulate"))
     info, off = _run(setup, "off", _engine(setup, numeric="emulate", semantics=SEM_072))
-    assert info["lora_applied"] is False
+    assert info["lora_applied"] is False and info["ranges_valid"] is True
+    assert off.meta.extras["semantics"] == "0.7.2"
     first_img = IMG[0]
     img = setup.im_mask
-    for i in range(CFG["layers"]):
+    for i in range(off.num_layers):
         for lin in PLORA_LINEARS:
             assert not off.get(i, plora_key(lin, "delta")).any()
             assert not off.get(i, plora_key(lin, "mask")).any()
@@ -458,11 +529,13 @@ def test_no_runtime_plora_changes_only_image_rows(setup):
         for p in LAYER_POINTS:
             # rows before the first image never see image rows: bit-identical everywhere
             assert torch.equal(on.get(i, p)[:first_img], off.get(i, p)[:first_img]), (i, p)
-    # layer 0, up to the first point that mixes rows (attention), every text row is bit-identical ...
-    for p in ("attention_norm", "attention.wqkv"):
-        a, b = on.get(0, p), off.get(0, p)
-        assert torch.equal(a[~img], b[~img]), p
-        assert not torch.equal(a[img], b[img]), p  # ... and image rows differ
+    for p in ("norm", "output"):
+        assert torch.equal(on.get(None, p)[:first_img], off.get(None, p)[:first_img]), p
+    # layer 0: identical up to the first PLoRA linear; there every text row is bit-identical, image rows not
+    assert torch.equal(on.get(0, "attention_norm"), off.get(0, "attention_norm"))
+    a, b = on.get(0, "attention.wqkv"), off.get(0, "attention.wqkv")
+    assert torch.equal(a[~img], b[~img])
+    assert not torch.equal(a[img], b[img])
     # text rows after the image attend to image keys/values, so they change from layer 0's attention on
     assert not torch.equal(on.get(0, "attention")[IMG[1]:], off.get(0, "attention")[IMG[1]:])
 
@@ -474,23 +547,25 @@ def test_no_runtime_plora_changes_only_image_rows(setup):
     ("too_few_rows", "short", [(5, 13)], "embedding rows"),
     ("empty", "zero", [(5, 5)], "empty or reversed"),
 ])
-def test_invalid_ranges_mean_no_embeddings_no_lora(setup, case, embs, ranges, reason):
-    h = CFG["hidden"]
+def test_invalid_ranges_mean_no_embeddings_no_lora(standin, case, embs, ranges, reason):
+    s = standin
+    h = s.ws.model.hidden_units
     g = torch.Generator().manual_seed(2)
     mk = lambda n: torch.randn(n, h, generator=g)  # noqa: E731
     emb = {"two": [mk(4), mk(4)] if case != "overlap" else [mk(5), mk(4)],
            "one": [mk(ranges[0][1] - ranges[0][0])], "short": [mk(7)], "zero": [mk(0)]}[embs]
-    call = EngineCall(setup.call.input_ids, emb, ranges, "bad")
-    info, tr = _run(setup, f"bad_{case}", _engine(setup, numeric="emulate"), call)
+    call = EngineCall(s.call.input_ids, emb, ranges, "bad")
+    info, tr = _run(s, f"bad_{case}", _engine(s, numeric="emulate"), call)
     assert info["ranges_valid"] is False
     assert info["warning"].startswith(WARNING_TEXT) and reason in info["warning"]
     assert tr.meta.extras["ranges_valid"] is False and WARNING_TEXT in tr.meta.extras["range_warning"]
     assert info["mask"] == [0] * ROWS and info["lora_applied"] is False
-    table = setup.ws.tensor("tok_embeddings.weight").float()
-    assert torch.equal(tr.get(None, "embeddings"), table[torch.tensor(setup.call.input_ids)])
-    for i in range(CFG["layers"]):
+    table = s.ws.tensor("tok_embeddings.weight").float()
+    assert torch.equal(tr.get(None, "embeddings"), table[torch.tensor(s.call.input_ids)])
+    for i in range(tr.num_layers):
         for lin in PLORA_LINEARS:
             assert not tr.get(i, plora_key(lin, "delta")).any()
+            assert not tr.get(i, plora_key(lin, "mask")).any()
 
 
 def test_row_count_is_checked_only_in_total_like_turbomind():
@@ -501,13 +576,15 @@ def test_row_count_is_checked_only_in_total_like_turbomind():
     assert rc["valid"] and rc["ranges"] == [(1, 3), (5, 8)]
     assert torch.equal(rc["rows"][0], e0[:2])
     assert torch.equal(rc["rows"][1], torch.cat([e0[2:], e1[:2]]))  # shifted by one row
-    assert len(rc["row_count_mismatch"]) == 2
+    assert len(rc["row_count_mismatch"]) == 1  # embedding 0: 3 rows for a 2-row range
     # negative range ends the list (lmdeploy pads ranges with -1)
     rc = validate_ranges(10, [e0, e1], [(1, 4), (-1, -1)], h, torch.float32)
     assert rc["valid"] and rc["ranges"] == [(1, 4)] and rc["ignored_after"] == 1
     # touching ranges are fine
-    rc = validate_ranges(10, [e0, e1], [(1, 4), (4, 7)], h, torch.float32)
-    assert rc["valid"]
+    assert validate_ranges(10, [e0, e1], [(1, 4), (4, 7)], h, torch.float32)["valid"]
+    # embeddings are cast to the weight dtype, as lmdeploy's prepare_embeddings does
+    rc = validate_ranges(10, [e0 + 1 / 3], [(1, 4)], h, torch.bfloat16)
+    assert rc["rows"][0].dtype == torch.bfloat16
     with pytest.raises(ValueError):
         validate_ranges(10, [e0], [(1, 4), (4, 7)], h, torch.float32)
 
@@ -515,20 +592,21 @@ def test_row_count_is_checked_only_in_total_like_turbomind():
 def test_teacher_forced_local_errors_at_fp32_level(setup):
     info, tr = _run(setup, "local", _engine(setup, numeric="fp32"), teacher=setup.ref32)
     assert info["mode"] == "local" and tr.meta.extras["teacher"] == str(setup.ref32.root)
+    assert info["mask"] == setup.im_mask.int().tolist()  # the engine's own mask
     errs = _errors(tr, setup.ref32)
-    _record("local_fp32_vs_hf_fp32", errs)
+    _record(setup, "local_fp32_vs_hf_fp32", errs)
     bad = {k: v for k, v in errs.items() if v > 1e-5}
     assert not bad, bad
-    # a local run really is fed the teacher's values: with a perturbed teacher, layer 1 inputs follow it
     _, emu_local = _run(setup, "local_emu", _engine(setup, numeric="emulate"), teacher=setup.ref32)
     errs = _errors(emu_local, setup.ref32)
-    _record("local_emulate_vs_hf_fp32", errs)
+    _record(setup, "local_emulate_vs_hf_fp32", errs)
     assert max(errs.values()) < 2e-2
 
 
-def test_teacher_inputs_are_used(setup, tmp_path):
-    # Replace the teacher's layer-0 "attention" with zeros: the engine's local wo must then be zero base.
-    src = setup.ref32
+def test_teacher_inputs_are_used(standin, tmp_path):
+    # Replace the teacher's layer-0 "attention" with zeros: the engine's local wo must then be exactly zero.
+    s = standin
+    src = s.ref32
     w = TraceWriter(tmp_path / "t", TraceMeta(**{**src.meta.__dict__}))
     w.pre("embeddings", src.get(None, "embeddings"))
     for i in range(src.num_layers):
@@ -539,35 +617,90 @@ def test_teacher_inputs_are_used(setup, tmp_path):
     w.post("norm", src.get(None, "norm"))
     w.post("output", src.get(None, "output"))
     t = w.close()
-    _, tr = _run(setup, "local_zero", _engine(setup, numeric="fp32"), teacher=t)
+    _, tr = _run(s, "local_zero", _engine(s, numeric="fp32"), teacher=t)
     assert not tr.get(0, "attention.wo").any()
     assert not tr.get(0, "attention.wo:input").any()
     # layer 1's norm input is the teacher's layer-0 output, not the engine's own
     assert _rel(tr.get(1, "attention_norm"), src.get(1, "attention_norm")) < 1e-5
+    with pytest.raises(ValueError, match="rows"):
+        short = EngineCall(s.call.input_ids[:-1], s.call.input_embeddings, s.call.input_embedding_ranges, "x")
+        _run(s, "local_short", _engine(s, numeric="fp32"), call=short, teacher=t)
 
 
 def test_rank_mismatch_raises(setup):
-    ws = FakeWorkspace(setup.model.state_dict(), CFG, dtype=torch.bfloat16,
-                       lora=FakeLoraSettings(lora_r=16, lora_scale=2.0, lora_max_wo_r=16))
-    eng = _engine(setup, ws=ws, numeric="fp32")
-    with pytest.raises(ValueError, match="rank mismatch"):
-        _run(setup, "rank", eng)
+    import copy
+    import dataclasses
+
+    ws = copy.copy(setup.ws)
+    ws.lora = dataclasses.replace(setup.ws.lora, lora_r=16, lora_rank_pattern="", lora_scale_pattern="")
+    with pytest.raises(ValueError, match="rank mismatch at layers.0.attention.w_qkv"):
+        _run(setup, "rank", _engine(setup, ws=ws, numeric="fp32"))
+    # not checked where TurboMind never loads the LoRA tensors (served from the workspace folder)
+    info, _ = _run(setup, "rank_ws", _engine(setup, ws=ws, numeric="fp32", serve_from="workspace"))
+    assert info["lora_applied"] is False
 
 
 def test_workspace_serving_trap_replays_lora_absent(setup):
     info, tr = _run(setup, "wstrap", _engine(setup, numeric="fp32", serve_from="workspace"))
-    assert info["lora_applied"] is False and info["ranges_valid"] is True
-    assert "uninitialised" in tr.meta.extras["lora_buffers"]
-    for i in range(CFG["layers"]):
+    assert info["lora_applied"] is False and info["ranges_valid"] is True and info["lora_loaded"] is False
+    assert "uninitialised" in tr.meta.extras["lora_buffers"] and tr.meta.extras["serve_from"] == "workspace"
+    for i in range(tr.num_layers):
         for lin in PLORA_LINEARS:
             assert not tr.get(i, plora_key(lin, "delta")).any()
     # embeddings are still injected
     assert torch.equal(tr.get(None, "embeddings")[IMG[0]:IMG[1]], setup.embeds[IMG[0]:IMG[1]])
 
 
-def test_lora_policy_off_means_no_mask(setup):
-    ws = FakeWorkspace(setup.model.state_dict(), CFG, dtype=torch.bfloat16,
+def test_lora_policy_off_means_no_mask(standin):
+    s = standin
+    ws = FakeWorkspace(s.model.state_dict(), CFG, dtype=torch.bfloat16,
                        lora=FakeLoraSettings(lora_policy="", lora_r=0, lora_scale=0.0, lora_max_wo_r=0))
-    info, tr = _run(setup, "nolora", _engine(setup, ws=ws, numeric="fp32"))
+    info, tr = _run(s, "nolora", _engine(s, ws=ws, numeric="fp32"))
     assert info["mask"] == [0] * ROWS and info["ranges_valid"]
     assert tr.plora(0, "attention.wqkv")["rank"] == 0
+
+
+def test_per_linear_rank_and_scale_patterns(standin, tmp_path):
+    # 4KHD-style config on the stand-in: w_qkv has its own rank and scale through the patterns.
+    import copy
+
+    s = standin
+    model = copy.deepcopy(s.model)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            lin = layer.attention.wqkv
+            lin.Plora_A.weight = nn.Parameter(lin.Plora_A.weight[:4].clone())
+            lin.Plora_B.weight = nn.Parameter(lin.Plora_B.weight[:, :4].clone())
+            lin.lora_r, lin.lora_alpha, lin.lora_scaling = 4, 12.0, 3.0
+    lora = FakeLoraSettings(lora_r=CFG["lora_r"], lora_scale=CFG["lora_scale"], lora_max_wo_r=CFG["lora_r"],
+                            lora_rank_pattern="attention.w_qkv:4", lora_scale_pattern="attention.w_qkv:3.0")
+    ws = FakeWorkspace(model.state_dict(), CFG, dtype=torch.bfloat16, lora=lora)
+    ref = _hf_capture(model, s.embeds, s.im_mask, tmp_path / "ref", torch.float32)
+    info, tr = _run(s, "patterns", _engine(s, ws=ws, numeric="fp32"))
+    assert tr.plora(0, "attention.wqkv") == {"rank": 4, "scale": 3.0, "applied": True}
+    assert tr.plora(1, "attention.wo")["rank"] == CFG["lora_r"]
+    errs = _errors(tr, ref)
+    assert max(errs.values()) < 1e-5, max(errs.items(), key=lambda kv: kv[1])
+    # a wrong scale is accepted silently (TurboMind does not check it): only the deltas move
+    ws.lora = FakeLoraSettings(lora_r=CFG["lora_r"], lora_scale=CFG["lora_scale"], lora_max_wo_r=CFG["lora_r"],
+                               lora_rank_pattern="attention.w_qkv:4")
+    _, tr2 = _run(s, "patterns_scale", _engine(s, ws=ws, numeric="fp32"))
+    assert tr2.plora(0, "attention.wqkv")["scale"] == CFG["lora_scale"]
+    d_ok, d_bad = tr.get(0, "attention.wqkv:delta"), tr2.get(0, "attention.wqkv:delta")
+    assert torch.allclose(d_bad * 3.0, d_ok * CFG["lora_scale"], rtol=1e-5, atol=1e-6)
+
+
+def test_dynamic_ntk_only_past_max_position(standin):
+    import copy
+
+    s = standin
+    ws = copy.copy(s.ws)
+    ws.attention = {**s.ws.attention, "use_dynamic_ntk": 1, "rope_scaling_type": "dynamic",
+                    "rope_scaling_factor": 2.0, "max_position_embeddings": ROWS}
+    eng = _engine(s, ws=ws, numeric="fp32")
+    assert eng._rope_theta(ROWS) == CFG["rope_theta"]
+    info, tr = _run(s, "ntk_short", eng)
+    assert info["rope_theta"] == CFG["rope_theta"]
+    # one row past max_position_embeddings: base * (2 * 20/19 - 1) ** (D / (D - 2))
+    D = CFG["head_dim"]
+    assert eng._rope_theta(ROWS + 1) == pytest.approx(CFG["rope_theta"] * (2 * (ROWS + 1) / ROWS - 1) ** (D / (D - 2)))

@@ -1,4 +1,5 @@
-"""Both sides must have received the same rows: same count, same embeddings (after the engine's cast)."""
+"""Both sides must have been *asked* the same thing: the engine call's rows (looked up in the reference's
+own table) and image mask against the HF call's. The engine's weights play no part here."""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ from ..records import Finding
 from .base import CheckContext, CheckOutput
 
 
-def _first_diff(a: torch.Tensor, b: torch.Tensor) -> int | None:
+def first_differing_row(a: torch.Tensor, b: torch.Tensor) -> int | None:
     n = min(a.shape[0], b.shape[0])
-    diff = (a[:n].double() - b[:n].double()).abs().amax(dim=1) if n else torch.zeros(0)
-    scale = a[:n].double().abs().amax(dim=1).clamp(min=1e-30) if n else torch.zeros(0)
-    bad = torch.nonzero(diff / scale > 1e-2).flatten()  # beyond any dtype cast of the embedding rows
-    if bad.numel():
-        return int(bad[0])
+    if n:
+        diff = (a[:n].double() - b[:n].double()).abs().amax(dim=1)
+        bad = torch.nonzero(diff > 0).flatten()
+        if bad.numel():
+            return int(bad[0])
     return None if a.shape[0] == b.shape[0] else n
 
 
@@ -22,30 +23,42 @@ def run(ctx: CheckContext) -> CheckOutput:
     out = CheckOutput()
     for ct in ctx.cases:
         info = ct.engine_info or {}
+        name = ct.prepared.name
         if info.get("ranges_valid") is False:
             out.findings.append(Finding(
                 check="inputs", severity="error", cause="embeddings_skipped", layer=None, module="embeddings",
-                positions="image", case=ct.prepared.name,
+                positions="image", case=name,
                 message=("TurboMind rejects these input_embedding_ranges "
-                         f"({info.get('warning') or 'invalid ranges'}): it logs '[ImageFeature] Skip invalid "
-                         "input embeddings' and runs with no image features and no LoRA at all."),
-                metrics={"ranges": [list(r) for r in ct.engine.meta.extras.get("ranges", ct.prepared.ranges)]},
+                         f"({info.get('reason') or info.get('warning') or 'invalid ranges'}): it logs '[ImageFeature] "
+                         "Skip invalid input embeddings' and runs with no image features and no LoRA at all."),
+                metrics={"ranges": [list(r) for r in info.get("accepted_ranges", []) or []]},
             ))
             continue
-        ref = ct.reference.get(None, "embeddings")
-        eng = ct.engine.get(None, "embeddings")
-        if ref is None or eng is None:
+        if ct.engine_rows is None:
             continue
-        row = _first_diff(ref, eng)
+        hf_rows, hf_mask = ct.prepared.embeddings, ct.prepared.image_rows.bool()
+        rows, mask = ct.engine_rows, ct.engine_mask
+        if mask.shape == hf_mask.shape and not torch.equal(mask, hf_mask):
+            bad = torch.nonzero(mask != hf_mask).flatten().tolist()
+            out.findings.append(Finding(
+                check="inputs", severity="error", cause="im_mask_mismatch", layer=None, module="embeddings",
+                positions="all", case=name,
+                message=(f"The engine's input_embedding_ranges mark different rows as image than the HF im_mask: "
+                         f"{len(bad)} row(s) differ, first at row {bad[0]} (rows {bad[:8]}). TurboMind applies "
+                         "PLoRA exactly on the ranged rows, so LoRA lands on the wrong rows."),
+                metrics={"rows": bad[:64]},
+            ))
+            continue
+        row = first_differing_row(hf_rows, rows)
         if row is not None:
-            image = bool(ct.prepared.image_rows[row]) if row < ct.prepared.image_rows.numel() else False
+            image = bool(hf_mask[row]) if row < hf_mask.numel() else False
             out.findings.append(Finding(
                 check="inputs", severity="error", cause="input_mismatch", layer=None, module="embeddings",
-                positions="image" if image else "text", case=ct.prepared.name,
-                message=(f"The two sides did not receive the same input rows: reference has {ref.shape[0]} rows, "
-                         f"engine {eng.shape[0]}; first differing row {row} "
-                         f"({'image' if image else 'text'} row). Check the BOS policy and the image features."),
-                metrics={"first_row": row, "rows_ref": int(ref.shape[0]), "rows_eng": int(eng.shape[0]),
+                positions="image" if image else "text", case=name,
+                message=(f"The two sides were not given the same input: HF has {hf_rows.shape[0]} rows, the engine "
+                         f"call {rows.shape[0]}; first differing row {row} ({'image' if image else 'text'} row). "
+                         "Check the BOS policy and that both sides use the same image features."),
+                metrics={"first_row": row, "rows_ref": int(hf_rows.shape[0]), "rows_eng": int(rows.shape[0]),
                          "hash_ref": ct.reference.meta.extras.get("content_hash"),
                          "hash_eng": ct.engine.meta.extras.get("content_hash")},
             ))

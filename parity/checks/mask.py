@@ -12,18 +12,22 @@ from .base import CheckContext, CheckOutput
 def masks_for(ct) -> dict[str, torch.Tensor]:
     canon = ct.prepared.image_rows.to(torch.uint8)
     out = {"canonical": canon}
-    for side, trace in (("hf", ct.reference), ("engine", ct.engine)):
-        m = trace.get(0, plora_key("attention.wqkv", "mask")) if trace.num_layers else None
-        if m is not None:
-            out[side] = m.to(torch.uint8).reshape(-1)
+    m = ct.reference.get(0, plora_key("attention.wqkv", "mask")) if ct.reference.num_layers else None
+    if m is not None:
+        out["hf"] = m.to(torch.uint8).reshape(-1)
+    # the image rows the engine derived from its ranges (whether or not its LoRA then used them)
+    lora_mask = ct.engine.meta.extras.get("image_mask")
+    if lora_mask is not None:
+        out["engine"] = torch.tensor(lora_mask, dtype=torch.uint8).reshape(-1)
     return out
 
 
 def run(ctx: CheckContext) -> CheckOutput:
     out = CheckOutput()
     for ct in ctx.cases:
-        if (ct.engine_info or {}).get("ranges_valid") is False:
-            continue  # the inputs check already names the skipped embeddings
+        if (ct.engine_info or {}).get("ranges_valid") is False or (
+                ct.engine_mask is not None and not torch.equal(ct.engine_mask, ct.prepared.image_rows.bool())):
+            continue  # the inputs check already names skipped embeddings and mis-ranged rows
         masks = masks_for(ct)
         canon = masks["canonical"]
         for side in ("hf", "engine"):

@@ -6,6 +6,7 @@ import re
 
 import torch
 
+from ..errors import ParityInputError
 from ..records import Finding
 from .base import CheckContext, CheckOutput, tm_name_location
 
@@ -55,7 +56,15 @@ def run(ctx: CheckContext) -> CheckOutput:
                 positions="image" if lora else "all",
                 message=f"Workspace has no {name} (expected shape {list(want.shape)} from the HF model)."))
             continue
-        got = ws.tensor(name)
+        try:
+            got = ws.tensor(name)
+        except ParityInputError as e:  # the file's size does not fit what config.yaml implies for it
+            out.table.append({"tensor": name, "status": "shape", "shape": None, "max_abs_diff": None,
+                              "expected": list(want.shape)})
+            out.findings.append(Finding(
+                check="weights", severity="error", cause="shape_mismatch", layer=layer, module=module,
+                positions="image" if ".lora_" in name else "all", message=str(e)))
+            continue
         want = want.to(got.dtype)
         if tuple(got.shape) != tuple(want.shape):
             out.table.append({"tensor": name, "status": "shape", "shape": list(got.shape), "max_abs_diff": None,
@@ -76,8 +85,8 @@ def run(ctx: CheckContext) -> CheckOutput:
         out.table.append({"tensor": name, "status": "mismatch", "shape": list(got.shape), "max_abs_diff": mad,
                           "note": hint})
         out.findings.append(Finding(
-            check="weights", severity="error", cause="weight_mismatch", layer=layer, module=module,
-            positions="image" if lora else "all",
+            check="weights", severity="error", cause="nonfinite" if nonfinite else "weight_mismatch",
+            layer=layer, module=module, positions="image" if lora else "all",
             message=(f"{name} differs from the HF tensor after the layout transform (max |diff| {mad:.3g}"
                      f"{f', {nonfinite} non-finite' if nonfinite else ''}); {hint}."),
             metrics={"max_abs_diff": mad, "nonfinite": nonfinite, "tensor": name}))

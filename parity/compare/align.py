@@ -36,6 +36,9 @@ class CaseTraces:
     engine: Trace
     engine_local: Trace
     engine_info: dict[str, Any] = field(default_factory=dict)
+    # What the engine call asked for (rows via the reference's table, image mask from its ranges)
+    engine_rows: torch.Tensor | None = None
+    engine_mask: torch.Tensor | None = None
 
 
 def row_classes(p: PreparedInput) -> dict[str, torch.Tensor]:

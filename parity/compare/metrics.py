@@ -27,14 +27,17 @@ def compare(ref: torch.Tensor, eng: torch.Tensor) -> dict[str, Any]:
     ref_norm = float(torch.linalg.vector_norm(rz))
     diff_norm = float(torch.linalg.vector_norm(d))
     eng_norm = float(torch.linalg.vector_norm(ez))
-    if ref_norm == 0.0 and diff_norm == 0.0:
+    if diff_norm == 0.0:
         rel = 0.0
     else:
-        rel = diff_norm / max(ref_norm, EPS)
+        rel = diff_norm / ref_norm if ref_norm > 0.0 else math.inf
     if ref_norm == 0.0 and eng_norm == 0.0:
         cos = 1.0
-    else:
-        cos = float((rz * ez).sum()) / max(ref_norm * eng_norm, EPS)
+    elif ref_norm == 0.0 or eng_norm == 0.0:
+        cos = 0.0
+    else:  # normalise first: a product of two tiny norms underflows
+        cos = float(((rz / ref_norm) * (ez / eng_norm)).sum())
+        cos = max(-1.0, min(1.0, cos))
     ad = d.abs()
     if ad.numel():
         flat = int(torch.argmax(ad))

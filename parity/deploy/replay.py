@@ -38,6 +38,8 @@ from dataclasses import asdict
 from typing import Any, Callable
 
 import torch
+
+from ..errors import EngineRefused
 import torch.nn.functional as F
 
 from ..points import LAYER_POINTS, PLORA_LINEARS, TM_LINEAR_NAMES, plora_key
@@ -246,7 +248,7 @@ class ReplayEngine:
         base = self.rope_base
         if self.dynamic_ntk:
             factor = self.scaling_factor
-            if factor >= 1.0 and context_len > self.max_pos:
+            if factor >= 1.0 and self.max_pos > 0 and context_len > self.max_pos:
                 factor = factor * context_len / self.max_pos - (factor - 1)
                 base *= factor ** (self.rot_dim / (self.rot_dim - 2.0))
         return base
@@ -326,14 +328,24 @@ class ReplayEngine:
         if self.plora_policy and rank > 0 and self.lora_loaded and self.semantics.runtime_applies_plora:
             tm = TM_LINEAR_NAMES[point]
             if not (has_a and has_b):
-                raise ValueError(
+                raise EngineRefused(
                     f"LoRA config gives layers.{layer}.{tm} rank {rank}, but the workspace has no "
                     f"{prefix}.lora_a/lora_b tensors: TurboMind would run with uninitialised LoRA buffers."
                 )
-            A, B = self._w(f"{prefix}.lora_a.weight"), self._w(f"{prefix}.lora_b.weight")
             in_dim, out_dim = lin["W"].shape
+            on_disk = getattr(self.ws, "lora_rank_on_disk", None)  # a real Workspace sizes files by config
+            disk_rank = on_disk(layer, tm) if callable(on_disk) else None
+            if disk_rank is not None and disk_rank != rank:
+                raise EngineRefused(
+                    f"LoRA rank mismatch at layers.{layer}.{tm}: the LoRA config resolves rank {rank} "
+                    f"(lora_r={getattr(self.lora, 'lora_r', None)}, "
+                    f"lora_rank_pattern={getattr(self.lora, 'lora_rank_pattern', '')!r}) but the workspace's "
+                    f"{prefix}.lora_a file holds rank {disk_rank}; TurboMind fails at load on this byte-size "
+                    "mismatch."
+                )
+            A, B = self._w(f"{prefix}.lora_a.weight"), self._w(f"{prefix}.lora_b.weight")
             if A.shape != (in_dim, rank) or B.shape != (rank, out_dim):
-                raise ValueError(
+                raise EngineRefused(
                     f"LoRA rank mismatch at layers.{layer}.{tm}: the LoRA config resolves rank {rank} "
                     f"(lora_r={getattr(self.lora, 'lora_r', None)}, "
                     f"lora_rank_pattern={getattr(self.lora, 'lora_rank_pattern', '')!r}) but the tensors are "
@@ -344,8 +356,6 @@ class ReplayEngine:
                 lin["A"], lin["B"] = A, B
         elif (has_a or has_b) and self.plora_policy and rank == 0 and layer == 0:
             notes.append(f"{TM_LINEAR_NAMES[point]}: LoRA tensors present but the config resolves rank 0 (unused)")
-        if self.emulating:  # weights are exactly representable already; biases too
-            pass
         return lin
 
     # ---------------------------------------------------------------- run
@@ -389,7 +399,10 @@ class ReplayEngine:
             v = teacher.get(layer, point)
             if v is None:
                 raise ValueError(f"Teacher trace {teacher.root} lacks point {point!r} (layer {layer}).")
-            v = v.float().reshape(L, -1)
+            v = v.float()
+            if v.dim() != 2 or v.shape[0] != L:
+                raise ValueError(f"Teacher point {point!r} (layer {layer}) has shape {tuple(v.shape)}; the engine "
+                                 f"call has {L} rows. Teacher and engine must run the same input.")
             return self.rnd(v)
 
         for i in range(self.num_layers):
@@ -465,7 +478,10 @@ class ReplayEngine:
         if out_w.shape[-1] != self.hidden:
             raise ValueError(f"output.weight has shape {tuple(out_w.shape)}; expected [vocab, {self.hidden}] "
                              "(the converter writes the LM head as HF stores it, not transposed).")
-        logits = head_in @ out_w[: self.vocab].float().T  # fp32 output, as postDecodeEmbedding
+        # fp32 output from T inputs, as postDecodeEmbedding; in vocab chunks so a 7B head is never upcast whole
+        chunk = 8192
+        logits = torch.cat([head_in @ out_w[j: min(j + chunk, self.vocab)].float().T
+                            for j in range(0, self.vocab, chunk)], dim=-1)
         del out_w
         writer.post("output", logits)
 

@@ -225,13 +225,10 @@ def where_words(layer: Any, module: Any, positions: Any) -> str:
     return ", ".join(parts)
 
 
-def divergence_sentence(report: Any, with_case: bool | None = None) -> str:
-    """The first divergence in plain words, e.g.
-    "Layer 0, module attention.wqkv, image rows: lora_scale_mismatch — LoRA scale 2.0 vs 1.0".
-
-    Falls back to the first error finding when the report has no first_divergence; on a clean report it
-    says so. `with_case`: prefix the case name (default: when the report has several cases).
-    """
+def divergence_parts(report: Any, with_case: bool | None = None) -> tuple[str, str, str]:
+    """(where, cause, message) of the first divergence — or of the first error finding when the report has
+    no first_divergence; ("", "", text) on a report without either. `where` reads like
+    "Case 'two': Layer 0, module attention.wqkv, image rows" (the case only when asked / several cases)."""
     if with_case is None:
         with_case = len(getattr(report, "cases", []) or []) > 1
     d = getattr(report, "first_divergence", None)
@@ -241,23 +238,34 @@ def divergence_sentence(report: Any, with_case: bool | None = None) -> str:
         src = errs[0] if errs else None
     if src is None:
         if report.status == "pass":
-            return "No divergence: every compared point is within its threshold."
-        return "No divergence was located (see the findings)."
+            return "", "", "No divergence: every compared point is within its threshold."
+        return "", "", "No divergence was located (see the findings)."
     where = where_words(src.layer, src.module, src.positions)
-    text = f"{where}: {src.cause}" if where else str(src.cause)
-    msg = (src.message or "").strip()
+    msg = " ".join(str(src.message or "").split())
     if not msg and d is not None:
         # A Divergence without a message: borrow the matching error finding's message.
         for f in report.findings:
             if f.severity == "error" and f.cause == d.cause and f.layer == d.layer and f.module == d.module:
-                msg = f.message
+                msg = " ".join(str(f.message).split())
                 break
-    if msg:
-        text += f" — {msg}"
     case = getattr(src, "case", None)
     if with_case and case:
-        text = f"Case '{case}': {text}"
-    return text
+        where = f"Case '{case}': {where}" if where else f"Case '{case}'"
+    return where, str(src.cause or ""), msg
+
+
+def divergence_sentence(report: Any, with_case: bool | None = None) -> str:
+    """The first divergence in plain words, e.g.
+    "Layer 0, module attention.wqkv, image rows: lora_scale_mismatch — LoRA scale 2.0 vs 1.0".
+
+    Falls back to the first error finding when the report has no first_divergence; on a clean report it
+    says so. `with_case`: prefix the case name (default: when the report has several cases).
+    """
+    where, cause, msg = divergence_parts(report, with_case)
+    if not cause:
+        return msg
+    text = f"{where}: {cause}" if where else cause
+    return f"{text} — {msg}" if msg else text
 
 
 def status_word(status: str) -> str:

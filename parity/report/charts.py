@@ -29,13 +29,24 @@ FONT = "system-ui, -apple-system, 'Segoe UI', Roboto, 'Helvetica Neue', Arial, s
 
 def _base_layout(height: int, **kw: Any) -> dict[str, Any]:
     layout: dict[str, Any] = dict(
-        template="plotly_white",
+        # "none": no plotly.py template (a template is ~10 kB per figure and slow to validate); the look of
+        # plotly_white is set by hand below.
+        template="none",
         height=height,
+        paper_bgcolor="#ffffff",
+        plot_bgcolor="#ffffff",
         margin=dict(l=70, r=20, t=36, b=40),
         font=dict(family=FONT, size=12, color="#1f2937"),
         hoverlabel=dict(font=dict(family=FONT, size=12)),
     )
     layout.update(kw)
+    for ax in ("xaxis", "yaxis"):
+        a = layout.setdefault(ax, {})
+        a.setdefault("gridcolor", "#ebf0f8")
+        a.setdefault("linecolor", "#c8d0dc")
+        a.setdefault("zerolinecolor", "#ebf0f8")
+        a.setdefault("automargin", True)
+        a.setdefault("ticks", "")
     return layout
 
 
@@ -47,6 +58,11 @@ def _fig_dict(fig: go.Figure) -> dict[str, Any]:
 def _finite_or_none(x: Any) -> float | None:
     v = to_float(x)
     return v if v is not None and math.isfinite(v) else None
+
+
+def _round3(v: float) -> float:
+    """3 significant digits: what the hover shows, a third of the JSON."""
+    return float(f"{v:.3g}")
 
 
 def _label(labels: Sequence[str], row: int) -> str:
@@ -117,15 +133,19 @@ def curves_figure(points: Sequence[PointResult], case: str, divergence: Divergen
     if divergence is not None and divergence.layer is not None and (divergence.case in (None, case)):
         shapes.append(dict(type="line", xref="x", yref="paper", x0=divergence.layer, x1=divergence.layer,
                            y0=0, y1=1, line=dict(color=COLORS["diverge"], width=1.5, dash="dash")))
-        annotations.append(dict(xref="x", yref="paper", x=divergence.layer, y=1, yanchor="bottom",
+        annotations.append(dict(xref="x", yref="paper", x=divergence.layer, y=1, yanchor="bottom", xanchor="left",
                                 text=f"first divergence (layer {divergence.layer})", showarrow=False,
                                 font=dict(color=COLORS["diverge"], size=11)))
+    positive = [y for tr in fig.data for y in (tr.y or ()) if y is not None and y > 0]
+    decades = math.log10(max(positive) / min(positive)) if positive else 0.0
     fig.update_layout(**_base_layout(
-        320,
-        xaxis=dict(title="layer", dtick=1 if len(xs) <= 40 else None, zeroline=False),
-        yaxis=dict(title="relative L2 error", type="log", exponentformat="power"),
-        legend=dict(orientation="h", yanchor="bottom", y=1.06, x=0, font=dict(size=11)),
-        margin=dict(l=70, r=20, t=56, b=40),
+        360,
+        xaxis=dict(title=dict(text="layer", standoff=4), dtick=1 if len(xs) <= 16 else None, zeroline=False,
+                   range=[min(xs) - 0.5, max(xs) + 0.5]),
+        # one label per decade once the curves span 2+ decades (no 2 / 5 minor labels cluttering the axis)
+        yaxis=dict(title="relative L2 error", type="log", exponentformat="power", dtick=1 if decades >= 2 else None),
+        legend=dict(orientation="h", yanchor="top", y=-0.2, x=0, font=dict(size=11)),
+        margin=dict(l=70, r=20, t=24, b=40),
         shapes=shapes, annotations=annotations,
     ))
     return _fig_dict(fig)
@@ -169,26 +189,31 @@ def heatmap_figure(points: Sequence[PointResult], case: CaseSummary | None, case
                 zr.append(None), rr.append(None), br.append(1.0)
                 any_bad = True
             else:
-                zr.append(math.log10(v) if v > 0 else None)
-                rr.append(v)
+                zr.append(round(math.log10(v), 3) if v > 0 else None)
+                rr.append(_round3(v))
                 br.append(None)
         z.append(zr), raw.append(rr), bad.append(br)
-    text = [[_label(labels, i) for i in range(n_rows)] for _ in pts]
+    row_text = [_label(labels, i) for i in range(n_rows)]
+    text = [row_text for _ in pts]
     fig = go.Figure()
+    # The traces are built (and validated) by plotly with a 1x1 stand-in; the big arrays are put into the
+    # figure dict afterwards — validating 32 x 2000 cells three times costs seconds and adds nothing.
     fig.add_trace(go.Heatmap(
-        z=z, x=list(range(n_rows)), y=layers, customdata=raw, text=text,
+        z=[[0.0]], x=[0], y=[0], customdata=[[0.0]], text=[[""]],
         colorscale="Viridis", hoverongaps=False,
         colorbar=dict(title=dict(text="log10 err", side="right"), thickness=12, len=0.9),
         hovertemplate="layer %{y}, row %{x} <b>%{text}</b><br>error %{customdata:.3g}<extra></extra>",
         name="row error",
     ))
+    big = [dict(z=z, x=list(range(n_rows)), y=layers, customdata=raw, text=text)]
     if any_bad:
         fig.add_trace(go.Heatmap(
-            z=bad, x=list(range(n_rows)), y=layers, text=text, showscale=False, hoverongaps=False,
+            z=[[1.0]], x=[0], y=[0], text=[[""]], showscale=False, hoverongaps=False,
             colorscale=[[0, "#000000"], [1, "#000000"]],
             hovertemplate="layer %{y}, row %{x} <b>%{text}</b><br>error non-finite<extra></extra>",
             name="non-finite",
         ))
+        big.append(dict(z=bad, x=list(range(n_rows)), y=layers, text=text))
     shapes, annotations = [], []
     for k, (b, e) in enumerate(case.image_spans if case else []):
         shapes.append(dict(type="rect", xref="x", yref="paper", x0=b - 0.5, x1=e - 0.5, y0=0, y1=1,
@@ -205,12 +230,15 @@ def heatmap_figure(points: Sequence[PointResult], case: CaseSummary | None, case
     fig.update_layout(**_base_layout(
         height,
         xaxis=dict(title="row (token position)", zeroline=False, showgrid=False),
-        yaxis=dict(title="layer", autorange="reversed", dtick=1 if len(layers) <= 40 else None,
+        yaxis=dict(title="layer", autorange="reversed", dtick=1 if len(layers) <= 32 else None,
                    zeroline=False, showgrid=False),
         margin=dict(l=60, r=20, t=40, b=40),
         shapes=shapes, annotations=annotations,
     ))
-    return _fig_dict(fig)
+    out = _fig_dict(fig)
+    for trace, arrays in zip(out["data"], big):
+        trace.update(arrays)
+    return out
 
 
 # ---------------------------------------------------------------- mask strip
@@ -274,8 +302,8 @@ def mask_figure(case: CaseSummary) -> dict | None:
     text = [[_label(labels, i) for i in range(n)] for _ in names]
     hover_val = [[("image" if v == 1 else "text" if v == 0 else "MISMATCH" if v == 2 else "–") for v in row]
                  for row in z]
-    fig = go.Figure(go.Heatmap(
-        z=z, x=list(range(n)), y=names, text=text, customdata=hover_val, zmin=0, zmax=2, showscale=False,
+    fig = go.Figure(go.Heatmap(  # 1x1 stand-in, the arrays are set below (see heatmap_figure)
+        z=[[0]], x=[0], y=[names[0]], text=[[""]], customdata=[[""]], zmin=0, zmax=2, showscale=False,
         colorscale=[[0.0, "#e5e7eb"], [0.33, "#e5e7eb"], [0.34, "#7c3aed"], [0.66, "#7c3aed"],
                     [0.67, "#dc2626"], [1.0, "#dc2626"]],
         xgap=1 if n <= 200 else 0, ygap=2, hoverongaps=False,
@@ -287,4 +315,6 @@ def mask_figure(case: CaseSummary) -> dict | None:
         yaxis=dict(autorange="reversed", zeroline=False, showgrid=False, tickfont=dict(size=11)),
         margin=dict(l=150, r=20, t=10, b=26),
     ))
-    return _fig_dict(fig)
+    out = _fig_dict(fig)
+    out["data"][0].update(z=z, x=list(range(n)), y=names, text=text, customdata=hover_val)
+    return out

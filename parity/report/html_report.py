@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -29,11 +30,12 @@ import jinja2
 from markupsafe import Markup
 
 from parity.points import LAYER_POINTS, POST_POINTS, PRE_POINTS
-from parity.records import CaseSummary, Divergence, Finding, PointResult, Report
+from parity.records import CaseSummary, Divergence, PointResult, Report
 from parity.report import charts
 from parity.report._common import (
     POSITION_WORDS,
     atomic_write_text,
+    divergence_parts,
     divergence_sentence,
     fmt_num,
     fmt_value,
@@ -73,7 +75,10 @@ def _env() -> jinja2.Environment:
 
 def _script_json(obj: Any) -> Markup:
     """JSON safe to place inside <script type="application/json"> (no '<', '>', '&' characters)."""
-    text = json.dumps(_strict(obj), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    try:  # the builders already replaced non-finite values; _strict is the slow safety net
+        text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (ValueError, TypeError):
+        text = json.dumps(_strict(obj), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     text = text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
     return Markup(text)
@@ -278,6 +283,8 @@ def _engine_items(engine: dict[str, Any]) -> tuple[list[tuple[str, str]], list[t
     """(main items in a fixed order, semantics items)."""
     engine = dict(engine or {})
     sem = engine.pop("semantics", None)
+    if dataclasses.is_dataclass(sem) and not isinstance(sem, type):
+        sem = dataclasses.asdict(sem)  # a RuntimeSemantics record
     names = [("kind", "kind"), ("lmdeploy_version", "lmdeploy"), ("numeric", "numeric mode")]
     items = [(label, fmt_value(engine.pop(k))) for k, label in names if k in engine]
     items += [(k, fmt_value(v)) for k, v in engine.items()]
@@ -349,7 +356,7 @@ def build_context(report: Report, *, inline_plotlyjs: bool = True) -> dict[str, 
             "curves_fig": add_fig(charts.curves_figure(report.points, name, div), f"fig-curves-{ci}"),
             "heat_fig": add_fig(charts.heatmap_figure(report.points, c, name, div), f"fig-heat-{ci}"),
             "worst": _worst(report.points, name),
-            "is_div_case": div is not None and div.case == name,
+            "is_div_case": div is not None and (div.case == name or (div.case is None and ci == 0)),
         })
 
     findings = _finding_rows(report)
@@ -366,6 +373,7 @@ def build_context(report: Report, *, inline_plotlyjs: bool = True) -> dict[str, 
         "status": str(report.status).lower(),
         "status_word": status_word(report.status),
         "sentence": divergence_sentence(report),
+        "parts": dict(zip(("where", "cause", "message"), divergence_parts(report))),
         "has_divergence": div is not None or n_err > 0,
         "first_case_anchor": next((c["anchor"] for c in cases if c["is_div_case"]), None),
         "counts": {"errors": n_err, "warnings": n_warn, "infos": n_info, "points": len(report.points),

@@ -1,7 +1,8 @@
 (function () {
   "use strict";
-  // Draw every embedded figure: <script type="application/json" data-figure="DIV_ID">{data, layout}</script>
-  var config = {responsive: true, displaylogo: false, scrollZoom: false,
+  // Draw every embedded figure: a script element of type application/json with data-figure="DIV_ID"
+  // holding {data, layout}.
+  var config = {responsive: true, displaylogo: false, scrollZoom: false, displayModeBar: "hover",
                 modeBarButtonsToRemove: ["lasso2d", "select2d", "autoScale2d"]};
   function draw() {
     var blocks = document.querySelectorAll("script[data-figure]");

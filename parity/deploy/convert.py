@@ -1,0 +1,550 @@
+"""Run lmdeploy's real TurboMind converter in-process and record what it decided.
+
+`convert(model_dir, out_dir)` calls `lmdeploy.turbomind.deploy.converter.main` (the code behind
+`lmdeploy convert`; same API from 0.6.x to 0.9.1) under `compat.cpu_converter_patches()`, so it also runs on a
+machine without CUDA. It:
+
+* validates the model folder first (folder, config.json, architecture) and turns every converter failure
+  into a `ParityInputError` (one paragraph naming the path/field);
+* records the lmdeploy version, the XComposer2 sub-type lmdeploy chose (`get_xcomposer_type`, observed
+  while the converter runs) and the `lora_config` it wrote (read back from config.yaml);
+* detects the 4KHD trap: the checkpoint's `ixc_utils.py` defines `HD_transform`/`Image_transform` but
+  lmdeploy's import of it failed, so the 7b LoRA settings were used silently;
+* optionally overrides the `lora_config` (the source model's `model_info()` is patched inside this
+  process only);
+* captures everything lmdeploy prints (stdout, stderr/tqdm, its logger, Python warnings) into
+  `parity-conversion.log` in the workspace root instead of the terminal;
+* is atomic: it converts into a hidden temp sibling and renames it into place (a crash never leaves a half
+  workspace at `out_dir`); `parity-conversion.json` (the ConversionRecord) is written before the rename.
+
+`convert_cached(model_dir, cache_root)` converts into `cache_root/<key>` only when that folder is absent; the
+key hashes the model folder's file names, sizes and mtimes, tp, lora_config and the lmdeploy version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+import warnings
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from ..errors import ParityInputError
+from ..records import ConversionRecord
+from .compat import cpu_converter_patches, installed_lmdeploy_version
+from .lora_config import LORA_KEYS
+from .workspace import CONFIG_NAME, RECORD_NAME
+
+LOG_NAME = "parity-conversion.log"
+_LORA_TYPES = {"lora_policy": str, "lora_r": int, "lora_scale": (int, float), "lora_max_wo_r": int,
+               "lora_rank_pattern": str, "lora_scale_pattern": str}
+
+# lmdeploy's ModelType names -> the sub-type recorded
+SUB_TYPES = {"XCOMPOSER2": "7b", "XCOMPOSER2_4KHD": "4khd", "XCOMPOSER2D5": "2.5"}
+# what each ixc_utils entry point means to lmdeploy (it tries Image_transform first)
+_IXC_MARKERS = (("Image_transform", "2.5"), ("HD_transform", "4khd"))
+# Bump when the conversion procedure (patches, override mechanics) changes: part of the cache key.
+CONVERT_PROCEDURE_VERSION = "1"
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+def _load_config_json(model_dir: Path) -> dict:
+    cfg_path = model_dir / "config.json"
+    if not cfg_path.is_file():
+        raise ParityInputError(
+            f"{cfg_path} is missing; expected a Hugging Face model folder (config.json, the model's remote "
+            "code, tokenizer files and *.safetensors / pytorch_model*.bin weights)."
+        )
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ParityInputError(f"{cfg_path} is not valid JSON ({e}); expected the model's Hugging Face config.") from None
+    if not isinstance(cfg, dict):
+        raise ParityInputError(f"{cfg_path} must hold a JSON object, got {type(cfg).__name__}.")
+    return cfg
+
+
+def _arch_from_config(cfg: dict, cfg_path: Path) -> str:
+    """The architecture lmdeploy will pick (`lmdeploy.archs.get_model_arch`'s rule, without loading code)."""
+    archs = cfg.get("architectures")
+    auto_map = cfg.get("auto_map") if isinstance(cfg.get("auto_map"), dict) else {}
+    if archs:
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise ParityInputError(f"{cfg_path}: 'architectures' must be a list of class names, got {archs!r}.")
+        arch = archs[0]
+        if any(isinstance(v, str) and "InternLMXComposer2ForCausalLM" in v for v in auto_map.values()):
+            arch = "InternLMXComposer2ForCausalLM"
+        return arch
+    if isinstance(auto_map.get("AutoModelForCausalLM"), str):
+        return auto_map["AutoModelForCausalLM"].split(".")[-1]
+    raise ParityInputError(
+        f"{cfg_path} names no architecture: expected 'architectures': ['InternLMXComposer2ForCausalLM'] (or an "
+        "auto_map entry pointing at InternLMXComposer2ForCausalLM), which is how lmdeploy picks its reader."
+    )
+
+
+def _validate_model_dir(model_dir: Path) -> tuple[dict, str]:
+    if not model_dir.exists():
+        raise ParityInputError(f"Model folder {model_dir} does not exist; expected a local Hugging Face model folder.")
+    if not model_dir.is_dir():
+        raise ParityInputError(f"Model path {model_dir} is a file; expected the Hugging Face model folder containing config.json.")
+    cfg = _load_config_json(model_dir)
+    arch = _arch_from_config(cfg, model_dir / "config.json")
+    from lmdeploy.turbomind.supported_models import SUPPORTED_ARCHS
+
+    if arch not in SUPPORTED_ARCHS:
+        raise ParityInputError(
+            f"{model_dir / 'config.json'}: architecture {arch!r} is not supported by lmdeploy's TurboMind "
+            f"converter (lmdeploy {installed_lmdeploy_version()}); expected InternLMXComposer2ForCausalLM (set "
+            "'architectures' or an auto_map entry naming it, which also selects the XComposer2 vision loader)."
+        )
+    weights = [p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin", ".pt")]
+    if not weights:
+        raise ParityInputError(
+            f"Model folder {model_dir} has no weight files; expected model*.safetensors (or pytorch_model*.bin)."
+        )
+    for key in ("num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size", "vocab_size",
+                "rms_norm_eps"):
+        if key not in cfg:
+            raise ParityInputError(
+                f"{model_dir / 'config.json'}: key '{key}' is missing; lmdeploy's reader needs it to build the "
+                "TurboMind config."
+            )
+    return cfg, arch
+
+
+def _check_lora_override(lora_config: dict | None) -> dict | None:
+    if lora_config is None:
+        return None
+    if not isinstance(lora_config, dict):
+        raise ParityInputError(f"lora_config override must be a mapping of {', '.join(LORA_KEYS)}; got {type(lora_config).__name__}.")
+    out = {}
+    for k, v in lora_config.items():
+        if k not in _LORA_TYPES:
+            raise ParityInputError(f"lora_config override has unknown key {k!r}; expected only {', '.join(LORA_KEYS)}.")
+        if not isinstance(v, _LORA_TYPES[k]) or isinstance(v, bool):
+            raise ParityInputError(f"lora_config override key {k!r} is {v!r}; expected {_LORA_TYPES[k]}.")
+        out[k] = float(v) if k == "lora_scale" else v
+    from .lora_config import parse_pattern
+
+    parse_pattern(out.get("lora_rank_pattern", ""), "int", "lora_rank_pattern")
+    parse_pattern(out.get("lora_scale_pattern", ""), "float", "lora_scale_pattern")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ capture
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def _captured(log: list[str], warn_out: list[str]) -> Iterator[None]:
+    """Swallow lmdeploy's prints / tqdm / logger / warnings into `log` (and warnings+ into `warn_out`)."""
+    from lmdeploy.utils import get_logger
+
+    get_logger("lmdeploy")  # initialise it *outside* the redirection (its handler binds sys.stdout)
+    loggers = [logging.getLogger(n) for n in ("lmdeploy", "transformers", "transformers_modules")]
+    saved = [(lg, list(lg.handlers), lg.propagate) for lg in loggers]
+    handler = _ListHandler()
+    out, err = io.StringIO(), io.StringIO()
+    caught: list[warnings.WarningMessage] = []
+    try:
+        for lg in loggers:
+            lg.handlers = [handler]
+            lg.propagate = False
+        with warnings.catch_warnings(record=True) as rec_list, \
+                contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            warnings.simplefilter("always")
+            try:
+                yield
+            finally:
+                caught.extend(rec_list or [])
+    finally:
+        for lg, handlers, prop in saved:
+            lg.handlers = handlers
+            lg.propagate = prop
+        for rec in handler.records:
+            line = f"[{rec.name} {rec.levelname}] {rec.getMessage()}"
+            log.append(line)
+            if rec.levelno >= logging.WARNING and rec.name.startswith("lmdeploy"):
+                warn_out.append(f"lmdeploy logged: {rec.getMessage()}")
+        for w in caught:
+            log.append(f"[warning {w.category.__name__}] {w.message}")
+        text = out.getvalue() + err.getvalue()
+        # tqdm redraws with \r; keep the final state of each line
+        for raw in text.splitlines():
+            line = raw.split("\r")[-1].rstrip()
+            if line:
+                log.append(line)
+
+
+# ------------------------------------------------------------------------------------------ sub-type
+
+
+def _ixc_expected(model_dir: Path) -> tuple[str | None, str | None]:
+    """(sub-type the checkpoint's ixc_utils.py text implies, the entry point name) or (None, None)."""
+    path = model_dir / "ixc_utils.py"
+    if not path.is_file():
+        return None, None
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return None, None
+    for name, sub in _IXC_MARKERS:
+        if re.search(rf"^\s*(?:async\s+)?(?:def|class)\s+{name}\b|^\s*{name}\s*=", text, re.MULTILINE):
+            return sub, name
+    return None, None
+
+
+def _import_failure(model_dir: Path, entry: str) -> str:
+    """Reproduce lmdeploy's `get_class_from_dynamic_module('ixc_utils.<entry>', model_dir)` and describe its
+    exception (the one lmdeploy swallowed)."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            get_class_from_dynamic_module(f"ixc_utils.{entry}", str(model_dir))
+    except Exception as e:  # noqa: BLE001 - we report whatever lmdeploy swallowed
+        msg = str(e).strip().replace("\n", " ")
+        return f"{type(e).__name__}: {msg}"
+    return "the import succeeds now (it failed while the converter ran)"
+
+
+@contextlib.contextmanager
+def _observe_xcomposer_type(seen: list[Any]) -> Iterator[None]:
+    """Record what lmdeploy's `get_xcomposer_type` returns while the converter runs."""
+    try:
+        mod = __import__("lmdeploy.vl.model.xcomposer2", fromlist=["get_xcomposer_type"])
+    except Exception:  # pragma: no cover - module missing in this lmdeploy
+        yield
+        return
+    orig = mod.get_xcomposer_type
+
+    def wrapped(*args, **kwargs):
+        res = orig(*args, **kwargs)
+        seen.append(res[0])
+        return res
+
+    mod.get_xcomposer_type = wrapped
+    try:
+        yield
+    finally:
+        mod.get_xcomposer_type = orig
+
+
+def _sub_type_name(model_type: Any) -> str:
+    name = getattr(model_type, "name", str(model_type))
+    return SUB_TYPES.get(name, name.lower())
+
+
+@contextlib.contextmanager
+def _lora_override(arch: str, override: dict | None) -> Iterator[None]:
+    """Patch the source model class's `model_info()` so the written lora_config is `override` merged over what
+    lmdeploy chose (this process only)."""
+    if override is None:
+        yield
+        return
+    from lmdeploy.turbomind.deploy.source_model.base import INPUT_MODELS
+    from lmdeploy.turbomind.supported_models import SUPPORTED_ARCHS
+
+    cls = INPUT_MODELS.get(SUPPORTED_ARCHS[arch])
+    had_own = "model_info" in cls.__dict__
+    orig_attr = cls.__dict__.get("model_info")
+    orig = cls.model_info
+
+    def model_info(self):
+        info = orig(self)
+        info.update(override)
+        return info
+
+    cls.model_info = model_info
+    try:
+        yield
+    finally:
+        if had_own:
+            cls.model_info = orig_attr
+        else:
+            del cls.model_info
+
+
+# ------------------------------------------------------------------------------------------ convert
+
+
+def _call_main(main, model_dir: Path, dst: Path, tp: int, model_name: str, chat_template: str | None) -> None:
+    params = inspect.signature(main).parameters
+    kwargs: dict[str, Any] = dict(model_format="hf", dst_path=str(dst), tp=tp)
+    if chat_template is not None:
+        kwargs["chat_template"] = chat_template
+    if "dtype" in params:
+        kwargs["dtype"] = "auto"
+    main(model_name, str(model_dir), **{k: v for k, v in kwargs.items() if k in params or _has_var_kw(params)})
+
+
+def _has_var_kw(params) -> bool:
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _chat_template(model_dir: Path) -> str:
+    from lmdeploy.model import MODELS, best_match_model
+
+    lg = logging.getLogger("lmdeploy")
+    level = lg.level
+    lg.setLevel(logging.ERROR)  # "Did not find a chat template matching ...": irrelevant, we fall back below
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            name = best_match_model(str(model_dir))
+    finally:
+        lg.setLevel(level)
+    if name in (None, "base") and "internlm-xcomposer2" in MODELS.module_dict:
+        name = "internlm-xcomposer2"
+    return name or "base"
+
+
+def _failing_line(e: BaseException) -> str:
+    """`statement` (file:line) of the innermost frame that raised, for messageless assertions."""
+    import traceback
+
+    frames = traceback.extract_tb(e.__traceback__)
+    if not frames:
+        return type(e).__name__
+    f = frames[-1]
+    where = "/".join(Path(f.filename).parts[-3:])
+    return f"`{(f.line or '').strip()}` failed at {where}:{f.lineno}"
+
+
+def _converter_error(model_dir: Path, e: BaseException, log: list[str]) -> ParityInputError:
+    msg = str(e).strip().replace("\n", " ") or _failing_line(e)
+    if len(msg) > 600:
+        msg = msg[:600] + " ..."
+    tail = ""
+    if log:
+        tail = " Last converter output: " + " | ".join(log[-3:])
+    kind = "assertion" if isinstance(e, AssertionError) else type(e).__name__
+    return ParityInputError(
+        f"lmdeploy {installed_lmdeploy_version()}'s TurboMind converter failed on {model_dir} ({kind}: {msg}). "
+        f"Expected a Hugging Face XComposer2 checkpoint whose tensors and config.json match what lmdeploy's "
+        f"xcomposer2 reader needs (InternLM2 names, grouped wqkv with head_dim 128, Plora_A/Plora_B on "
+        f"wqkv/wo/w1/w2/w3).{tail}"
+    )
+
+
+def convert(model_dir: str | Path, out_dir: str | Path, tp: int = 1, lora_config: dict | None = None) -> ConversionRecord:
+    """Convert `model_dir` with lmdeploy's converter into workspace `out_dir` (replaced atomically)."""
+    model_dir = Path(model_dir).resolve()
+    out_dir = Path(out_dir).resolve()
+    if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1 or tp & (tp - 1):
+        raise ParityInputError(f"tp={tp!r} is not a power of two >= 1; lmdeploy's converter needs tp = 2^n.")
+    version = installed_lmdeploy_version()
+    if version is None:
+        raise ParityInputError(
+            "lmdeploy is not installed in this environment; install the pinned converter with "
+            "`pip install --no-deps lmdeploy==0.7.1` plus its pure-Python needs (pyproject extra 'lmdeploy-cpu')."
+        )
+    override = _check_lora_override(lora_config)
+    from .versions import row_for, semantics_for
+
+    semantics = semantics_for(version)  # ParityInputError for releases without XComposer2 in TurboMind
+
+    log: list[str] = []
+    warn: list[str] = []
+    seen: list[Any] = []
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}.{uuid.uuid4().hex[:12]}"
+    tmp = out_dir.parent / f".{out_dir.name}.converting.{tag}"
+    t0 = time.perf_counter()
+    try:
+        with cpu_converter_patches():
+            cfg, arch = _validate_model_dir(model_dir)
+            from lmdeploy.turbomind.deploy.converter import main
+
+            try:
+                with _captured(log, warn), _observe_xcomposer_type(seen), _lora_override(arch, override):
+                    chat_template = _chat_template(model_dir)
+                    t1 = time.perf_counter()
+                    _call_main(main, model_dir, tmp, tp, model_dir.name, chat_template)
+                    elapsed = time.perf_counter() - t1
+            except ParityInputError:
+                raise
+            except (Exception, SystemExit) as e:  # noqa: BLE001 - converter failures become input errors
+                err = _converter_error(model_dir, e, _untemp(log, tmp, out_dir))
+                if not semantics.converter_writes_lora:
+                    err = ParityInputError(f"{err} Note: lmdeploy {version} cannot convert PLoRA checkpoints at all "
+                                           f"({row_for(version).summary}); use lmdeploy 0.7.1.")
+                raise err from e
+            if arch == "InternLMXComposer2ForCausalLM" and not seen:
+                # the reader did not ask (another lmdeploy code path): ask lmdeploy ourselves
+                from lmdeploy.vl.model.xcomposer2 import get_xcomposer_type
+
+                with _captured(log, warn):
+                    seen.append(get_xcomposer_type(str(model_dir))[0])
+        log = _untemp(log, tmp, out_dir)
+
+        cfg_path = tmp / "triton_models" / "weights" / CONFIG_NAME
+        if not cfg_path.is_file():
+            raise ParityInputError(
+                f"lmdeploy's converter finished without writing {CONFIG_NAME} for {model_dir}; expected "
+                "triton_models/weights/config.yaml in the workspace."
+            )
+        written = yaml.safe_load(cfg_path.read_text()) or {}
+        lora_written = dict(written.get("lora_config") or {})
+
+        sub_type = _sub_type_name(seen[-1]) if seen else ""
+        if arch != "InternLMXComposer2ForCausalLM":
+            warn.append(
+                f"architecture {arch} is not InternLMXComposer2ForCausalLM: lmdeploy used its "
+                f"'{_registered(arch)}' reader, which has no PLoRA, and will not load the XComposer2 vision model."
+            )
+        if semantics.converter_writes_lora and not semantics.runtime_applies_plora:
+            warn.append(f"lmdeploy {version}: {row_for(version).summary} Deploy with lmdeploy 0.7.1 for PLoRA.")
+        expected_sub, entry = _ixc_expected(model_dir)
+        if expected_sub is not None and sub_type != expected_sub:
+            with _captured(log, []):
+                reason = _import_failure(model_dir, entry)  # type: ignore[arg-type]
+            if expected_sub == "4khd":
+                consequence = (
+                    f"so the 4KHD LoRA settings were NOT used: the workspace has lora_config {lora_written} "
+                    "(4KHD needs lora_rank_pattern 'attention.w_qkv:8,attention.wo:256' and lora_scale_pattern "
+                    "'attention.w_qkv:2.0,attention.wo:1.0'; the rank mismatch fails at load, the scale would not)"
+                )
+            else:
+                consequence = (
+                    "lmdeploy gives 2.5 the same LoRA settings as 7b, but its vision preprocessing will treat the "
+                    "model as 7b (fixed-size images instead of Image_transform's dynamic crops)"
+                )
+            warn.append(
+                f"{'4KHD' if expected_sub == '4khd' else 'XComposer2.5'} trap: {model_dir / 'ixc_utils.py'} defines "
+                f"{entry} (an XComposer2-{expected_sub} checkpoint), but lmdeploy's get_xcomposer_type could not "
+                f"import it and fell back to XComposer2-{sub_type or '7b'}, {consequence}. lmdeploy swallowed the "
+                f"import error, which was: {reason}. Fix that import (e.g. install a torchvision matching the "
+                f"installed torch) and convert again."
+            )
+        if override is not None:
+            mismatch = {k: (v, lora_written.get(k)) for k, v in override.items() if lora_written.get(k) != v}
+            if mismatch:
+                raise ParityInputError(
+                    f"The lora_config override was not written as given (key: (given, written)) {mismatch}; "
+                    f"this lmdeploy ({version}) builds lora_config differently."
+                )
+        record = ConversionRecord(
+            model=str(model_dir),
+            workspace=str(out_dir),
+            lmdeploy_version=version,
+            sub_type=sub_type,
+            lora_config=lora_written,
+            tp=tp,
+            warnings=warn,
+        )
+        (tmp / RECORD_NAME).write_text(json.dumps(asdict(record), indent=1, sort_keys=True) + "\n")
+        header = [f"# lmdeploy {version} converter: {elapsed:.2f} s (conversion only; {time.perf_counter() - t0:.2f} s "
+                  f"with imports and checks), tp={tp}, model {model_dir}"]
+        (tmp / LOG_NAME).write_text("\n".join(header + log) + "\n")
+        _install(tmp, out_dir)
+        return record
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _untemp(log: list[str], tmp: Path, out_dir: Path) -> list[str]:
+    """Show the final workspace path instead of the temp folder the converter really wrote to."""
+    return [line.replace(str(tmp), str(out_dir)) for line in log]
+
+
+def _registered(arch: str) -> str:
+    from lmdeploy.turbomind.supported_models import SUPPORTED_ARCHS
+
+    return SUPPORTED_ARCHS.get(arch, "?")
+
+
+def _install(tmp: Path, dest: Path) -> None:
+    """Move the finished temp workspace to `dest`, replacing an existing one without a half state."""
+    if dest.exists() or dest.is_symlink():
+        old = dest.parent / f".{dest.name}.old.{uuid.uuid4().hex[:12]}"
+        os.rename(dest, old)
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            os.rename(old, dest)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, dest)
+
+
+# ------------------------------------------------------------------------------------------ cache
+
+
+def cache_key(model_dir: str | Path, tp: int = 1, lora_config: dict | None = None) -> str:
+    """Hash of the model folder's file names, sizes and mtimes, tp, lora_config and lmdeploy's version."""
+    model_dir = Path(model_dir).resolve()
+    if not model_dir.is_dir():
+        raise ParityInputError(f"Model folder {model_dir} does not exist; expected a local Hugging Face model folder.")
+    h = hashlib.sha256()
+    for p in sorted(model_dir.rglob("*")):
+        if p.is_file() and "__pycache__" not in p.parts:
+            st = p.stat()
+            h.update(f"{p.relative_to(model_dir)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    h.update(json.dumps({"tp": tp, "lora_config": lora_config, "lmdeploy": installed_lmdeploy_version(),
+                         "procedure": CONVERT_PROCEDURE_VERSION}, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:20]
+
+
+def _short_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def convert_cached(model_dir: str | Path, cache_root: str | Path, tp: int = 1, lora_config: dict | None = None,
+                   *, prune: bool = True) -> Path:
+    """Workspace folder for (model_dir, tp, lora_config) under `cache_root`, converting only when absent.
+
+    The folder is `cache_root/<model name>-<path hash>-tp<tp>-<lora hash>-<cache_key>`. With `prune`, older
+    entries for the same model path, tp and lora_config (the model files changed since) are removed after a
+    successful conversion, so a cache of 7B workspaces does not grow without bound.
+    """
+    model_dir = Path(model_dir).resolve()
+    key = cache_key(model_dir, tp, lora_config)
+    prefix = f"{model_dir.name}-{_short_hash(str(model_dir))}-tp{tp}-{_short_hash(lora_config)}-"
+    root = Path(cache_root).resolve()
+    dest = root / f"{prefix}{key}"
+    if (dest / RECORD_NAME).is_file() and (dest / "triton_models" / "weights" / CONFIG_NAME).is_file():
+        return dest
+    convert(model_dir, dest, tp=tp, lora_config=lora_config)
+    if prune:
+        for old in root.glob(f"{glob_escape(prefix)}*"):
+            if old != dest and old.is_dir() and (old / RECORD_NAME).is_file():
+                shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+def glob_escape(text: str) -> str:
+    return re.sub(r"([\[\]*?])", r"[\1]", text)
+
+
+def read_record(workspace: str | Path) -> ConversionRecord | None:
+    path = Path(workspace) / RECORD_NAME
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    allowed = {f.name for f in fields(ConversionRecord)}
+    return ConversionRecord(**{k: v for k, v in data.items() if k in allowed})

@@ -1,0 +1,326 @@
+"""A catalogue of named conversion faults, each with the verdict the harness must give.
+
+Every fault mutates a private copy of a *real* converted workspace (a tensor file or config.yaml), the
+inputs one side receives, or the runtime semantics, then runs the ordinary pipeline. `run_catalogue`
+returns expected-vs-got rows; `make faults` prints them with the detection rate, and the test suite
+asserts every row.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+
+from .deploy.layout import hf_qkv_cols_to_tm, pairs_to_rotary, rotary_to_pairs, split_merged, tm_qkv_cols_to_hf
+from .deploy.workspace import Workspace
+from .records import CanonicalInput, EngineCall, Segment
+
+
+@dataclass(frozen=True)
+class Expected:
+    layer: int | None
+    module: str | None
+    positions: str | None
+    cause: str
+
+
+@dataclass
+class FaultSetup:
+    """What a fault may change: its own workspace copy, and run options."""
+
+    workspace: Path
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def ws(self) -> Workspace:
+        return Workspace.open(self.workspace)
+
+    # -- tensors
+    def read(self, name: str) -> torch.Tensor:
+        return self.ws().tensor(name).clone()
+
+    def write(self, name: str, merged: torch.Tensor) -> None:
+        ws = self.ws()
+        spec = ws.spec(name)
+        for rank, shard in enumerate(split_merged(spec, merged.to(ws.dtype).contiguous())):
+            bits = shard.contiguous().view(torch.int16) if shard.element_size() == 2 else shard.contiguous()
+            bits.numpy().tofile(ws.file_path(name, rank))
+
+    def edit(self, name: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.write(name, fn(self.read(name)))
+
+    # -- config.yaml
+    def config(self, fn: Callable[[dict], None]) -> None:
+        path = self.ws().weights_dir / "config.yaml"
+        cfg = yaml.safe_load(path.read_text())
+        fn(cfg)
+        path.write_text(yaml.safe_dump(cfg))
+
+
+@dataclass(frozen=True)
+class Fault:
+    name: str
+    kind: str            # weights | config | inputs | version | numerics
+    description: str
+    expected: Expected
+    apply: Callable[[FaultSetup], None]
+    model: str = "xcomposer2-tiny"
+
+
+def _w(layer: int, linear: str, kind: str = "weight") -> str:
+    return f"layers.{layer}.{linear}.{kind}"
+
+
+def _shape(s: FaultSetup):
+    return s.ws().model
+
+
+def _qkv_rotary(s: FaultSetup, layer: int, fn) -> None:
+    """Re-apply or undo the rotary permutation on the q/k columns of a fused w_qkv weight."""
+    m = _shape(s)
+    q, k = m.head_num * m.size_per_head, m.kv_head_num * m.size_per_head
+
+    def edit(w):
+        wq, wk, wv = torch.split(w, [q, k, k], dim=-1)
+        return torch.cat([fn(wq, m.size_per_head), fn(wk, m.size_per_head), wv], dim=-1)
+
+    s.edit(_w(layer, "attention.w_qkv"), edit)
+
+
+def _wrong_head_dim(s: FaultSetup) -> None:
+    """Re-pack layer 0's w_qkv as a converter with head_dim 64 would (it hard-codes 128 upstream)."""
+    m = _shape(s)
+    H, KV, D = m.head_num, m.kv_head_num, m.size_per_head
+
+    def edit(w):
+        hf = tm_qkv_cols_to_hf(w, H, KV, D)
+        return hf_qkv_cols_to_tm(hf, H * 2, KV * 2, D // 2)
+
+    s.edit(_w(0, "attention.w_qkv"), edit)
+
+
+def _swap(s: FaultSetup, a: str, b: str) -> None:
+    ta, tb = s.read(a), s.read(b)
+    s.write(a, tb)
+    s.write(b, ta)
+
+
+def _copy(s: FaultSetup, src: str, dst: str) -> None:
+    s.write(dst, s.read(src))
+
+
+def _nan_at(s: FaultSetup, name: str) -> None:
+    def edit(w):
+        w = w.clone()
+        w.reshape(-1)[7] = float("nan")
+        return w
+    s.edit(name, edit)
+
+
+def _set(section: str, key: str, value) -> Callable[[FaultSetup], None]:
+    def apply(s: FaultSetup) -> None:
+        s.config(lambda c: c[section].__setitem__(key, value))
+    return apply
+
+
+def _heads(s: FaultSetup) -> None:
+    """Head count and head size mis-derived, with every file size unchanged (2 x 256 instead of 4 x 128)."""
+    def edit(c):
+        m = c["model_config"]
+        m["head_num"], m["kv_head_num"], m["size_per_head"] = m["head_num"] // 2, m["kv_head_num"] // 2, m["size_per_head"] * 2
+    s.config(edit)
+
+
+def _options(**kw) -> Callable[[FaultSetup], None]:
+    def apply(s: FaultSetup) -> None:
+        s.options.update(kw)
+    return apply
+
+
+def _engine_call(fn: Callable[[EngineCall], EngineCall]) -> Callable[[FaultSetup], None]:
+    return _options(mutate_engine_call=lambda case, call: fn(call))
+
+
+def _ranges(fn) -> Callable[[FaultSetup], None]:
+    return _engine_call(lambda c: replace(c, **fn(list(c.input_embedding_ranges), list(c.input_embeddings))))
+
+
+def _noisy_features(call: EngineCall) -> EngineCall:
+    g = torch.Generator().manual_seed(0)
+    embs = [e + 0.05 * e.std() * torch.randn(e.shape, generator=g) for e in call.input_embeddings]
+    return replace(call, input_embeddings=embs)
+
+
+CATALOGUE: tuple[Fault, ...] = (
+    # --- weights
+    Fault("linear_from_wrong_layer", "weights", "layer 1's w3 holds layer 0's w3",
+          Expected(1, "feed_forward.w3", "all", "weight_mismatch"),
+          lambda s: _copy(s, _w(0, "feed_forward.w3"), _w(1, "feed_forward.w3"))),
+    Fault("linears_swapped", "weights", "layer 2's w1 and w3 swapped",
+          Expected(2, "feed_forward.w1", "all", "weight_mismatch"),
+          lambda s: _swap(s, _w(2, "feed_forward.w1"), _w(2, "feed_forward.w3"))),
+    Fault("transpose_forgotten", "weights", "layer 1's wo stored [out, in] (square, so sizes still match)",
+          Expected(1, "attention.wo", "all", "weight_mismatch"),
+          lambda s: s.edit(_w(1, "attention.wo"), lambda w: w.t().contiguous())),
+    Fault("rotary_order_not_applied", "weights", "layer 0's q/k columns left in rotate-half order",
+          Expected(0, "attention.wqkv", "all", "weight_mismatch"),
+          lambda s: _qkv_rotary(s, 0, pairs_to_rotary)),
+    Fault("rotary_order_applied_twice", "weights", "layer 2's q/k columns permuted twice",
+          Expected(2, "attention.wqkv", "all", "weight_mismatch"),
+          lambda s: _qkv_rotary(s, 2, rotary_to_pairs)),
+    Fault("wqkv_split_wrong_head_dim", "weights", "layer 0's grouped wqkv split with head_dim 64",
+          Expected(0, "attention.wqkv", "all", "weight_mismatch"), _wrong_head_dim),
+    Fault("plora_a_zeroed", "weights", "layer 1's wo lora_a all zeros",
+          Expected(1, "attention.wo", "image", "weight_mismatch"),
+          lambda s: s.edit(_w(1, "attention.wo", "lora_a.weight"), torch.zeros_like)),
+    Fault("plora_b_zeroed", "weights", "layer 0's w2 lora_b all zeros",
+          Expected(0, "feed_forward.w2", "image", "weight_mismatch"),
+          lambda s: s.edit(_w(0, "feed_forward.w2", "lora_b.weight"), torch.zeros_like)),
+    Fault("plora_b_scaled", "weights", "layer 2's w1 lora_b scaled by 2",
+          Expected(2, "feed_forward.w1", "image", "weight_mismatch"),
+          lambda s: s.edit(_w(2, "feed_forward.w1", "lora_b.weight"), lambda w: w * 2)),
+    Fault("plora_b_from_other_linear", "weights", "layer 0's w1 lora_b taken from w3",
+          Expected(0, "feed_forward.w1", "image", "weight_mismatch"),
+          lambda s: _copy(s, _w(0, "feed_forward.w3", "lora_b.weight"), _w(0, "feed_forward.w1", "lora_b.weight"))),
+    Fault("norm_from_wrong_place", "weights", "layer 1's ffn_norm holds its attention_norm",
+          Expected(1, "ffn_norm", "all", "weight_mismatch"),
+          lambda s: _copy(s, "layers.1.attention_norm.weight", "layers.1.ffn_norm.weight")),
+    Fault("token_embeddings_shifted", "weights", "tok_embeddings rows shifted by one id",
+          Expected(None, "embeddings", "text", "weight_mismatch"),
+          lambda s: s.edit("tok_embeddings.weight", lambda w: torch.roll(w, 1, dims=0))),
+    # --- configuration
+    Fault("lora_scale_all", "config", "lora_scale 2.0 for every linear (model: 1.0)",
+          Expected(0, "attention.wqkv", "image", "lora_scale_mismatch"), _set("lora_config", "lora_scale", 2.0)),
+    Fault("lora_scale_one_linear", "config", "scale pattern halves layer 1's w2",
+          Expected(1, "feed_forward.w2", "image", "lora_scale_mismatch"),
+          _set("lora_config", "lora_scale_pattern", r"layers\.1\.feed_forward\.w2:0.5")),
+    Fault("lora_rank_one_linear", "config", "rank pattern gives w3 rank 128 (files hold 256)",
+          Expected(0, "feed_forward.w3", "image", "lora_rank_mismatch"),
+          _set("lora_config", "lora_rank_pattern", "feed_forward.w3:128")),
+    Fault("lora_rank_all", "config", "lora_r 128 for every linear (files hold 256)",
+          Expected(0, "attention.wqkv", "image", "lora_rank_mismatch"), _set("lora_config", "lora_r", 128)),
+    Fault("lora_pattern_does_not_match", "config",
+          "4KHD patterns spelled 'attention.wqkv' instead of TurboMind's 'attention.w_qkv': wqkv falls back to r=256",
+          Expected(0, "attention.wqkv", "image", "lora_rank_mismatch"),
+          lambda s: s.config(lambda c: c["lora_config"].update(
+              lora_rank_pattern="attention.wqkv:8,attention.wo:256",
+              lora_scale_pattern="attention.wqkv:2.0,attention.wo:1.0")),
+          model="xcomposer2-4khd-tiny"),
+    Fault("lora_policy_missing", "config", "lora_policy empty: no PLoRA at all",
+          Expected(0, "attention.wqkv", "image", "lora_not_applied"), _set("lora_config", "lora_policy", "")),
+    Fault("norm_eps", "config", "norm_eps 1e-2 (model: 1e-5)",
+          Expected(0, "attention_norm", "all", "config_mismatch"), _set("model_config", "norm_eps", 1e-2)),
+    Fault("rope_base", "config", "rope_theta 10000 (model: 1e6)",
+          Expected(0, "attention", "all", "config_mismatch"), _set("attention_config", "rope_theta", 10000.0)),
+    Fault("head_counts", "config", "2 heads of 256 instead of 4 of 128 (same bytes): the fused qkv is read wrongly",
+          Expected(0, "attention.wqkv", "all", "config_mismatch"), _heads),
+    # --- mask and inputs
+    Fault("ranges_shifted_by_one", "inputs", "every embedding range one row later",
+          Expected(None, "embeddings", "all", "im_mask_mismatch"),
+          _ranges(lambda r, e: {"input_embedding_ranges": [(b + 1, x + 1) for b, x in r]})),
+    Fault("ranges_overlapping", "inputs", "the second image's range starts inside the first",
+          Expected(None, "embeddings", "image", "embeddings_skipped"),
+          _ranges(lambda r, e: {"input_embedding_ranges": [r[0], (r[0][1] - 2, r[0][1] - 2 + r[1][1] - r[1][0])]})),
+    Fault("ranges_unsorted", "inputs", "the two images' ranges given in reverse order",
+          Expected(None, "embeddings", "image", "embeddings_skipped"),
+          _ranges(lambda r, e: {"input_embedding_ranges": r[::-1], "input_embeddings": e[::-1]})),
+    Fault("ranges_past_end", "inputs", "the last range runs past the prompt",
+          Expected(None, "embeddings", "image", "embeddings_skipped"),
+          _ranges(lambda r, e: {"input_embedding_ranges": r[:-1] + [(r[-1][0] + 100, r[-1][1] + 100)]})),
+    Fault("bos_policy_mismatch", "inputs", "HF side: BOS on every text part; engine: BOS first only",
+          Expected(None, "embeddings", "text", "input_mismatch"),
+          _options(mutate_hf_bos="every_text")),
+    Fault("image_features_differ", "inputs", "the engine receives slightly different image features",
+          Expected(None, "embeddings", "image", "input_mismatch"), _engine_call(_noisy_features)),
+    # --- version semantics
+    Fault("runtime_ignores_plora", "version", "lmdeploy 0.8.0 runtime (drops LoRA weights silently)",
+          Expected(0, "attention.wqkv", "image", "lora_not_applied"), _options(lmdeploy_version="0.8.0")),
+    Fault("runtime_skips_plora_073", "version", "lmdeploy 0.7.3 runtime (mask buffer never allocated)",
+          Expected(0, "attention.wqkv", "image", "lora_not_applied"), _options(lmdeploy_version="0.7.3")),
+    Fault("workspace_served_without_lora", "version", "served from the workspace: LoRA never loaded",
+          Expected(0, "attention.wqkv", "image", "lora_not_applied"), _options(serve_from="workspace")),
+    # --- numerics
+    Fault("nonfinite_weight", "numerics", "one NaN in layer 1's w2 weight",
+          Expected(1, "feed_forward.w2", "all", "nonfinite"), lambda s: _nan_at(s, _w(1, "feed_forward.w2"))),
+)
+
+
+def catalogue_cases(images: Path) -> list[CanonicalInput]:
+    """Two images with text around them: enough rows of every class for every fault."""
+    imgs = sorted(Path(images).glob("*.png"))[:2]
+    return [CanonicalInput("two-images", (
+        Segment("text", text="[UNUSED_TOKEN_146]user\nCompare "),
+        Segment("image", image=imgs[0]),
+        Segment("text", text=" with "),
+        Segment("image", image=imgs[1]),
+        Segment("text", text=" please.[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]assistant\n"),
+    ))]
+
+
+@dataclass
+class FaultResult:
+    fault: Fault
+    got: Expected | None
+    status: str
+    seconds: float
+    error_findings: int
+
+    @property
+    def detected(self) -> bool:
+        return self.got == self.fault.expected
+
+
+def run_fault(fault: Fault, models: dict[str, Path], workspaces: dict[str, Path], sessions: dict, cache: Path,
+              numeric: str = "fp32") -> FaultResult:
+    from .fixtures import IMAGES_DIR
+    from .pipeline import RunOptions, run_parity
+
+    t = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f"parity-fault-{fault.name}-"))
+    try:
+        ws = tmp / "ws"
+        shutil.copytree(workspaces[fault.model], ws, symlinks=True)
+        setup = FaultSetup(ws)
+        fault.apply(setup)
+        opts = dict(setup.options)
+        bos = opts.pop("mutate_hf_bos", None)
+        cases = catalogue_cases(IMAGES_DIR)
+        run_opts = RunOptions(model=models[fault.model], workspace=ws, trust_remote_code=True, cases=cases,
+                              numeric=numeric, cache_dir=cache, session=sessions[fault.model], **opts)
+        if bos:
+            from .inputs import prepare
+
+            ref = sessions[fault.model].ref
+            run_opts.mutate_hf_prepared = lambda p: prepare(
+                replace(cases[0], bos_policy=bos), ref.tokenize, ref.embed_tokens, ref.encode_image, ref.bos_id,
+                ref.decode)
+        report = run_parity(run_opts)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    d = report.first_divergence
+    got = Expected(d.layer, d.module, d.positions, d.cause) if d else None
+    return FaultResult(fault, got, report.status, time.perf_counter() - t, len(report.errors()))
+
+
+def run_catalogue(cache: Path = Path(".cache"), names: list[str] | None = None,
+                  numeric: str = "fp32") -> list[FaultResult]:
+    from .deploy.convert import convert_cached
+    from .fixtures import ensure
+    from .reference.session import ReferenceSession
+
+    models = ensure(cache / "fixtures")
+    faults = [f for f in CATALOGUE if names is None or f.name in names]
+    wanted = sorted({f.model for f in faults})
+    workspaces = {m: convert_cached(models[m], cache / "workspaces") for m in wanted}
+    sessions = {m: ReferenceSession(models[m], trust_remote_code=True) for m in wanted}
+    try:
+        return [run_fault(f, models, workspaces, sessions, cache, numeric) for f in faults]
+    finally:
+        for s in sessions.values():
+            s.close()
