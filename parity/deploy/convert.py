@@ -421,7 +421,12 @@ def convert(model_dir: str | Path, out_dir: str | Path, tp: int = 1, lora_config
         if expected_sub is not None and sub_type != expected_sub:
             with _captured(log, []):
                 reason = _import_failure(model_dir, entry)  # type: ignore[arg-type]
-            if expected_sub == "4khd":
+            if expected_sub == "4khd" and override is not None:
+                consequence = (
+                    "so lmdeploy chose the 7b LoRA settings; the lora_config override given to parity replaced them "
+                    f"and the workspace has {lora_written}"
+                )
+            elif expected_sub == "4khd":
                 consequence = (
                     f"so the 4KHD LoRA settings were NOT used: the workspace has lora_config {lora_written} "
                     "(4KHD needs lora_rank_pattern 'attention.w_qkv:8,attention.wo:256' and lora_scale_pattern "
