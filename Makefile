@@ -41,5 +41,9 @@ parity: setup
 	@if [ "$(MODEL)" = "$(DEFAULT_MODEL)" ]; then $(BIN)/parity fixtures --out $(FIXTURES) >/dev/null; fi
 	$(BIN)/parity run $(MODEL) $(TRUST_FLAG) --out $(OUT) $(ARGS)
 
+faults: setup
+	$(BIN)/parity faults --json reports/faults.json
+	$(BIN)/parity faults --numeric emulate --json reports/faults-emulate.json
+
 clean:
 	rm -rf .cache reports/*/ build *.egg-info

@@ -33,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", type=Path, required=True, help="workspace folder to write")
     c.add_argument("--tp", type=int, default=1)
 
+    fl = sub.add_parser("faults", help="run the fault catalogue: every named fault must get its expected verdict")
+    fl.add_argument("--numeric", choices=["fp32", "emulate"], default="fp32")
+    fl.add_argument("--only", nargs="*", help="fault names to run (default: all)")
+    fl.add_argument("--cache-dir", type=Path, default=Path(".cache"))
+    fl.add_argument("--json", type=Path, help="also write the table as JSON")
+
     r = sub.add_parser("run", help="compare the HF reference with the deployment, layer by layer")
     _common_model(r)
     r.add_argument("--workspace", type=Path, help="converted workspace (default: convert into the cache)")
@@ -76,6 +82,44 @@ def _run(a: argparse.Namespace) -> int:
     return 0 if report.status == "pass" else 1
 
 
+def _faults(a: argparse.Namespace) -> int:
+    import json
+
+    from rich.table import Table
+
+    from .faults import CATALOGUE, run_catalogue
+
+    unknown = sorted(set(a.only or []) - {f.name for f in CATALOGUE})
+    if unknown:
+        raise ParityInputError(f"Unknown fault(s) {', '.join(unknown)}; `parity faults` lists the catalogue.")
+    results = run_catalogue(a.cache_dir, names=a.only or None, numeric=a.numeric)
+
+    def fmt(e) -> str:
+        if e is None:
+            return "pass (nothing found)"
+        where = f"layer {e.layer}" if e.layer is not None else "—"
+        return f"{where} · {e.module} · {e.positions} · {e.cause}"
+
+    table = Table(title=f"Fault catalogue ({a.numeric})", show_lines=False)
+    for col in ("fault", "kind", "expected", "got", ""):
+        table.add_column(col)
+    for r in results:
+        table.add_row(r.fault.name, r.fault.kind, fmt(r.fault.expected), fmt(r.got),
+                      "[green]✓[/]" if r.detected else "[red]✗[/]")
+    console = Console(highlight=False)
+    console.print(table)
+    hits = sum(r.detected for r in results)
+    console.print(f"detection rate: {hits}/{len(results)} = {hits / max(len(results), 1):.0%} "
+                  f"({sum(r.seconds for r in results):.1f} s)")
+    if a.json:
+        rows = [{"fault": r.fault.name, "kind": r.fault.kind, "expected": r.fault.expected.__dict__,
+                 "got": r.got.__dict__ if r.got else None, "detected": r.detected} for r in results]
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps({"numeric": a.numeric, "detected": hits, "total": len(results), "rows": rows},
+                                     indent=1))
+    return 0 if hits == len(results) else 1
+
+
 def _check_writable(out: Path) -> None:
     """Fail before any work if the report folder cannot be written."""
     probe = out
@@ -104,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             for w in rec.warnings:
                 err.print(f"[yellow]warning:[/] {w}")
             return 0
+        if args.command == "faults":
+            return _faults(args)
         return _run(args)
     except ParityInputError as e:
         err.print(f"[bold red]parity: error:[/] {e}", soft_wrap=True)

@@ -16,7 +16,7 @@ class EngineUnavailable(ParityInputError):
     """The requested engine cannot run on this machine (e.g. TurboMind without CUDA)."""
 
 
-class EngineRefused(Exception):
+class EngineRefused(ValueError):
     """The engine would refuse this workspace at load time (TurboMind fails loudly, e.g. on LoRA byte sizes).
 
     Not bad user input: it is a finding about the conversion, reported in the verdict.

@@ -1,0 +1,366 @@
+"""Truncated and LoRA-free copies of an HF XComposer2 model folder, for per-layer values from a live engine.
+
+TurboMind exposes only the final hidden state (after the final RMSNorm) and the logits. To read "layer k"
+out of a live deployment we deploy a copy of the model that *ends* after k decoder layers: its
+`last_hidden_state` is then `norm(hidden_k)` (turbomind-plora.md, section 6). A copy keeps:
+
+* `config.json` with `num_hidden_layers = k` (everything else unchanged);
+* the weights without the tensors of decoder layers >= k (`model.layers.{i}.` with i >= k; lmdeploy 0.7.x
+  raises on extra layers). Weight shards with nothing to drop are symlinked, the others rewritten; a
+  sharded checkpoint gets a rewritten index that lists only the kept tensors (lmdeploy's loader counts
+  per-layer tensors from it);
+* every other file (remote code, tokenizer, generation config): small files copied, big ones symlinked.
+
+The `"nolora"` variant also drops every `Plora_A`/`Plora_B` tensor and writes `parity_lora_config.json`
+(`{"lora_policy": ""}`): the lora_config override that makes lmdeploy's converter write `lora_policy: ''`
+(see `lora_override(folder)`; `parity.deploy.convert.convert(..., lora_config=...)` and the live engine both
+apply it). Stripping the tensors alone is not enough: lmdeploy's xcomposer2 reader hard-codes
+`lora_policy='plora'`, so TurboMind would allocate LoRA buffers and leave them uninitialised.
+
+Copies are cached under a folder, keyed by the source's fingerprint (file names, sizes, mtimes), k and
+the variant, written atomically (temp folder + rename). `TruncatedModels` is a context manager; its
+`cleanup()` removes the copies it handed out (unless `keep=True`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+import torch
+
+from ..errors import ParityInputError
+
+Variant = Literal["lora", "nolora"]
+VARIANTS: tuple[str, ...] = ("lora", "nolora")
+
+LORA_OVERRIDE_NAME = "parity_lora_config.json"
+MARKER_NAME = "parity_truncation.json"
+NOLORA_OVERRIDE: dict[str, Any] = {"lora_policy": ""}
+# Bump when what a copy contains changes: part of the cache key.
+TRUNCATE_PROCEDURE_VERSION = "1"
+
+# XComposer2's language-model layers (the HF names lmdeploy's xcomposer2 reader expects).
+LAYER_KEY_RE = re.compile(r"^model\.layers\.(\d+)\.")
+# lmdeploy's own per-layer pattern (InternLM2Reader.attn_layer_patten), searched anywhere in a key.
+LMDEPLOY_LAYER_RE = re.compile(r"model.layers.([0-9]+).")
+PLORA_RE = re.compile(r"\.Plora_[AB]\.")
+SMALL_FILE = 1 << 20  # files at most this big are copied, bigger ones symlinked
+
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def lora_override(model_dir: str | Path) -> dict[str, Any] | None:
+    """The lora_config override a folder asks for (`parity_lora_config.json`), or None."""
+    path = Path(model_dir) / LORA_OVERRIDE_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ParityInputError(f"{path} is not valid JSON ({e}); expected a lora_config mapping such as "
+                               f"{json.dumps(NOLORA_OVERRIDE)}.") from None
+    if not isinstance(data, dict):
+        raise ParityInputError(f"{path} must hold a JSON object (a lora_config mapping), got {type(data).__name__}.")
+    return data
+
+
+def fingerprint(model_dir: str | Path) -> str:
+    """Hash of the folder's file names, sizes and mtimes (symlinks followed)."""
+    model_dir = Path(model_dir)
+    h = hashlib.sha256()
+    for p in sorted(model_dir.rglob("*")):
+        if "__pycache__" in p.parts or not p.is_file():
+            continue
+        st = p.stat()
+        h.update(f"{p.relative_to(model_dir)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    h.update(TRUNCATE_PROCEDURE_VERSION.encode())
+    return h.hexdigest()[:16]
+
+
+def _read_config(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "config.json"
+    if not model_dir.is_dir():
+        raise ParityInputError(f"Model folder {model_dir} does not exist; expected an HF model folder with config.json.")
+    if not path.is_file():
+        raise ParityInputError(f"Model folder {model_dir} has no config.json; expected an HF model folder.")
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ParityInputError(f"{path} is not valid JSON ({e}).") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("num_hidden_layers"), int) or cfg["num_hidden_layers"] < 1:
+        raise ParityInputError(f"{path}: 'num_hidden_layers' must be a positive integer to truncate the model.")
+    return cfg
+
+
+def num_layers(model_dir: str | Path) -> int:
+    return int(_read_config(Path(model_dir))["num_hidden_layers"])
+
+
+@dataclass
+class _Weights:
+    kind: Literal["safetensors", "bin"]
+    shards: list[Path]
+    index: Path | None
+
+
+def _weights(model_dir: Path) -> _Weights:
+    """The weight files the way lmdeploy's `create_loader` and transformers find them."""
+    if (model_dir / SAFE_INDEX).is_file():
+        return _Weights("safetensors", _index_shards(model_dir, SAFE_INDEX), model_dir / SAFE_INDEX)
+    st = sorted(model_dir.glob("*.safetensors"))
+    if st:
+        return _Weights("safetensors", st, None)
+    if (model_dir / BIN_INDEX).is_file():
+        return _Weights("bin", _index_shards(model_dir, BIN_INDEX), model_dir / BIN_INDEX)
+    bins = sorted(model_dir.glob("pytorch_model*.bin")) or sorted(model_dir.glob("*.bin")) + sorted(model_dir.glob("*.pt"))
+    if bins:
+        return _Weights("bin", bins, None)
+    raise ParityInputError(
+        f"Model folder {model_dir} has no weight files; expected model*.safetensors (optionally with "
+        f"{SAFE_INDEX}) or pytorch_model*.bin."
+    )
+
+
+def _index_shards(model_dir: Path, name: str) -> list[Path]:
+    path = model_dir / name
+    try:
+        wm = json.loads(path.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ParityInputError(f"{path} is not a valid weight index ({type(e).__name__}: {e}); expected "
+                               "{'weight_map': {tensor: shard file}}.") from None
+    shards = sorted({model_dir / f for f in wm.values()})
+    missing = [s.name for s in shards if not s.is_file()]
+    if missing:
+        raise ParityInputError(f"{path} names shard files that do not exist: {', '.join(missing)}.")
+    return shards
+
+
+def _shard_keys(path: Path, kind: str) -> list[str]:
+    if kind == "safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            return list(f.keys())
+    return list(_load_bin(path).keys())
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+    except Exception:  # legacy (non-zip) files cannot be memory-mapped
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+def drop_key(key: str, keep_layers: int, variant: str) -> bool:
+    """Whether a tensor is left out of a copy that keeps `keep_layers` decoder layers."""
+    m = LAYER_KEY_RE.match(key)
+    if m and int(m.group(1)) >= keep_layers:
+        return True
+    return variant == "nolora" and bool(PLORA_RE.search(key))
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    real = src.resolve()
+    if real.is_dir():
+        os.symlink(real, dst, target_is_directory=True)
+    elif real.stat().st_size <= SMALL_FILE:
+        shutil.copy2(real, dst)
+    else:
+        os.symlink(real, dst)
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+
+def write_truncated(source: str | Path, dest: str | Path, keep_layers: int, variant: str = "lora") -> dict[str, Any]:
+    """Write a copy of `source` into `dest` (which must not exist) keeping `keep_layers` decoder layers.
+
+    Returns the marker written to `dest/parity_truncation.json`.
+    """
+    source, dest = Path(source).resolve(), Path(dest)
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    cfg = _read_config(source)
+    total = int(cfg["num_hidden_layers"])
+    if not isinstance(keep_layers, int) or isinstance(keep_layers, bool) or not 1 <= keep_layers <= total:
+        raise ParityInputError(
+            f"Cannot keep {keep_layers!r} layers of {source}: its config.json has num_hidden_layers={total}; "
+            f"expected 1 <= k <= {total}."
+        )
+    w = _weights(source)
+    dest.mkdir(parents=True)
+    weight_names = {s.name for s in w.shards} | ({w.index.name} if w.index else set())
+    for p in sorted(source.iterdir()):
+        if p.name in weight_names or p.name in ("config.json", LORA_OVERRIDE_NAME, MARKER_NAME, "__pycache__"):
+            continue
+        if p.name.startswith(("pytorch_model", "model")) and p.name.endswith((".bin", ".safetensors", ".index.json")):
+            continue  # the language model's weights in another format: they would hold the dropped layers
+        _link_or_copy(p, dest / p.name)
+
+    new_cfg = dict(cfg)
+    new_cfg["num_hidden_layers"] = keep_layers
+    (dest / "config.json").write_text(json.dumps(new_cfg, indent=2, sort_keys=True) + "\n")
+
+    weight_map: dict[str, str] = {}
+    dropped = kept = 0
+    layers_seen: set[int] = set()
+    for shard in w.shards:
+        keys = _shard_keys(shard, w.kind)
+        keep = [k for k in keys if not drop_key(k, keep_layers, variant)]
+        for k in keys:
+            m = LAYER_KEY_RE.match(k)
+            if m:
+                layers_seen.add(int(m.group(1)))
+        dropped += len(keys) - len(keep)
+        kept += len(keep)
+        for k in keep:
+            loose = LMDEPLOY_LAYER_RE.findall(k)
+            if loose and int(loose[0]) >= keep_layers:
+                raise ParityInputError(
+                    f"{shard}: tensor {k!r} looks like decoder layer {loose[0]} to lmdeploy's loader (pattern "
+                    f"'model.layers.N.') but is not an XComposer2 language-model layer ('model.layers.N.' at the "
+                    "start of the name); parity cannot truncate this checkpoint safely."
+                )
+        if not keep:
+            continue
+        for k in keep:
+            weight_map[k] = shard.name
+        if len(keep) == len(keys):
+            os.symlink(shard.resolve(), dest / shard.name)
+        elif w.kind == "safetensors":
+            _write_safetensors_subset(shard, dest / shard.name, keep)
+        else:
+            _write_bin_subset(shard, dest / shard.name, keep)
+    if layers_seen and max(layers_seen) + 1 != total:
+        raise ParityInputError(
+            f"{source}: config.json has num_hidden_layers={total} but the weights hold decoder layers "
+            f"0..{max(layers_seen)}; fix the config before truncating."
+        )
+    if w.index is not None:
+        meta = json.loads(w.index.read_text()).get("metadata", {})
+        (dest / w.index.name).write_text(json.dumps({"metadata": dict(meta), "weight_map": dict(sorted(weight_map.items()))},
+                                                    indent=2) + "\n")
+    if variant == "nolora":
+        (dest / LORA_OVERRIDE_NAME).write_text(json.dumps(NOLORA_OVERRIDE) + "\n")
+    marker = {"source": str(source), "keep_layers": keep_layers, "source_layers": total, "variant": variant,
+              "tensors_kept": kept, "tensors_dropped": dropped, "procedure": TRUNCATE_PROCEDURE_VERSION}
+    (dest / MARKER_NAME).write_text(json.dumps(marker, indent=1, sort_keys=True) + "\n")
+    return marker
+
+
+def _write_safetensors_subset(src: Path, dst: Path, keys: Iterable[str]) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), "pt") as f:
+        meta = f.metadata() or {"format": "pt"}
+        tensors = {k: f.get_tensor(k) for k in keys}
+    save_file(tensors, str(dst), metadata=meta)
+
+
+def _write_bin_subset(src: Path, dst: Path, keys: Iterable[str]) -> None:
+    sd = _load_bin(src)
+    out = {}
+    for k in keys:
+        t = sd[k]
+        # a view into a bigger storage would save the whole storage: keep only what is needed
+        out[k] = t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t
+    torch.save(out, str(dst))
+
+
+# ------------------------------------------------------------------------------------------- cache
+
+
+class TruncatedModels:
+    """Cached truncated / LoRA-free copies of one source model folder.
+
+    `get(k, variant)` returns a folder whose model ends after k decoder layers (k = None: all layers). The
+    full model with LoRA is the source folder itself (no copy). Copies live under `cache_root` named
+    `<source name>-<fingerprint>-k<k>-<variant>`; a changed source gets new names. `cleanup()` (also on
+    leaving the `with` block) removes the copies this object handed out, unless `keep=True`.
+    """
+
+    def __init__(self, source: str | Path, cache_root: str | Path, keep: bool = False):
+        self.source = Path(source).resolve()
+        self.layers = num_layers(self.source)
+        self.cache_root = Path(cache_root).resolve()
+        self.keep = keep
+        self.fingerprint = fingerprint(self.source)
+        self.created: list[Path] = []  # written by this object
+        self.used: list[Path] = []     # handed out (written or found in the cache)
+
+    def path_for(self, k: int, variant: str = "lora") -> Path:
+        return self.cache_root / f"{self.source.name}-{self.fingerprint}-k{k:03d}-{variant}"
+
+    def get(self, k: int | None = None, variant: str = "lora") -> Path:
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        k = self.layers if k is None else k
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.layers:
+            raise ParityInputError(
+                f"Cannot keep {k!r} layers of {self.source}: it has {self.layers} decoder layers; expected "
+                f"1 <= k <= {self.layers}."
+            )
+        if k == self.layers and variant == "lora":
+            return self.source
+        dest = self.path_for(k, variant)
+        if not (dest / MARKER_NAME).is_file():
+            self.cache_root.mkdir(parents=True, exist_ok=True)
+            tmp = self.cache_root / f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+            try:
+                write_truncated(self.source, tmp, k, variant)
+                if dest.exists():  # a half folder without marker, or a concurrent writer finished first
+                    if (dest / MARKER_NAME).is_file():
+                        shutil.rmtree(tmp, ignore_errors=True)
+                    else:
+                        shutil.rmtree(dest, ignore_errors=True)
+                        os.rename(tmp, dest)
+                else:
+                    os.rename(tmp, dest)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+            self.created.append(dest)
+        if dest not in self.used:
+            self.used.append(dest)
+        return dest
+
+    def prune_stale(self) -> list[Path]:
+        """Remove cached copies of this source made from other versions of it (another fingerprint)."""
+        removed = []
+        if not self.cache_root.is_dir():
+            return removed
+        pat = re.compile(rf"^{re.escape(self.source.name)}-([0-9a-f]{{16}})-k\d+-(?:{'|'.join(VARIANTS)})$")
+        for p in self.cache_root.iterdir():
+            m = pat.match(p.name)
+            if m and m.group(1) != self.fingerprint and (p / MARKER_NAME).is_file():
+                if json.loads((p / MARKER_NAME).read_text()).get("source") == str(self.source):
+                    shutil.rmtree(p, ignore_errors=True)
+                    removed.append(p)
+        return removed
+
+    def cleanup(self) -> None:
+        if self.keep:
+            return
+        for p in self.used:
+            shutil.rmtree(p, ignore_errors=True)
+        self.used.clear()
+        self.created.clear()
+
+    def __enter__(self) -> "TruncatedModels":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cleanup()
