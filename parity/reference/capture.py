@@ -4,6 +4,12 @@ Values are cloned at capture time (an in-place op later in the forward must not 
 recorded). For each PLoRA linear the hook records its input, the base output `x @ W.T (+ b)`, the LoRA
 delta exactly as the model added it (taken from `Plora_B`'s output times the scaling, placed on the rows
 of the mask it received) and that mask.
+
+Separate q/k/v projections (Qwen2 PLoRA models; the anatomy's `FusedQKV`) are hooked one by one; when the
+third has run, their outputs, bases and deltas are joined into XComposer2's grouped `attention.wqkv`
+columns (`parity.deploy.layout.join_grouped_qkv`) and recorded as that one canonical point. Its `meta.plora`
+is the fused linear's: rank r_q + r_k + r_v, scale 1.0 (the scales live in the fused B, as a faithful
+conversion writes them).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..deploy.layout import join_grouped_qkv
 from ..points import plora_key
 from ..records import HFCall
 from ..trace import Trace, TraceMeta, TraceWriter
@@ -39,6 +46,7 @@ class _Recorder:
         self.current: dict[str, torch.Tensor] = {}
         self.b_out: dict[tuple[int, str], torch.Tensor] = {}
         self.plora: dict[str, dict[str, dict[str, float]]] = {}
+        self.pending: dict[tuple[int, str], dict[str, tuple]] = {}  # fused linears: part -> recorded values
 
     def put(self, key: str, value: torch.Tensor) -> None:
         self.current[key] = _rows(value).to(self.store)
@@ -53,8 +61,14 @@ class _Recorder:
             for name, norm in a.norms[i].items():
                 hooks.append(norm.register_forward_hook(self._plain(name)))
             for point, lin in a.linears.get(i, {}).items():
-                hooks.append(lin.module.Plora_B.register_forward_hook(self._b_output(i, point)))
-                hooks.append(lin.module.register_forward_hook(self._linear(i, point, lin), with_kwargs=True))
+                if getattr(lin, "fused", False):
+                    for part, mod in lin.module.parts.items():
+                        key = f"{point}/{part}"
+                        hooks.append(mod.Plora_B.register_forward_hook(self._b_output(i, key)))
+                        hooks.append(mod.register_forward_hook(self._part(i, point, part, lin), with_kwargs=True))
+                else:
+                    hooks.append(lin.module.Plora_B.register_forward_hook(self._b_output(i, point)))
+                    hooks.append(lin.module.register_forward_hook(self._linear(i, point, lin), with_kwargs=True))
                 self.plora.setdefault(str(i), {})[point] = {"rank": lin.rank, "scale": lin.scale}
         hooks.append(a.final_norm.register_forward_hook(lambda m, i, o: self.writer.post("norm", _rows(o).to(self.store))))
         hooks.append(a.lm_head.register_forward_hook(lambda m, i, o: self.writer.post("output", _rows(o).to(self.store))))
@@ -71,30 +85,57 @@ class _Recorder:
             self.b_out[(layer, point)] = output.detach().reshape(-1, output.shape[-1]).clone()
         return hook
 
+    def _values(self, module, args, kwargs, output, b_key, scale):
+        """(input rows, output rows, base rows, delta rows, flat mask) of one PLoRA call."""
+        x = args[0]
+        mask = args[1] if len(args) > 1 else kwargs.get("im_mask")
+        rows = _rows(x)
+        base = _rows(F.linear(x, module.weight, module.bias))
+        out = _rows(output)
+        delta = torch.zeros_like(out)
+        flat_mask = torch.zeros(rows.shape[0], dtype=torch.bool)
+        b = self.b_out.pop(b_key, None)
+        if mask is not None:
+            flat_mask = mask.reshape(-1).bool().cpu()
+            if b is not None:
+                if flat_mask.any():
+                    delta[flat_mask] = b * scale
+                else:  # upstream's all-False branch: one row of B(A(x)) * 0 added to row 0
+                    delta[0] = b[0] * 0
+        return rows, out, base, delta, flat_mask
+
+    def _record(self, point: str, rows, out, base, delta, flat_mask) -> None:
+        self.put(point, out)
+        self.put(plora_key(point, "input"), rows)
+        self.put(plora_key(point, "base"), base)
+        self.put(plora_key(point, "delta"), delta)
+        self.current[plora_key(point, "mask")] = flat_mask.to(torch.uint8)
+
     def _linear(self, layer: int, point: str, lin):
         def hook(module, args, kwargs, output):
-            x = args[0]
-            mask = args[1] if len(args) > 1 else kwargs.get("im_mask")
-            rows = _rows(x)
-            base = F.linear(x, module.weight, module.bias)
-            out = _rows(output)
-            delta = torch.zeros_like(out)
-            flat_mask = torch.zeros(rows.shape[0], dtype=torch.bool)
-            b = self.b_out.pop((layer, point), None)
-            if mask is not None:
-                flat_mask = mask.reshape(-1).bool().cpu()
-                if b is not None:
-                    if flat_mask.any():
-                        delta[flat_mask] = b * lin.scale
-                    else:  # upstream's all-False branch: one row of B(A(x)) * 0 added to row 0
-                        delta[0] = b[0] * 0
+            rows, out, base, delta, flat_mask = self._values(module, args, kwargs, output, (layer, point), lin.scale)
             if point == "attention.wo":
-                self.put("attention", x)
-            self.put(point, out)
-            self.put(plora_key(point, "input"), rows)
-            self.put(plora_key(point, "base"), base)
-            self.put(plora_key(point, "delta"), delta)
-            self.current[plora_key(point, "mask")] = flat_mask.to(torch.uint8)
+                self.put("attention", args[0])
+            self._record(point, rows, out, base, delta, flat_mask)
+        return hook
+
+    def _part(self, layer: int, point: str, part: str, lin):
+        """One of q/k/v of a FusedQKV: stash its values; after the third, record the joined canonical point."""
+        def hook(module, args, kwargs, output):
+            scale = lin.module.part_scales()["qkv".index(part)]
+            vals = self._values(module, args, kwargs, output, (layer, f"{point}/{part}"), scale)
+            got = self.pending.setdefault((layer, point), {})
+            got[part] = vals
+            if len(got) < 3:
+                return
+            del self.pending[(layer, point)]
+            q, k, v = got["q"], got["k"], got["v"]
+            shape = lin.module.shape
+
+            def join(j):
+                return join_grouped_qkv(q[j], k[j], v[j], shape.heads, shape.kv_heads, shape.head_dim)
+
+            self._record(point, q[0], join(1), join(2), join(3), q[4])
         return hook
 
     def _teacher_input(self, layer: int):

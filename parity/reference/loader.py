@@ -1,4 +1,10 @@
-"""Load the HF reference model the way a user's checkpoint ships: remote code, asked for explicitly."""
+"""Load the HF reference model the way a user's checkpoint ships: remote code, asked for explicitly.
+
+Accepted: XComposer2 checkpoints (what lmdeploy applies PLoRA to) and Qwen2-based PLoRA checkpoints
+(`Qwen2PLoRAForCausalLM`, or `Qwen2ForCausalLM` with its own remote code): the original model a user
+disguises as XComposer2 (`parity disguise`) and compares against the deployment of that disguise. Their
+q/k/v projections are seen as one canonical `attention.wqkv` (`anatomy.FusedQKV`).
+"""
 
 from __future__ import annotations
 
@@ -41,6 +47,17 @@ def is_xcomposer2(cfg: dict[str, Any]) -> bool:
     return any(XCOMPOSER2_ARCH in str(v) for v in (cfg.get("auto_map") or {}).values())
 
 
+def model_family(cfg: dict[str, Any]) -> str | None:
+    """"xcomposer2", "qwen2-plora" or None (not a model parity compares)."""
+    from ..disguise.qwen2 import is_qwen2_plora
+
+    if is_xcomposer2(cfg):
+        return "xcomposer2"
+    if is_qwen2_plora(cfg):
+        return "qwen2-plora"
+    return None
+
+
 @dataclass
 class ReferenceModel:
     path: Path
@@ -49,6 +66,7 @@ class ReferenceModel:
     tokenizer: Any
     config: dict[str, Any]
     dtype: torch.dtype
+    family: str = "xcomposer2"          # "xcomposer2" | "qwen2-plora"
 
     @property
     def hidden_size(self) -> int:
@@ -80,6 +98,18 @@ class ReferenceModel:
         feats = self.model.encode_img(str(image))
         return feats.float().reshape(-1, feats.shape[-1])
 
+    def xcomposer2_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights under XComposer2 names, as a faithful conversion sees them (the weights audit's input).
+
+        XComposer2: the model's own state dict. Qwen2 PLoRA: what `parity disguise` writes for it (grouped
+        wqkv, fused LoRA with folded scales; `parity.disguise.xcomposer2_state_dict`).
+        """
+        if self.family == "qwen2-plora":
+            from ..disguise.qwen2 import xcomposer2_state_dict
+
+            return xcomposer2_state_dict(self.model)
+        return self.model.state_dict()
+
     def with_dtype(self, dtype: torch.dtype) -> "ReferenceModel":
         """A copy running in another dtype (for the noise floor). Weights cast exactly from the loaded ones."""
         if dtype == self.dtype:
@@ -91,11 +121,14 @@ class ReferenceModel:
 def load_reference(path: Path | str, trust_remote_code: bool, dtype: torch.dtype = torch.float32) -> ReferenceModel:
     path = Path(path)
     cfg = read_hf_config(path)
-    if not is_xcomposer2(cfg):
+    family = model_family(cfg)
+    if family is None:
         raise ParityInputError(
             f"{path / 'config.json'}: architectures={cfg.get('architectures')} and auto_map do not name "
-            f"{XCOMPOSER2_ARCH}; lmdeploy applies PLoRA only to XComposer2 models, so parity compares those. "
-            "For a Qwen2-based PLoRA model, disguise it first (see README)."
+            f"{XCOMPOSER2_ARCH} (or a Qwen2 PLoRA model: Qwen2PLoRAForCausalLM, or Qwen2ForCausalLM with its own "
+            "remote code); lmdeploy applies PLoRA only to XComposer2 models, so parity compares those and the "
+            "Qwen2 PLoRA originals of disguised ones. For a Qwen2-based PLoRA model, disguise it first "
+            "(`parity disguise SRC DST`, docs/qwen2-plora.md) and compare the original with the disguise's workspace."
         )
     if cfg.get("auto_map") and not trust_remote_code:
         raise ParityInputError(
@@ -123,4 +156,4 @@ def load_reference(path: Path | str, trust_remote_code: bool, dtype: torch.dtype
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return ReferenceModel(path, model, discover(model, str(path)), tokenizer, cfg, dtype)
+    return ReferenceModel(path, model, discover(model, str(path)), tokenizer, cfg, dtype, family)

@@ -80,6 +80,27 @@ def layer_points(points: Sequence[PointResult], case: str, module: str = "layer"
     return [by_layer[k] for k in sorted(by_layer)]
 
 
+def worst_points(points: Sequence[PointResult], case: str) -> dict[int, PointResult]:
+    """Per layer, the module whose local error is largest relative to its threshold.
+
+    The layer output's own local error is zero by construction (teacher forcing feeds it the reference's
+    sums), so the local curve must show where inside the layer error was created."""
+    worst: dict[int, tuple[float, PointResult]] = {}
+    for p in points:
+        if p.case != case or p.layer is None or not p.local:
+            continue
+        r, t = p.local.get("rel_l2"), p.threshold
+        if not isinstance(r, (int, float)) or not math.isfinite(r):
+            ratio = math.inf
+        elif not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            ratio = 0.0
+        else:
+            ratio = r / t
+        if int(p.layer) not in worst or ratio > worst[int(p.layer)][0]:
+            worst[int(p.layer)] = (ratio, p)
+    return {k: v[1] for k, v in worst.items()}
+
+
 def _metric(d: dict[str, Any] | None, key: str) -> float | None:
     if not d:
         return None
@@ -90,18 +111,22 @@ def _metric(d: dict[str, Any] | None, key: str) -> float | None:
 
 
 def curves_figure(points: Sequence[PointResult], case: str, divergence: Divergence | None) -> dict | None:
-    """rel_l2 of the "layer" point per layer: end to end, local (teacher-forced), noise floor, threshold."""
+    """Per layer: end-to-end rel_l2 of the layer output, and for the layer's worst module its local
+    (teacher-forced) rel_l2, noise floor and threshold."""
     pts = layer_points(points, case)
     if not pts:
         return None
     xs = [p.layer for p in pts]
+    worst = worst_points(points, case)
+    w = [worst.get(int(p.layer), p) for p in pts]
     fig = go.Figure()
     series = [
-        ("end-to-end rel_l2", [_metric(p.e2e, "rel_l2") for p in pts], COLORS["e2e"], "solid", "lines+markers"),
-        ("local rel_l2 (teacher-forced)", [_metric(p.local, "rel_l2") for p in pts], COLORS["local"], "solid",
+        ("end-to-end rel_l2 (layer output)", [_metric(p.e2e, "rel_l2") for p in pts], COLORS["e2e"], "solid",
          "lines+markers"),
-        ("noise floor", [_finite_or_none(p.floor) for p in pts], COLORS["floor"], "dot", "lines"),
-        ("threshold", [_finite_or_none(p.threshold) for p in pts], COLORS["threshold"], "dash", "lines"),
+        ("local rel_l2, worst module (teacher-forced)", [_metric(p.local, "rel_l2") for p in w], COLORS["local"],
+         "solid", "lines+markers"),
+        ("noise floor (that module)", [_finite_or_none(p.floor) for p in w], COLORS["floor"], "dot", "lines"),
+        ("threshold (that module)", [_finite_or_none(p.threshold) for p in w], COLORS["threshold"], "dash", "lines"),
     ]
     for name, ys, color, dash, mode in series:
         if all(y is None for y in ys):
@@ -110,10 +135,11 @@ def curves_figure(points: Sequence[PointResult], case: str, divergence: Divergen
             x=xs, y=ys, name=name, mode=mode, connectgaps=False,
             line=dict(color=color, dash=dash, width=2 if mode != "lines" else 1.5),
             marker=dict(size=6),
-            hovertemplate=f"{name}<br>layer %{{x}}: %{{y:.3g}}<extra></extra>",
+            customdata=[q.module for q in w],
+            hovertemplate=f"{name}<br>layer %{{x}}: %{{y:.3g}} (%{{customdata}})<extra></extra>",
         ))
     # Layers whose check failed: red crosses on the local curve (or e2e when there is no local run).
-    bad = [p for p in pts if p.exceeded]
+    bad = [p for p in w if p.exceeded]
     if bad:
         ys = [_metric(p.local, "rel_l2") or _metric(p.e2e, "rel_l2") for p in bad]
         fig.add_trace(go.Scatter(

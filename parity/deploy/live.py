@@ -1,0 +1,406 @@
+"""The live engine: lmdeploy 0.7.1's TurboMind on a CUDA GPU, fed the same rows as the reference.
+
+`LiveTurboMind(model_dir)` loads a model the way a deployment does (`TurboMind.from_pretrained` on the HF
+folder, which converts in memory and fills the LoRA buffers), sends an `EngineCall` (`input_ids`,
+`input_embeddings`, `input_embedding_ranges`) through the engine's own async API and reads back, for every
+prompt row, `last_hidden_state` (after the final RMSNorm) and `logits` (`max_new_tokens=1`,
+`output_logits='all'`, `output_last_hidden_state='all'`). lmdeploy 0.7.x has no synchronous `stream_infer`
+(lmdeploy issue #3084): the async generator is driven with asyncio.
+
+Every lmdeploy call here follows lmdeploy 0.7.1's source (site-packages/lmdeploy, line numbers of 0.7.1):
+  turbomind/turbomind.py:254   TurboMind.from_pretrained(path, tokenizer, engine_config=...)
+                               (HF folder -> _from_hf:192 -> deploy/converter.get_tm_model; a folder with
+                               `triton_models/` -> _from_workspace:225, see utils.get_model_source:17)
+  turbomind/turbomind.py:290   TurboMind.close()
+  turbomind/turbomind.py:297   TurboMind.create_instance()
+  turbomind/turbomind.py:518   TurboMindInstance.async_stream_infer(session_id, input_ids, input_embeddings,
+                               input_embedding_ranges, sequence_start, sequence_end, step, gen_config,
+                               stream_output) -> async generator of EngineOutput
+  turbomind/turbomind.py:437   prepare_embeddings: a flat list of [n_i, hidden] tensors is one sequence;
+                               each is cast to the weight dtype
+  turbomind/turbomind.py:308   _get_logits / :317 _get_last_hidden_state: output rows [:seq_len - 1] with
+                               'all' (all prompt rows once one token is generated)
+  turbomind/turbomind.py:159   (deploy/config.py) TurbomindModelConfig.weight_type, .session_len
+  messages.py:21/107           GenerationConfig(max_new_tokens, top_k, output_logits, output_last_hidden_state)
+  messages.py:155              TurbomindEngineConfig(dtype, tp, session_len, max_batch_size,
+                               cache_max_entry_count, max_prefill_token_num)
+  messages.py:322/369          ResponseType, EngineOutput(status, token_ids, num_token, logits, last_hidden_state)
+  tokenizer.py:377             Tokenizer(model_path) (what lmdeploy's pipeline passes to from_pretrained)
+  version.py                   __version__
+
+None of this can run without CUDA: `available()` says why, and the constructor raises EngineUnavailable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import itertools
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import EngineUnavailable, ParityInputError
+from ..records import EngineCall, Finding
+from ..trace import Trace, TraceWriter
+from .compat import STUB_MODULE_NAME, installed_lmdeploy_version, stub_active
+from .versions import WORKSPACE_TRAP
+
+LIVE_VERSION = "0.7.1"  # the lmdeploy release whose Python API this module follows
+
+_session_ids = itertools.count(1)
+_session_lock = threading.Lock()
+
+
+def _next_session_id() -> int:
+    with _session_lock:
+        return next(_session_ids)
+
+
+# ------------------------------------------------------------------------------------------- availability
+
+
+def _lmdeploy_lib() -> Path | None:
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("lmdeploy")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin:
+        return None
+    return Path(spec.origin).parent / "lib"
+
+
+def _probe_extension_subprocess(lib: Path, timeout: float = 60.0) -> str | None:
+    """Import lmdeploy's compiled `_turbomind` in a separate interpreter (this process stays untouched).
+
+    Returns None when it imports, else the error's last line (e.g. a missing libcublas.so.12)."""
+    code = f"import sys; sys.path.append({str(lib)!r}); import {STUB_MODULE_NAME}"
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"{type(e).__name__}: {e}"
+    if r.returncode == 0:
+        return None
+    lines = [ln for ln in (r.stderr or r.stdout).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else f"exit code {r.returncode}"
+
+
+def _import_extension(lib: Path) -> tuple[Any | None, str | None]:
+    """Import the real `_turbomind` into this process (as lmdeploy/turbomind/turbomind.py:30-32 does)."""
+    mod = sys.modules.get(STUB_MODULE_NAME)
+    if mod is not None:
+        if getattr(mod, "__parity_stub__", False):
+            return None, "parity's CPU conversion stand-in is registered as _turbomind in this process"
+        return mod, None
+    if str(lib) not in sys.path:
+        sys.path.append(str(lib))
+    try:
+        import importlib
+
+        return importlib.import_module(STUB_MODULE_NAME), None
+    except Exception as e:  # ImportError for a missing CUDA library, OSError, ...
+        return None, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+
+
+def available() -> tuple[bool, str]:
+    """(True, description) when TurboMind can run in this process, else (False, why not)."""
+    version = installed_lmdeploy_version()
+    if version is None:
+        return False, ("lmdeploy is not installed in this environment (install lmdeploy==0.7.1 from its CUDA wheel "
+                       "on the GPU machine).")
+    lib = _lmdeploy_lib()
+    if lib is None or not any(lib.glob(f"{STUB_MODULE_NAME}*")):
+        return False, (f"lmdeploy {version} is installed without its compiled TurboMind extension "
+                       f"({STUB_MODULE_NAME}*.so under {lib}).")
+    if not torch.cuda.is_available():
+        cuda = torch.version.cuda
+        why = (f"torch.cuda.is_available() is False (torch {torch.__version__}, "
+               f"{'a CPU-only build' if cuda is None else f'built for CUDA {cuda}, but no device/driver is visible'})")
+        ext = _probe_extension_subprocess(lib)
+        if ext is not None:
+            why += f"; and lmdeploy's compiled extension {STUB_MODULE_NAME} does not import here ({ext})"
+        return False, f"no CUDA GPU: {why}."
+    if stub_active():
+        return False, ("lmdeploy.turbomind was imported through parity's CPU conversion stand-in in this process "
+                       "(a conversion ran here without CUDA); start a fresh process.")
+    mod, err = _import_extension(lib)
+    if mod is None:
+        return False, f"lmdeploy's compiled extension {STUB_MODULE_NAME} does not import ({err})."
+    if version.split("+")[0] != LIVE_VERSION:
+        return True, (f"lmdeploy {version} on {_gpu_name()} (parity follows the {LIVE_VERSION} "
+                      "API; other releases may differ)")
+    return True, f"lmdeploy {version} on {_gpu_name()}"
+
+
+def _gpu_name() -> str | None:
+    with contextlib.suppress(Exception):
+        return torch.cuda.get_device_name(0)
+    return None
+
+
+def unavailable_error(reason: str) -> EngineUnavailable:
+    return EngineUnavailable(
+        f"--engine turbomind runs lmdeploy's TurboMind live and cannot run on this machine: {reason} It needs a "
+        f"CUDA GPU with the CUDA 12 runtime libraries (libcudart/libcublas/libnccl) and lmdeploy=={LIVE_VERSION} "
+        "installed from its wheel. Use --engine replay (the default) to replay the converted workspace on CPU."
+    )
+
+
+# ------------------------------------------------------------------------------------------- outputs
+
+
+@dataclass
+class LiveOutput:
+    """What the engine returned for one call: one row per prompt row, float32 on the CPU."""
+
+    last_hidden_state: torch.Tensor  # [rows, hidden], after the final RMSNorm
+    logits: torch.Tensor             # [rows, vocab]
+    token_ids: list[int]
+    seconds: float
+
+
+class LiveEngineError(RuntimeError):
+    """The engine answered a request with an error status."""
+
+
+class _LogCapture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _run_coroutine(coro):
+    """Run a coroutine to completion, also from inside a running event loop (e.g. a notebook)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with ThreadPoolExecutor(max_workers=1) as ex:
+        return ex.submit(asyncio.run, coro).result()
+
+
+# ------------------------------------------------------------------------------------------- engine
+
+
+class LiveTurboMind:
+    """lmdeploy's TurboMind serving `model_dir` on this machine's GPU.
+
+    `model_dir` is normally the HF folder (how a deployment serves XComposer2: LoRA is loaded only that
+    way). A converted workspace is accepted but warned about (WORKSPACE_TRAP: its LoRA buffers stay
+    uninitialised). `lora_config` overrides the lora_config lmdeploy's converter writes (the same mechanism
+    as `parity.deploy.convert.convert`); by default a folder's `parity_lora_config.json` is used (the
+    no-LoRA copies of parity.deploy.truncate carry one).
+    """
+
+    side = "turbomind"
+
+    def __init__(self, model_dir: str | Path, *, dtype: str = "auto", session_len: int | None = None,
+                 cache_max_entry_count: float = 0.2, max_prefill_token_num: int = 8192,
+                 lora_config: dict[str, Any] | None = None):
+        ok, reason = available()
+        if not ok:
+            raise unavailable_error(reason)
+        self.model_dir = Path(model_dir).resolve()
+        self.warnings: list[str] = []
+        self.serve_from = "workspace" if (self.model_dir / "triton_models").exists() else "hf"
+        if not self.model_dir.is_dir():
+            raise ParityInputError(f"Model folder {self.model_dir} does not exist; expected the HF model folder "
+                                   "the deployment serves.")
+        if self.serve_from == "workspace":
+            self.warnings.append(
+                f"{self.model_dir} is a converted workspace: serving it live reproduces the workspace trap. "
+                f"{WORKSPACE_TRAP}"
+            )
+        elif not (self.model_dir / "config.json").is_file():
+            raise ParityInputError(f"{self.model_dir} has no config.json; expected an HF model folder (or a "
+                                   "converted workspace with triton_models/).")
+        from .truncate import lora_override
+
+        self.lora_override = lora_config if lora_config is not None else lora_override(self.model_dir)
+        if self.lora_override is not None and self.serve_from == "workspace":
+            raise ParityInputError(f"A lora_config override ({self.lora_override}) cannot apply to the converted "
+                                   f"workspace {self.model_dir}: its config.yaml is already written.")
+
+        from lmdeploy.messages import TurbomindEngineConfig
+        from lmdeploy.tokenizer import Tokenizer
+        from lmdeploy.turbomind import TurboMind
+
+        self.engine_config = TurbomindEngineConfig(
+            dtype=dtype, tp=1, session_len=session_len, max_batch_size=1,
+            cache_max_entry_count=cache_max_entry_count, max_prefill_token_num=max_prefill_token_num,
+        )
+        t0 = time.perf_counter()
+        capture = _LogCapture()
+        lg = logging.getLogger("lmdeploy")
+        lg.addHandler(capture)
+        try:
+            with self._lora_patch():
+                # lmdeploy's pipeline passes Tokenizer(model_path) (serve/async_engine.py:272); TurboMind only
+                # stores it (turbomind.py:103), the prompt rows come from the EngineCall.
+                try:
+                    self.tokenizer = Tokenizer(str(self.model_dir))
+                except Exception as e:  # noqa: BLE001 - not needed for prefill
+                    self.tokenizer = None
+                    self.warnings.append(f"lmdeploy's Tokenizer could not load {self.model_dir} ({type(e).__name__}: "
+                                         f"{e}); the engine runs without one (only token ids are sent).")
+                self.tm = TurboMind.from_pretrained(str(self.model_dir), tokenizer=self.tokenizer,
+                                                    engine_config=self.engine_config)
+            self.instance = self.tm.create_instance()
+        finally:
+            lg.removeHandler(capture)
+        self.load_seconds = time.perf_counter() - t0
+        for msg in capture.messages:
+            if "uninitialized params" in msg:
+                self.warnings.append(f"lmdeploy left TurboMind parameters uninitialised when loading "
+                                     f"{self.model_dir}: {msg.strip()}")
+        self.config = self.tm.config  # TurbomindModelConfig
+        self.weight_type = str(self.config.weight_type)
+        self.num_layers = int(self.config.model_config.num_layer)
+
+    @contextlib.contextmanager
+    def _lora_patch(self):
+        if self.lora_override is None or self.serve_from != "hf":
+            yield
+            return
+        from .convert import _arch_from_config, _check_lora_override, _lora_override
+
+        cfg = json.loads((self.model_dir / "config.json").read_text())
+        arch = _arch_from_config(cfg, self.model_dir / "config.json")
+        with _lora_override(arch, _check_lora_override(self.lora_override)):
+            yield
+
+    # ---------------------------------------------------------------- requests
+
+    def _gen_config(self):
+        from lmdeploy.messages import GenerationConfig
+
+        return GenerationConfig(max_new_tokens=1, top_k=1, output_logits="all", output_last_hidden_state="all")
+
+    async def _infer(self, call: EngineCall, session_id: int) -> LiveOutput:
+        from lmdeploy.messages import ResponseType
+
+        ids = [int(t) for t in call.input_ids]
+        kwargs: dict[str, Any] = {}
+        if call.input_embeddings:
+            # one sequence: a flat list of [n_i, hidden] tensors (prepare_embeddings casts to the weight dtype)
+            kwargs["input_embeddings"] = [e.detach().float().cpu().reshape(-1, e.shape[-1])
+                                          for e in call.input_embeddings]
+            kwargs["input_embedding_ranges"] = [[int(b), int(e)] for b, e in call.input_embedding_ranges]
+        t0 = time.perf_counter()
+        hidden = logits = None
+        token_ids: list[int] = []
+        async for out in self.instance.async_stream_infer(
+                session_id, ids, sequence_start=True, sequence_end=True, step=0, gen_config=self._gen_config(),
+                stream_output=False, **kwargs):
+            if out.status not in (ResponseType.SUCCESS, ResponseType.FINISH):
+                raise LiveEngineError(f"TurboMind answered session {session_id} with {out.status} "
+                                      f"({len(ids)} input rows, session_len {self.config.session_len}).")
+            token_ids = list(out.token_ids or [])
+            if out.last_hidden_state is not None:
+                hidden = out.last_hidden_state.detach().float().cpu().clone()
+            if out.logits is not None:
+                logits = out.logits.detach().float().cpu().clone()
+        if hidden is None or logits is None:
+            raise LiveEngineError("TurboMind returned no last_hidden_state/logits although the request asked "
+                                  "for both with 'all' (lmdeploy >= 0.7.0 is needed).")
+        if hidden.shape[0] != len(ids) or logits.shape[0] != len(ids):
+            raise LiveEngineError(f"TurboMind returned {hidden.shape[0]} hidden rows and {logits.shape[0]} logit "
+                                  f"rows for a prompt of {len(ids)} rows.")
+        return LiveOutput(hidden, logits, token_ids, time.perf_counter() - t0)
+
+    def infer(self, call: EngineCall) -> LiveOutput:
+        return _run_coroutine(self._infer(call, _next_session_id()))
+
+    def final_hidden(self, call: EngineCall) -> torch.Tensor:
+        """[rows, hidden] after the final RMSNorm, float32."""
+        return self.infer(call).last_hidden_state
+
+    def run(self, call: EngineCall, writer: TraceWriter, teacher: Trace | None = None) -> dict[str, Any]:
+        """ReplayEngine-compatible: writes the post points ("norm", "output") of an end-to-end run.
+
+        A live TurboMind exposes nothing per layer and cannot be teacher-forced (use parity.layerwise for
+        per-layer values)."""
+        if teacher is not None:
+            raise ValueError("The live TurboMind cannot be teacher-forced; run it end to end (teacher=None).")
+        out = self.infer(call)
+        writer.post("norm", out.last_hidden_state)
+        writer.post("output", out.logits)
+        meta = writer.meta
+        meta.side = self.side
+        meta.num_layers = self.num_layers
+        meta.dtype = self.weight_type
+        meta.extras = {**dict(meta.extras or {}), **self.info(), "content_hash": call.content_hash,
+                       "mode": "e2e", "warnings": list(self.warnings)}
+        trace = writer.close()
+        return {"mode": "e2e", "rows": len(call.input_ids), "seconds": out.seconds, "trace": trace,
+                "lora_loaded": self.serve_from == "hf", "warnings": list(self.warnings)}
+
+    # ---------------------------------------------------------------- report
+
+    def info(self) -> dict[str, Any]:
+        """The report's `engine` section for a live run."""
+        lora = {}
+        with contextlib.suppress(Exception):
+            lora = self.config.to_dict().get("lora_config", {})
+        return {
+            "kind": "turbomind",
+            "lmdeploy_version": installed_lmdeploy_version(),
+            "gpu": _gpu_name(),
+            "cuda": torch.version.cuda,
+            "dtype": self.weight_type,
+            "serve_from": self.serve_from,
+            "model_dir": str(self.model_dir),
+            "session_len": int(self.config.session_len) if self.config.session_len else None,
+            "lora_config": lora,
+            "lora_override": self.lora_override,
+            "load_seconds": round(self.load_seconds, 3),
+        }
+
+    def warning_findings(self) -> list[Finding]:
+        return [Finding(check="config", severity="warning", cause="lora_not_applied", message=w)
+                for w in self.warnings]
+
+    def close(self) -> None:
+        tm = getattr(self, "tm", None)
+        if tm is not None:
+            with contextlib.suppress(Exception):
+                tm.close()
+        self.instance = None
+        self.tm = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def __enter__(self) -> "LiveTurboMind":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def live_factory(**kwargs: Any) -> Callable[[Path], LiveTurboMind]:
+    """An engine factory for parity.layerwise: `make_engine(model_dir) -> LiveTurboMind`."""
+    ok, reason = available()
+    if not ok:
+        raise unavailable_error(reason)
+
+    def make(model_dir: Path) -> LiveTurboMind:
+        return LiveTurboMind(model_dir, **kwargs)
+
+    return make

@@ -1,0 +1,51 @@
+"""Deploy a Qwen2-based PLoRA model with lmdeploy 0.7.1's TurboMind by disguising it as InternLM-XComposer2.
+
+lmdeploy applies PLoRA only to `InternLMXComposer2ForCausalLM` (one architecture string picks both its
+weight reader and its vision loader; lmdeploy issue #2437). This package:
+
+* `disguise(src, dst) -> DisguiseRecord` writes the exact XComposer2 equivalent of a Qwen2 PLoRA checkpoint
+  (names, grouped wqkv, fused LoRA with folded scales, config, remote code, vision part), refuses what
+  cannot be represented (head_dim != 128) and lists what lmdeploy will lose (q/k/v biases);
+* writes `parity_lora_config.json`, the lora_config that reproduces the model's per-linear ranks/scales, and
+  `register_lora_config()` makes lmdeploy's own conversion and serving use it;
+* `audit_deployment(model_dir) -> DeploymentAudit` says what lmdeploy would pick for a folder (architecture,
+  reader, vision model, sub-type, lora_config) and whether it fits the model;
+* `xcomposer2_state_dict(model)` gives a loaded Qwen2 PLoRA model's weights under XComposer2 names (the
+  parity pipeline's weights audit);
+* `lmdeploy_vision_features(model_dir, image)` runs lmdeploy's XComposer2 vision forward on CPU.
+
+See docs/qwen2-plora.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_EXPORTS = {
+    "disguise": "writer",
+    "DisguiseRecord": "writer",
+    "DISGUISE_RECORD": "writer",
+    "LORA_CONFIG_FILE": "lora",
+    "lora_config_for_disguise": "lora",
+    "read_lora_config": "lora",
+    "register_lora_config": "lora",
+    "unregister_lora_config": "lora",
+    "lora_config_registered": "lora",
+    "audit_deployment": "audit",
+    "DeploymentAudit": "audit",
+    "lmdeploy_vision_features": "vision",
+    "xcomposer2_state_dict": "qwen2",
+    "is_qwen2_plora": "qwen2",
+    "QWEN2_PLORA_ARCH": "qwen2",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:  # lazy: parity.reference imports parity.disguise.qwen2
+    if name in _EXPORTS:
+        import importlib
+
+        mod = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
+        return getattr(mod, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

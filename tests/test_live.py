@@ -1,0 +1,636 @@
+"""Per-layer capture from a live TurboMind (parity/deploy/live.py, truncate.py, parity/layerwise.py).
+
+No machine here runs TurboMind, so the orchestration is exercised with test doubles:
+
+* `ReplayStandIn` (TEST DOUBLE, tests only) plays the live engine: it converts the (truncated) model folder
+  with lmdeploy's real converter (`parity.deploy.convert.convert_cached`, honouring the folder's
+  `parity_lora_config.json`) and returns the REPLAY engine's final-norm output.
+* `FakeTurboMind` / `FakeInstance` (TEST DOUBLES) stand in for lmdeploy 0.7.1's `TurboMind` /
+  `TurboMindInstance` so `LiveTurboMind` itself runs on CPU: `from_pretrained` calls lmdeploy's real
+  in-memory conversion entry point (`deploy.converter.get_tm_model`, as `TurboMind._from_hf` does) and the
+  C++ engine is replaced by the replay; `async_stream_infer` has the real signature (checked) and slices
+  its outputs as the real one does.
+
+Tests marked `gpu` need a CUDA GPU with lmdeploy's compiled extension and are skipped elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hashlib
+import inspect
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from parity.compare.thresholds import Thresholds
+from parity.deploy import live
+from parity.deploy.convert import convert_cached
+from parity.deploy.replay import ReplayEngine
+from parity.deploy.truncate import (LORA_OVERRIDE_NAME, MARKER_NAME, NOLORA_OVERRIDE, TruncatedModels,
+                                    lora_override, write_truncated)
+from parity.deploy.versions import semantics_for
+from parity.deploy.workspace import Workspace
+from parity.errors import EngineUnavailable, ParityInputError
+from parity.inputs import default_cases, engine_call, hf_call, prepare
+from parity.layerwise import (EngineBuilds, LayerCase, LayerTarget, PloraTarget, bisect, every_layer, findings,
+                              first_true, max_bisect_builds, plora_effect)
+from parity.reference.session import ReferenceSession
+from parity.trace import TraceMeta, TraceWriter
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / ".cache" / "live-tests"
+LAYERS = 6
+FAULT_SCALE = 2.0
+SEM_071 = semantics_for("0.7.1")
+SEM_080 = semantics_for("0.8.0")  # converter writes LoRA, runtime ignores it
+
+
+# ------------------------------------------------------------------------------------------- test doubles
+
+
+class ReplayStandIn:
+    """TEST DOUBLE for `parity.deploy.live.LiveTurboMind` (used only by these tests).
+
+    Converts `model_dir` with lmdeploy's real converter (cached; the folder's parity_lora_config.json is
+    the lora_config override) and replays the workspace on CPU; `final_hidden` is the final-norm output.
+    """
+
+    def __init__(self, model_dir: Path, cache: Path, semantics=SEM_071, numeric: str = "fp32"):
+        ws = convert_cached(model_dir, cache, lora_config=lora_override(model_dir))
+        self.engine = ReplayEngine(Workspace.open(ws), semantics, numeric=numeric)
+
+    def final_hidden(self, call) -> torch.Tensor:
+        with tempfile.TemporaryDirectory(prefix="parity-standin-") as d:
+            w = TraceWriter(Path(d), TraceMeta(side="replay", case="standin", num_layers=0, dtype="float32"))
+            self.engine.run(call, w)
+            return w.close().get(None, "norm").clone()
+
+
+def standin_factory(semantics=SEM_071, numeric: str = "fp32"):
+    def make(model_dir: Path) -> ReplayStandIn:
+        return ReplayStandIn(model_dir, CACHE / "workspaces", semantics, numeric)
+    return make
+
+
+# ------------------------------------------------------------------------------------------- fixtures
+
+
+def _code_hash() -> str:
+    h = hashlib.sha256()
+    gen = REPO / "parity" / "fixtures"
+    for p in sorted(gen.rglob("*.py")):
+        h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _cached_dir(name: str, build) -> Path:
+    """REPO/.cache/live-tests/<name>-<generator hash>, built once (temp folder + rename)."""
+    dest = CACHE / f"{name}-{_code_hash()}"
+    if (dest / ".done").is_file():
+        return dest
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = CACHE / f".{dest.name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    build(tmp)
+    (tmp / ".done").write_text("ok\n")
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.rename(tmp, dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def deep_model() -> Path:
+    """A 6-layer tiny XComposer2-7b (head_dim 128 as lmdeploy requires; 2 heads, 1 kv head)."""
+    from parity.fixtures import FixtureSpec, write_model
+
+    spec = FixtureSpec(name="xcomposer2-deep", layers=LAYERS, heads=2, kv_heads=1, intermediate=256,
+                       vision_layers=1, seed=11)
+    return _cached_dir("xcomposer2-deep", lambda d: write_model(spec, d))
+
+
+def _faulty(src: Path, layer: int, name: str) -> Path:
+    """A copy of `src` whose layer `layer` attention.wo Plora_B is scaled: a deployment-side fault."""
+    from safetensors.torch import load_file, save_file
+
+    def build(d: Path) -> None:
+        shutil.copytree(src, d, ignore=shutil.ignore_patterns(".done"))
+        sd = load_file(str(d / "model.safetensors"))
+        key = f"model.layers.{layer}.attention.wo.Plora_B.weight"
+        sd[key] = (sd[key].float() * FAULT_SCALE).to(sd[key].dtype)
+        save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+
+    return _cached_dir(name, build)
+
+
+@pytest.fixture(scope="session")
+def faulty_layer1(deep_model) -> Path:
+    return _faulty(deep_model, 1, "xcomposer2-deep-fault1")
+
+
+@pytest.fixture(scope="session")
+def faulty_layer4(deep_model) -> Path:
+    return _faulty(deep_model, 4, "xcomposer2-deep-fault4")
+
+
+@pytest.fixture(scope="session")
+def session(deep_model):
+    with ReferenceSession(deep_model, trust_remote_code=True) as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def case(session):
+    """(prepared, hf call, engine call) of the default case (text, one image, text)."""
+    from parity.fixtures import IMAGES_DIR
+
+    ref = session.ref
+    c = default_cases(sorted(Path(IMAGES_DIR).glob("*.png"))[0])[0]
+    p = prepare(c, ref.tokenize, ref.embed_tokens, ref.encode_image, ref.bos_id, ref.decode)
+    return p, hf_call(p), engine_call(p)
+
+
+@pytest.fixture(scope="session")
+def target(session, case) -> LayerTarget:
+    p, hc, _ = case
+    return LayerTarget.from_session(session, hc, p, numeric="fp32")
+
+
+@pytest.fixture(scope="session")
+def layer_cases(target, case) -> list[LayerCase]:
+    return [LayerCase(target, case[2])]
+
+
+def _models(src: Path) -> TruncatedModels:
+    # keep=True: the copies (and their converted workspaces) are reused by later test runs
+    return TruncatedModels(src, CACHE / "truncated", keep=True)
+
+
+@pytest.fixture(scope="session")
+def clean_models(deep_model):
+    return _models(deep_model)
+
+
+@pytest.fixture(scope="session")
+def clean_every(layer_cases, clean_models):
+    builds = EngineBuilds(standin_factory())
+    return every_layer(layer_cases, clean_models, builds), builds
+
+
+@pytest.fixture(scope="session")
+def fault1_every(layer_cases, faulty_layer1):
+    builds = EngineBuilds(standin_factory())
+    return every_layer(layer_cases, _models(faulty_layer1), builds), builds
+
+
+# ------------------------------------------------------------------------------------------- truncation
+
+
+def _keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return list(f.keys())
+
+
+def test_truncated_copy_contents(deep_model, tmp_path):
+    k = 2
+    marker = write_truncated(deep_model, tmp_path / "k2", k, "lora")
+    cfg = json.loads((tmp_path / "k2" / "config.json").read_text())
+    full = json.loads((deep_model / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == k
+    assert {a: b for a, b in cfg.items() if a != "num_hidden_layers"} == \
+        {a: b for a, b in full.items() if a != "num_hidden_layers"}
+    keys = _keys(tmp_path / "k2" / "model.safetensors")
+    layers = {int(x.split(".")[2]) for x in keys if x.startswith("model.layers.")}
+    assert layers == {0, 1}
+    assert any("Plora_A" in x for x in keys)
+    assert any(x.startswith("vit.") for x in keys), "vision tensors must be kept"
+    assert "model.norm.weight" in keys and "output.weight" in keys
+    # every non-layer tensor and every tensor of the kept layers is there, bit for bit
+    from safetensors.torch import load_file
+
+    src, dst = load_file(str(deep_model / "model.safetensors")), load_file(str(tmp_path / "k2" / "model.safetensors"))
+    expected = {n for n in src if not (n.startswith("model.layers.") and int(n.split(".")[2]) >= k)}
+    assert set(dst) == expected and all(torch.equal(src[n], dst[n]) for n in dst)
+    assert marker["tensors_dropped"] == len(src) - len(dst)
+    for name in ("modeling_internlm_xcomposer2.py", "tokenizer.json", "generation_config.json"):
+        assert (tmp_path / "k2" / name).read_bytes() == (deep_model / name).read_bytes()
+    assert not (tmp_path / "k2" / LORA_OVERRIDE_NAME).exists()
+
+    write_truncated(deep_model, tmp_path / "nolora", LAYERS, "nolora")
+    keys = _keys(tmp_path / "nolora" / "model.safetensors")
+    assert not any("Plora" in x for x in keys)
+    assert {int(x.split(".")[2]) for x in keys if x.startswith("model.layers.")} == set(range(LAYERS))
+    assert lora_override(tmp_path / "nolora") == NOLORA_OVERRIDE
+
+
+def test_truncate_rejects_bad_k(deep_model, tmp_path):
+    for k in (0, LAYERS + 1):
+        with pytest.raises(ParityInputError, match="num_hidden_layers=6"):
+            write_truncated(deep_model, tmp_path / f"k{k}", k)
+    with pytest.raises(ParityInputError, match="1 <= k <= 6"):
+        TruncatedModels(deep_model, tmp_path).get(7)
+
+
+def test_sharded_and_bin_checkpoints(deep_model, tmp_path):
+    """A sharded safetensors checkpoint: an untouched shard is symlinked, a fully dropped one omitted, and the
+    index lists exactly the kept tensors (lmdeploy's own loader counts per-layer tensors from it)."""
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(deep_model / "model.safetensors"))
+    src = tmp_path / "sharded"
+    shutil.copytree(deep_model, src, ignore=shutil.ignore_patterns("model.safetensors", ".done"))
+    late = {n for n in sd if n.startswith("model.layers.") and int(n.split(".")[2]) >= 3}
+    save_file({n: sd[n] for n in sd if n not in late}, str(src / "model-00001-of-00002.safetensors"))
+    save_file({n: sd[n] for n in late}, str(src / "model-00002-of-00002.safetensors"))
+    wm = {n: ("model-00002-of-00002.safetensors" if n in late else "model-00001-of-00002.safetensors") for n in sd}
+    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+
+    out = tmp_path / "k3"
+    write_truncated(src, out, 3)
+    assert (out / "model-00001-of-00002.safetensors").is_symlink()
+    assert not (out / "model-00002-of-00002.safetensors").exists()
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(index) == set(sd) - late
+
+    from parity.deploy.compat import cpu_converter_patches
+
+    with cpu_converter_patches():
+        from lmdeploy.turbomind.deploy.loader import create_loader
+
+        loader = create_loader(str(out), r"model.layers.([0-9]+).")
+        seen = sorted(i for i, _ in loader.items() if i >= 0)
+    assert seen == [0, 1, 2]
+
+    # pytorch_model.bin checkpoints are truncated into .bin files as well
+    bsrc = tmp_path / "bin"
+    shutil.copytree(deep_model, bsrc, ignore=shutil.ignore_patterns("model.safetensors", ".done"))
+    torch.save(sd, str(bsrc / "pytorch_model.bin"))
+    write_truncated(bsrc, tmp_path / "bin-k1", 1, "nolora")
+    kept = torch.load(str(tmp_path / "bin-k1" / "pytorch_model.bin"), weights_only=True)
+    assert {n for n in kept if n.startswith("model.layers.")} == \
+        {n for n in sd if n.startswith("model.layers.0.") and "Plora" not in n}
+
+
+def test_truncated_models_cache_and_cleanup(deep_model, tmp_path):
+    with TruncatedModels(deep_model, tmp_path) as models:
+        assert models.get(None) == deep_model.resolve()  # the full model with LoRA is the source itself
+        a = models.get(2)
+        assert (a / MARKER_NAME).is_file()
+        mtime = (a / "model.safetensors").stat().st_mtime_ns
+        assert models.get(2) == a and (a / "model.safetensors").stat().st_mtime_ns == mtime  # cached
+        b = models.get(None, "nolora")
+        assert a.exists() and b.exists() and a != b
+        again = TruncatedModels(deep_model, tmp_path, keep=True)
+        assert again.get(2) == a and not again.created  # another object finds the cached copy
+    assert not a.exists() and not b.exists()
+
+
+def test_truncation_matches_full_model_layer(session, deep_model, case, target, tmp_path):
+    """A k-layer truncated model's own HF forward ends with exactly norm(hidden_k) of the full model."""
+    from parity.reference.loader import load_reference
+
+    _, hc, _ = case
+    for k in (1, 4):
+        d = tmp_path / f"k{k}"
+        write_truncated(deep_model, d, k)
+        ref_k = load_reference(d, trust_remote_code=True)
+        assert ref_k.anatomy.num_layers == k
+        with torch.no_grad():
+            out = ref_k.model.model(inputs_embeds=hc.inputs_embeds, im_mask=hc.im_mask, use_cache=False)
+        got = out.last_hidden_state[0].double()
+        torch.testing.assert_close(got, target.expected(k), rtol=0, atol=0)
+    # and the k = L value is the reference's own final norm output
+    torch.testing.assert_close(target.expected(LAYERS), target.reference.get(None, "norm").double(), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------- every / bisect
+
+
+def test_every_layer_clean_model_passes(clean_every):
+    results, builds = clean_every
+    assert [r.layer for r in results] == list(range(LAYERS))
+    assert builds.count == LAYERS
+    for r in results:
+        assert not r.exceeded, (r.layer, r.metrics["rel_l2"], r.threshold)
+        assert 0 < r.metrics["rel_l2"] < 1e-5 and r.floor > 0
+        assert r.threshold == Thresholds().threshold(r.floor, "fp32")
+
+
+def test_every_layer_locates_fault(fault1_every):
+    results, _ = fault1_every
+    exceeded = [r.layer for r in results if r.exceeded]
+    assert exceeded == list(range(1, LAYERS)), [(r.layer, r.metrics["rel_l2"]) for r in results]
+    first = next(r for r in results if r.exceeded)
+    assert first.positions == "image"  # the fault is in a PLoRA branch: at its own layer only image rows move
+    assert first.metrics["rel_l2"] > 100 * first.threshold
+
+
+def test_bisect_clean(layer_cases, clean_models, clean_every):
+    builds = EngineBuilds(standin_factory())
+    res = bisect(layer_cases, clean_models, builds)
+    assert res.first_divergent_layer is None and res.first is None
+    assert res.builds == len(res.evaluated) <= res.max_builds == math.ceil(math.log2(LAYERS + 1))
+    assert res.max_builds <= math.ceil(math.log2(LAYERS)) + 1
+    assert res.evaluated[-1] == LAYERS  # the full model was checked
+
+
+@pytest.mark.parametrize("layer", [1, 4])
+def test_bisect_finds_first_divergent_layer(layer, layer_cases, faulty_layer1, faulty_layer4, fault1_every):
+    src = {1: faulty_layer1, 4: faulty_layer4}[layer]
+    builds = EngineBuilds(standin_factory())
+    res = bisect(layer_cases, _models(src), builds)
+    assert res.first_divergent_layer == layer, res.to_dict()["evaluated"]
+    assert res.first is not None and res.first.layers_kept == layer + 1 and res.first.exceeded
+    assert builds.count == res.builds <= math.ceil(math.log2(LAYERS)) + 1
+    assert len(set(builds.log)) == builds.count  # no model built twice
+    if layer == 1:  # every mode agrees
+        every, _ = fault1_every
+        assert min(r.layer for r in every if r.exceeded) == res.first_divergent_layer
+        by_k = {r.layers_kept: r for r in every}
+        for r in res.results:
+            assert r.exceeded == by_k[r.layers_kept].exceeded
+            assert r.metrics["rel_l2"] == pytest.approx(by_k[r.layers_kept].metrics["rel_l2"], rel=1e-12)
+    found = findings(res.results)
+    first = min(found, key=lambda f: f.layer)
+    assert first.layer == layer and first.module == "layer" and first.check == "hidden"
+    assert first.positions == "image" and first.severity == "error"
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 200), data=st.data())
+def test_first_true_property(n, data):
+    t = data.draw(st.integers(1, n + 1))  # first true index (n + 1: none)
+    calls = []
+
+    def pred(k):
+        calls.append(k)
+        return k >= t
+
+    k, evaluated = first_true(1, n, pred)
+    assert k == (t if t <= n else None)
+    assert evaluated == calls and len(set(calls)) == len(calls)
+    assert len(calls) <= max_bisect_builds(n) <= math.ceil(math.log2(n)) + 1
+
+
+# ------------------------------------------------------------------------------------------- PLoRA on/off
+
+
+@pytest.fixture(scope="session")
+def plora_target(session, case, target):
+    return PloraTarget.from_session(session, case[1], target)
+
+
+def test_reference_no_lora_run_is_base_model(plora_target, case, target):
+    p = case[0]
+    eff = plora_target.effect
+    before = torch.zeros(p.image_rows.numel(), dtype=torch.bool)
+    before[: int(torch.nonzero(p.image_rows)[0])] = True
+    assert torch.count_nonzero(eff[before]) == 0  # rows before the image: the all-False branch adds exactly 0
+    assert float(eff[p.image_rows].norm()) > 0.05 * float(target.expected(LAYERS)[p.image_rows].norm())
+
+
+def test_plora_effect_matches_on_clean_model(plora_target, case, clean_models):
+    builds = EngineBuilds(standin_factory())
+    (eff,) = plora_effect([(plora_target, case[2])], clean_models, builds)
+    assert builds.count == 2
+    assert not eff.exceeded and eff.cause is None, eff.message
+    assert eff.ratio == pytest.approx(1.0, abs=1e-4) and eff.cosine > 0.99999
+    assert findings(effects=[eff]) == []
+
+
+def test_plora_effect_detects_ignored_plora(plora_target, case, clean_models):
+    """lmdeploy 0.8.0 converts PLoRA and then ignores it: the engine's PLoRA effect is zero."""
+    builds = EngineBuilds(standin_factory(SEM_080))
+    (eff,) = plora_effect([(plora_target, case[2])], clean_models, builds)
+    assert eff.exceeded and eff.cause == "lora_not_applied", eff.message
+    assert eff.eng_norm == 0.0 and eff.ratio == 0.0
+    (f,) = findings(effects=[eff])
+    assert f.cause == "lora_not_applied" and f.positions == "image"
+
+
+def test_plora_effect_names_scale_fault(plora_target, case, faulty_layer4):
+    builds = EngineBuilds(standin_factory())
+    (eff,) = plora_effect([(plora_target, case[2])], _models(faulty_layer4), builds)
+    assert eff.exceeded and eff.cause in ("lora_scale_mismatch", "weight_mismatch"), eff.message
+
+
+# ------------------------------------------------------------------------------------------- live engine
+
+
+def test_live_turbomind_refuses_here(deep_model):
+    ok, reason = live.available()
+    if ok:
+        pytest.skip("this machine can run TurboMind")
+    assert "torch.cuda.is_available() is False" in reason or "_turbomind" in reason
+    with pytest.raises(EngineUnavailable) as e:
+        live.LiveTurboMind(deep_model)
+    msg = str(e.value)
+    assert isinstance(e.value, ParityInputError) and e.value.exit_code == 2
+    assert reason in msg and "--engine replay" in msg and "\n" not in msg
+    with pytest.raises(EngineUnavailable):
+        live.live_factory()
+
+
+class FakeInstance:
+    """TEST DOUBLE of lmdeploy 0.7.1's TurboMindInstance (same `async_stream_infer` signature)."""
+
+    def __init__(self, tm: "FakeTurboMind"):
+        self.tm = tm
+
+    async def async_stream_infer(self, session_id, input_ids, input_embeddings=None, input_embedding_ranges=None,
+                                 sequence_start: bool = True, sequence_end: bool = False, step=0,
+                                 gen_config=None, stream_output=False, **kwargs):
+        from lmdeploy.messages import EngineOutput, ResponseType
+
+        from parity.records import EngineCall
+
+        self.tm.requests.append(dict(session_id=session_id, sequence_start=sequence_start,
+                                     sequence_end=sequence_end, gen_config=gen_config))
+        assert isinstance(input_ids, list) and gen_config.max_new_tokens == 1
+        call = EngineCall(list(input_ids), list(input_embeddings or []),
+                          [tuple(r) for r in (input_embedding_ranges or [])], "fake")
+        with tempfile.TemporaryDirectory() as d:
+            w = TraceWriter(Path(d), TraceMeta(side="fake", case="fake", num_layers=0, dtype="bf16"))
+            self.tm.engine.run(call, w)
+            tr = w.close()
+            hidden, logits = tr.get(None, "norm").clone(), tr.get(None, "output").clone()
+        await asyncio.sleep(0)
+        n = len(input_ids)
+        # output buffers hold one more row (the generated token's step); 'all' slices [:seq_len - 1]
+        hb = torch.cat([hidden, torch.full_like(hidden[:1], float("nan"))]).to(torch.bfloat16)
+        lb = torch.cat([logits, torch.full_like(logits[:1], float("nan"))])
+        seq_len = step + n + 1
+        yield EngineOutput(ResponseType.FINISH, [int(logits[-1].argmax())], 1, logits=lb[:seq_len - 1],
+                           last_hidden_state=hb[:seq_len - 1])
+
+
+class FakeTurboMind:
+    """TEST DOUBLE of lmdeploy 0.7.1's TurboMind: lmdeploy's real in-memory conversion (`get_tm_model`, as
+    `_from_hf` calls it), written to a workspace, and the replay engine in place of the C++ one."""
+
+    def __init__(self, model_path, engine_config):
+        from lmdeploy.turbomind.deploy.config import TurbomindModelConfig
+        from lmdeploy.turbomind.deploy.converter import get_tm_model
+
+        from parity.deploy.compat import cpu_converter_patches
+
+        self.requests: list[dict] = []
+        self.dir = None
+        if (Path(model_path) / "triton_models").exists():  # _from_workspace: config.yaml as written
+            import yaml
+
+            cfg = yaml.safe_load((Path(model_path) / "triton_models" / "weights" / "config.yaml").read_text())
+            self.config = TurbomindModelConfig.from_dict(cfg)
+            self.engine = ReplayEngine(Workspace.open(model_path), SEM_071, numeric="emulate", serve_from="workspace")
+        else:  # _from_hf: in-memory conversion (written to a temp workspace for the replay)
+            self.dir = Path(tempfile.mkdtemp(prefix="parity-fake-tm-"))
+            weights = self.dir / "triton_models" / "weights"
+            weights.mkdir(parents=True)
+            with cpu_converter_patches():
+                tm_model = get_tm_model(model_path, None, None, engine_config, out_dir=str(weights))
+                tm_model.export()
+            self.config = copy.deepcopy(tm_model.tm_config)
+            self.engine = ReplayEngine(Workspace.open(self.dir), SEM_071, numeric="emulate")
+        self.config.update_from_engine_config(engine_config)
+        FakeTurboMind.built.append(self)
+
+    built: list["FakeTurboMind"] = []
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, tokenizer: object, model_name: str = None,
+                        chat_template_name: str = None, engine_config=None, **kwargs):
+        assert tokenizer is not None
+        return cls(pretrained_model_name_or_path, engine_config)
+
+    def create_instance(self, cuda_stream_id=0):
+        return FakeInstance(self)
+
+    def close(self):
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def fake_turbomind(monkeypatch):
+    from parity.deploy.compat import cpu_converter_patches
+
+    with cpu_converter_patches():
+        import lmdeploy.turbomind as lt
+        import lmdeploy.turbomind.turbomind as real
+
+    def sig(f):  # names, kinds and defaults (annotations are strings in this module)
+        return [(p.name, p.kind, p.default) for p in inspect.signature(f).parameters.values()]
+
+    for name in ("from_pretrained", "create_instance"):
+        assert sig(getattr(FakeTurboMind, name)) == sig(getattr(real.TurboMind, name))
+    assert sig(FakeInstance.async_stream_infer) == sig(real.TurboMindInstance.async_stream_infer)
+    monkeypatch.setattr(lt, "TurboMind", FakeTurboMind)
+    monkeypatch.setattr(live, "available", lambda: (True, "fake TurboMind (tests)"))
+    FakeTurboMind.built = []
+    return FakeTurboMind
+
+
+def test_live_turbomind_api_with_fake_engine(fake_turbomind, deep_model, case, tmp_path):
+    """LiveTurboMind drives the (fake) 0.7.1 API: engine config, async generator, output slicing, traces."""
+    _, _, call = case
+    with live.LiveTurboMind(deep_model, session_len=512) as eng:
+        assert eng.serve_from == "hf" and eng.warnings == [] and eng.lora_override is None
+        out = eng.infer(call)
+        tm = fake_turbomind.built[-1]
+        req = tm.requests[-1]
+        assert req["sequence_start"] and req["sequence_end"]
+        g = req["gen_config"]
+        assert (g.max_new_tokens, g.output_logits, g.output_last_hidden_state) == (1, "all", "all")
+        rows = len(call.input_ids)
+        assert out.last_hidden_state.shape == (rows, 256) and out.logits.shape[0] == rows
+        assert torch.isfinite(out.last_hidden_state).all() and out.last_hidden_state.dtype == torch.float32
+        expected = ReplayStandIn(deep_model, CACHE / "workspaces", numeric="emulate").final_hidden(call)
+        torch.testing.assert_close(out.last_hidden_state, expected.to(torch.bfloat16).float(), rtol=0, atol=0)
+        info = eng.info()
+        assert info["kind"] == "turbomind" and info["dtype"] == "bfloat16" and info["serve_from"] == "hf"
+        assert info["lora_config"]["lora_policy"] == "plora" and info["session_len"] == 512
+        w = TraceWriter(tmp_path / "t", TraceMeta(side="x", case="default", num_layers=0, dtype="x"))
+        res = eng.run(call, w)
+        assert res["trace"].get(None, "norm").shape == (rows, 256) and res["trace"].meta.side == "turbomind"
+        with pytest.raises(ValueError, match="teacher"):
+            eng.run(call, w, teacher=res["trace"])
+        second = eng.infer(call)
+        assert tm.requests[-1]["session_id"] != req["session_id"]
+        assert torch.equal(second.last_hidden_state, out.last_hidden_state)
+    assert eng.tm is None
+
+
+def test_live_nolora_override_reaches_lmdeploy(fake_turbomind, deep_model, tmp_path):
+    """The no-LoRA copy's override makes lmdeploy's own converter write lora_policy '' in the live process;
+    without it the stripped copy would get 'plora' (TurboMind would allocate LoRA buffers and leave them
+    uninitialised: the replay refuses such a workspace)."""
+    d = tmp_path / "nolora"
+    write_truncated(deep_model, d, 2, "nolora")
+    with live.LiveTurboMind(d) as eng:
+        assert eng.config.lora_config.lora_policy == "" and eng.lora_override == NOLORA_OVERRIDE
+    with live.LiveTurboMind(d, lora_config={}) as eng:  # an explicit empty override: lmdeploy's own choice
+        assert eng.config.lora_config.lora_policy == "plora"
+
+
+def test_live_warns_on_workspace(fake_turbomind, deep_model, case):
+    """Serving a converted workspace is allowed but warned about: its LoRA buffers stay uninitialised (the
+    fake replays that as LoRA absent, so image rows differ from the HF-served engine)."""
+    ws = convert_cached(deep_model, CACHE / "workspaces")
+    p, _, call = case
+    with live.LiveTurboMind(ws) as eng:
+        assert eng.serve_from == "workspace" and len(eng.warnings) == 1
+        assert "workspace" in eng.warnings[0] and "lora_a/lora_b" in eng.warnings[0]
+        (f,) = eng.warning_findings()
+        assert f.severity == "warning" and f.cause == "lora_not_applied"
+        from_ws = eng.final_hidden(call)
+    with live.LiveTurboMind(deep_model) as eng:
+        from_hf = eng.final_hidden(call)
+    first_img = int(torch.nonzero(p.image_rows)[0])
+    assert torch.equal(from_ws[:first_img], from_hf[:first_img])
+    assert not torch.allclose(from_ws[p.image_rows], from_hf[p.image_rows], rtol=0.05, atol=0.05)
+    with pytest.raises(ParityInputError, match="cannot apply to the converted workspace"):
+        live.LiveTurboMind(ws, lora_config=NOLORA_OVERRIDE)
+
+
+def test_layerwise_with_live_engine_fake(fake_turbomind, deep_model, case, session, tmp_path):
+    """The orchestration driving LiveTurboMind itself (fake 0.7.1 engine in bf16): PLoRA on/off."""
+    p, hc, call = case
+    tgt = LayerTarget.from_session(session, hc, p, numeric="emulate", floor_dtype=torch.bfloat16)
+    pt = PloraTarget.from_session(session, hc, tgt, floor_dtype=torch.bfloat16)
+    with TruncatedModels(deep_model, tmp_path) as models:
+        builds = EngineBuilds(lambda d: live.LiveTurboMind(d))
+        (eff,) = plora_effect([(pt, call)], models, builds)
+        assert builds.count == 2 and not eff.exceeded, eff.message
+        (r,) = every_layer([LayerCase(tgt, call)], models, builds, layers=[3])
+        assert not r.exceeded and r.layer == 2, (r.metrics["rel_l2"], r.threshold)
+
+
+@pytest.mark.gpu
+def test_live_turbomind_on_gpu(deep_model, case, target, session, tmp_path):
+    """Needs a CUDA GPU with lmdeploy 0.7.1's compiled TurboMind: every layer and the PLoRA effect, live."""
+    ok, reason = live.available()
+    if not ok:
+        pytest.skip(f"TurboMind cannot run here: {reason}")
+    p, hc, call = case
+    tgt = LayerTarget.from_session(session, hc, p, numeric="emulate", floor_dtype=torch.bfloat16)
+    pt = PloraTarget.from_session(session, hc, tgt, floor_dtype=torch.bfloat16)
+    with TruncatedModels(deep_model, tmp_path) as models:
+        builds = EngineBuilds(live.live_factory(session_len=1024))
+        results = every_layer([LayerCase(tgt, call)], models, builds)
+        assert not any(r.exceeded for r in results), [(r.layer, r.metrics["rel_l2"], r.threshold) for r in results]
+        res = bisect([LayerCase(tgt, call)], models, builds)
+        assert res.first_divergent_layer is None
+        (eff,) = plora_effect([(pt, call)], models, builds)
+        assert not eff.exceeded, eff.message
