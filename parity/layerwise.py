@@ -211,6 +211,13 @@ class EngineBuilds:
         self.log: list[str] = []
         self._out: dict[tuple[str, str], torch.Tensor] = {}
 
+    def remember(self, model_dir: Path, call: EngineCall, final_hidden: torch.Tensor) -> None:
+        """Record an output already obtained (e.g. the full model's end-to-end run) so it is not rebuilt."""
+        self._out[(str(model_dir), call.content_hash)] = final_hidden.detach().to(torch.float64).cpu()
+
+    def has(self, model_dir: Path, calls: Sequence[EngineCall]) -> bool:
+        return all((str(model_dir), c.content_hash) in self._out for c in calls)
+
     def final_hidden(self, model_dir: Path, calls: Sequence[EngineCall]) -> list[torch.Tensor]:
         key = str(model_dir)
         todo = [c for c in calls if (key, c.content_hash) not in self._out]
@@ -269,8 +276,9 @@ def judge(ref: torch.Tensor, eng: torch.Tensor, floor_value: torch.Tensor, class
 
 def layer_results(k: int, cases: Sequence[LayerCase], models, builds: EngineBuilds) -> list[LayerResult]:
     """Build (or reuse) the k-layer engine, run every case, compare with norm(hidden_k)."""
-    model_dir = models.get(k, "lora")
+    model_dir = _model_dir(models, k, "lora", builds, [c.call for c in cases])
     outs = builds.final_hidden(model_dir, [c.call for c in cases])
+    _release(models, model_dir)
     res = []
     for c, eng in zip(cases, outs):
         t = c.target
@@ -278,6 +286,24 @@ def layer_results(k: int, cases: Sequence[LayerCase], models, builds: EngineBuil
         res.append(LayerResult(case=t.case, layer=k - 1, layers_kept=k, metrics=m, floor=floor, threshold=thr,
                                exceeded=exc, positions=pos, model_dir=str(model_dir)))
     return res
+
+
+def _model_dir(models, k: int | None, variant: str, builds: EngineBuilds, calls: Sequence[EngineCall]) -> Path:
+    """The folder for (k, variant); not (re)written when every output for it is already recorded."""
+    k = models.layers if k is None else k
+    path_for = getattr(models, "path_for", None)
+    if callable(path_for):
+        planned = Path(models.source) if (k == models.layers and variant == "lora") else path_for(k, variant)
+        if builds.has(planned, calls):
+            return planned
+    return models.get(k, variant)
+
+
+def _release(models, model_dir: Path) -> None:
+    """Free a truncated copy's disk space once its outputs are recorded (TruncatedModels.release)."""
+    release = getattr(models, "release", None)
+    if callable(release):
+        release(model_dir)
 
 
 def _check_cases(cases: Sequence[LayerCase], models) -> int:
@@ -412,8 +438,10 @@ def plora_effect(targets: Sequence[tuple[PloraTarget, EngineCall]], models,
     """
     builds = make_engine if isinstance(make_engine, EngineBuilds) else EngineBuilds(make_engine)
     calls = [c for _, c in targets]
-    with_lora = builds.final_hidden(models.get(None, "lora"), calls)
-    without = builds.final_hidden(models.get(None, "nolora"), calls)
+    with_lora = builds.final_hidden(_model_dir(models, None, "lora", builds, calls), calls)
+    nolora_dir = _model_dir(models, None, "nolora", builds, calls)
+    without = builds.final_hidden(nolora_dir, calls)
+    _release(models, nolora_dir)
     out = []
     for (pt, _), a, b in zip(targets, with_lora, without):
         if a.shape != pt.effect.shape or b.shape != pt.effect.shape:
@@ -468,26 +496,27 @@ def plora_effect(targets: Sequence[tuple[PloraTarget, EngineCall]], models,
 
 def findings(layers: Sequence[LayerResult] = (), effects: Sequence[PloraEffect] = (),
              engine: str = "live TurboMind") -> list[Finding]:
-    """Error findings for the report: one per exceeded layer result (check "hidden", point "layer", so the
-    verdict orders them with every other hidden-state finding) and one per mismatching PLoRA effect."""
+    """Findings for the report.
+
+    Per case, the first layer of every run of exceeded layers (no passing evaluated layer between) is an error (check "hidden",
+    point "layer", so the verdict orders it with every other hidden-state finding); the rest of the run is
+    one "info" finding (an end-to-end value stays diverged once an earlier layer diverged). A mismatching
+    PLoRA effect is an error of check "plora".
+    """
     out: list[Finding] = []
     not_applied = {e.case for e in effects if e.cause == "lora_not_applied"}
+    by_case: dict[str, list[LayerResult]] = {}
     for r in layers:
-        if not r.exceeded:
-            continue
-        cause = "lora_not_applied" if r.case in not_applied and r.positions == "image" else (
-            "nonfinite" if r.metrics.get("nonfinite_eng", 0) > r.metrics.get("nonfinite_ref", 0) else "numeric_drift")
-        classes = ", ".join(f"{c} {_fmt(m['rel_l2'])}" for c, m in r.metrics.get("by_class", {}).items())
-        out.append(Finding(
-            check="hidden", severity="error", cause=cause, layer=r.layer, module="layer", positions=r.positions,
-            case=r.case,
-            message=(f"layer {r.layer} ({engine}, model truncated to {r.layers_kept} layers): final-norm output "
-                     f"differs from the reference's norm(hidden) by {_fmt(r.metrics['rel_l2'])} > threshold "
-                     f"{_fmt(r.threshold)} (noise floor {_fmt(r.floor)}) on {r.positions} rows [{classes}]."),
-            metrics={"e2e_rel_l2": r.metrics["rel_l2"], "floor": r.floor, "threshold": r.threshold,
-                     "max_abs": r.metrics["max_abs"], "max_abs_row": r.metrics["max_abs_row"],
-                     "max_abs_col": r.metrics["max_abs_col"], "layers_kept": r.layers_kept, "engine": engine},
-        ))
+        by_case.setdefault(r.case, []).append(r)
+    for case, rs in by_case.items():
+        rs = sorted({r.layers_kept: r for r in rs}.values(), key=lambda r: r.layers_kept)
+        run: list[LayerResult] = []  # exceeded layers with no passing (evaluated) layer between them
+        for r in rs + [None]:
+            if r is not None and r.exceeded:
+                run.append(r)
+            elif run:
+                out += _run_findings(run, case, not_applied, engine)
+                run = []
     for e in effects:
         if e.cause is None:
             continue
@@ -496,3 +525,95 @@ def findings(layers: Sequence[LayerResult] = (), effects: Sequence[PloraEffect] 
                            metrics={"rel_l2": e.metrics["rel_l2"], "ratio": e.ratio, "cosine": e.cosine,
                                     "floor": e.floor, "threshold": e.threshold}))
     return out
+
+
+def _run_findings(run: list[LayerResult], case: str, not_applied: set[str], engine: str) -> list[Finding]:
+    r = run[0]
+    cause = "lora_not_applied" if case in not_applied and r.positions == "image" else (
+        "nonfinite" if r.metrics.get("nonfinite_eng", 0) > r.metrics.get("nonfinite_ref", 0) else "numeric_drift")
+    classes = ", ".join(f"{c} {_fmt(m['rel_l2'])}" for c, m in r.metrics.get("by_class", {}).items())
+    why = {"lora_not_applied": " The engine applies no PLoRA (see the PLoRA on/off finding).",
+           "numeric_drift": " The final-norm output cannot say which module inside the layer caused it; run the "
+                            "replay engine on the same model for module-level attribution."}.get(cause, "")
+    out = [Finding(
+        check="hidden", severity="error", cause=cause, layer=r.layer, module="layer", positions=r.positions, case=case,
+        message=(f"layer {r.layer} ({engine}, model truncated to {r.layers_kept} layers): its final-norm output "
+                 f"differs from the reference's norm(hidden) by {_fmt(r.metrics['rel_l2'])} > threshold "
+                 f"{_fmt(r.threshold)} (noise floor {_fmt(r.floor)}) on {r.positions} rows [{classes}]." + why),
+        metrics={"e2e_rel_l2": r.metrics["rel_l2"], "floor": r.floor, "threshold": r.threshold,
+                 "max_abs": r.metrics["max_abs"], "max_abs_row": r.metrics["max_abs_row"],
+                 "max_abs_col": r.metrics["max_abs_col"], "layers_kept": r.layers_kept, "engine": engine},
+    )]
+    if len(run) > 1:
+        rest = [x.layer for x in run[1:]]
+        out.append(Finding(
+            check="hidden", severity="info", cause=cause, layer=rest[0], module="layer", positions="all", case=case,
+            message=(f"layers {rest[0]}..{rest[-1]} ({engine}) stay diverged (relative errors "
+                     f"{', '.join(_fmt(x.metrics['rel_l2']) for x in run[1:])}): a consequence of layer {r.layer}."),
+            metrics={"layers": rest, "e2e_rel_l2": [x.metrics["rel_l2"] for x in run[1:]]},
+        ))
+    return out
+
+
+# ------------------------------------------------------------------------------------------- pipeline entry
+
+
+@dataclass
+class PipelineCase:
+    """What `run_parity` already has for one case when the live engine ran end to end."""
+
+    prepared: PreparedInput
+    hcall: HFCall
+    call: EngineCall
+    reference: Trace
+    floor_e2e: Trace
+    full_final_hidden: torch.Tensor | None = None  # the full model's output from the end-to-end run
+
+
+def run_layers(mode: str, model: Path, cache_dir: Path, session, cases: Sequence[PipelineCase], numeric: str,
+               floor_dtype: torch.dtype, thresholds: Thresholds, make_engine: EngineFactory,
+               plora: bool = True, keep_copies: bool = False) -> tuple[list[Finding], dict[str, Any]]:
+    """`--layers every|bisect` for run_parity: (findings, the report's `engine["layerwise"]` section).
+
+    Truncated copies are made under `cache_dir/truncated` and removed afterwards (unless `keep_copies`:
+    later runs on the same unchanged model then reuse them); the full model's outputs
+    from the end-to-end run are reused, so bisection on a clean model costs ceil(log2(L + 1)) - 1 builds
+    at most plus one for the no-LoRA deployment.
+    """
+    from .compare.align import row_classes
+    from .deploy.truncate import TruncatedModels
+
+    if mode not in ("every", "bisect"):
+        raise ValueError(f"mode must be 'every' or 'bisect', got {mode!r}")
+    t0 = time.perf_counter()
+    final_norm = session.ref.anatomy.final_norm
+    floor_norm = session.floor_model(floor_dtype).anatomy.final_norm
+    lcases = []
+    for c in cases:
+        target = LayerTarget(case=c.prepared.name, reference=c.reference, floor=c.floor_e2e, final_norm=final_norm,
+                             classes=row_classes(c.prepared), numeric=numeric, thresholds=thresholds,
+                             floor_norm=floor_norm)
+        lcases.append(LayerCase(target, c.call))
+    section: dict[str, Any] = {"mode": mode}
+    found: list[Finding] = []
+    with TruncatedModels(model, Path(cache_dir) / "truncated", keep=keep_copies) as models:
+        builds = EngineBuilds(make_engine)
+        for c in cases:
+            if c.full_final_hidden is not None:
+                builds.remember(models.source, c.call, c.full_final_hidden)
+        if mode == "every":
+            layers = every_layer(lcases, models, builds)
+        else:
+            b = bisect(lcases, models, builds)
+            layers = b.results
+            section["bisect"] = {k: v for k, v in b.to_dict().items() if k != "results"}
+        effects: list[PloraEffect] = []
+        if plora:
+            pts = [(PloraTarget.from_session(session, c.hcall, lc.target, floor_dtype), c.call)
+                   for c, lc in zip(cases, lcases)]
+            effects = plora_effect(pts, models, builds)
+        found = findings(layers, effects)
+        section.update(builds=builds.count, build_seconds=round(builds.seconds, 3),
+                       seconds=round(time.perf_counter() - t0, 3), num_layers=models.layers,
+                       results=[r.to_dict() for r in layers], plora_effect=[e.to_dict() for e in effects])
+    return found, section

@@ -82,12 +82,12 @@ def _hf_plora(ref: ReferenceModel) -> dict[int, dict[str, dict[str, Any]]]:
     }
 
 
-def _hf_tm_tensors(ref: ReferenceModel, ws) -> dict[str, torch.Tensor]:
+def _hf_tm_tensors(ref: ReferenceModel, ws):
     """The HF weights as a faithful conversion would write them. Shaped by the HF config (the truth), so a
     wrong head count in config.yaml shows up as a difference instead of a crash."""
     from dataclasses import replace
 
-    from .deploy.layout import hf_to_tm
+    from .deploy.expected import ExpectedTensors
 
     c = ref.config
     heads = int(c["num_attention_heads"])
@@ -96,7 +96,7 @@ def _hf_tm_tensors(ref: ReferenceModel, ws) -> dict[str, torch.Tensor]:
         size_per_head=int(c.get("head_dim") or c["hidden_size"] // heads), hidden_units=int(c["hidden_size"]),
         num_layer=int(c["num_hidden_layers"]), vocab_size=int(c["vocab_size"]),
     )
-    return hf_to_tm(ref.model.state_dict(), shape)
+    return ExpectedTensors(ref.model.state_dict(), shape)
 
 
 def _cases(opts: RunOptions) -> list[CanonicalInput]:

@@ -17,9 +17,11 @@ Tests marked `gpu` need a CUDA GPU with lmdeploy's compiled extension and are sk
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import hashlib
 import inspect
+import io
 import json
 import math
 import os
@@ -42,8 +44,8 @@ from parity.deploy.versions import semantics_for
 from parity.deploy.workspace import Workspace
 from parity.errors import EngineUnavailable, ParityInputError
 from parity.inputs import default_cases, engine_call, hf_call, prepare
-from parity.layerwise import (EngineBuilds, LayerCase, LayerTarget, PloraTarget, bisect, every_layer, findings,
-                              first_true, max_bisect_builds, plora_effect)
+from parity.layerwise import (EngineBuilds, LayerCase, LayerResult, LayerTarget, PipelineCase, PloraTarget, bisect,
+                              every_layer, findings, first_true, max_bisect_builds, plora_effect, run_layers)
 from parity.reference.session import ReferenceSession
 from parity.trace import TraceMeta, TraceWriter
 
@@ -294,7 +296,13 @@ def test_truncated_models_cache_and_cleanup(deep_model, tmp_path):
         assert a.exists() and b.exists() and a != b
         again = TruncatedModels(deep_model, tmp_path, keep=True)
         assert again.get(2) == a and not again.created  # another object finds the cached copy
-    assert not a.exists() and not b.exists()
+        again.release(a)
+        assert a.exists()  # keep=True: release is a no-op
+        models.release(b)
+        assert not b.exists() and models.get(None, "nolora") == b and b.exists()  # written again on demand
+        models.release(deep_model.resolve())
+        assert deep_model.exists()  # the source itself is never removed
+    assert not a.exists() and not b.exists() and deep_model.exists()
 
 
 def test_truncation_matches_full_model_layer(session, deep_model, case, target, tmp_path):
@@ -382,6 +390,40 @@ def test_first_true_property(n, data):
     assert k == (t if t <= n else None)
     assert evaluated == calls and len(set(calls)) == len(calls)
     assert len(calls) <= max_bisect_builds(n) <= math.ceil(math.log2(n)) + 1
+
+
+def _result(layer: int, exceeded: bool) -> LayerResult:
+    m = {"rel_l2": 0.5 if exceeded else 1e-7, "max_abs": 1.0, "max_abs_row": 0, "max_abs_col": 0,
+         "by_class": {"image": {"rel_l2": 0.5 if exceeded else 1e-7}}}
+    return LayerResult("c", layer, layer + 1, m, 1e-7, 1e-6, exceeded, "image" if exceeded else None, "x")
+
+
+def test_findings_one_error_per_divergent_run():
+    """An end-to-end value stays diverged after the layer that caused it: one error per run of exceeded
+    (evaluated) layers, the rest of the run as one info finding."""
+    rs = [_result(i, e) for i, e in enumerate([False, True, True, True, False, True])]
+    found = findings(rs)
+    errors = [(f.layer, f.module, f.check) for f in found if f.severity == "error"]
+    assert errors == [(1, "layer", "hidden"), (5, "layer", "hidden")]
+    (info,) = [f for f in found if f.severity == "info"]
+    assert info.metrics["layers"] == [2, 3]
+    # bisection evaluates k = 4, 2, 1: the unevaluated layer between two exceeded ones does not split the run
+    found = findings([_result(3, True), _result(1, True), _result(0, False)])
+    assert [f.layer for f in found if f.severity == "error"] == [1]
+
+
+def test_run_layers_pipeline_entry(session, case, target, faulty_layer1):
+    """What run_parity calls for `--engine turbomind --layers bisect` (here with the replay stand-in)."""
+    p, hc, call = case
+    pc = PipelineCase(p, hc, call, target.reference, target.floor)
+    found, section = run_layers("bisect", faulty_layer1, CACHE, session, [pc], "fp32", torch.float64, Thresholds(),
+                                standin_factory(), keep_copies=True)
+    assert section["bisect"]["first_divergent_layer"] == 1
+    assert section["builds"] <= math.ceil(math.log2(LAYERS)) + 1 + 1  # bisection + the no-LoRA deployment
+    errors = [f for f in found if f.severity == "error"]
+    assert errors[0].check == "hidden" and errors[0].layer == 1 and errors[0].positions == "image"
+    assert any(f.check == "plora" and f.cause in ("weight_mismatch", "lora_scale_mismatch") for f in errors)
+    json.dumps(section)  # goes into report.json as is
 
 
 # ------------------------------------------------------------------------------------------- PLoRA on/off
@@ -493,20 +535,22 @@ class FakeTurboMind:
 
             cfg = yaml.safe_load((Path(model_path) / "triton_models" / "weights" / "config.yaml").read_text())
             self.config = TurbomindModelConfig.from_dict(cfg)
-            self.engine = ReplayEngine(Workspace.open(model_path), SEM_071, numeric="emulate", serve_from="workspace")
+            self.engine = ReplayEngine(Workspace.open(model_path), self.semantics, numeric="emulate",
+                                       serve_from="workspace")
         else:  # _from_hf: in-memory conversion (written to a temp workspace for the replay)
             self.dir = Path(tempfile.mkdtemp(prefix="parity-fake-tm-"))
             weights = self.dir / "triton_models" / "weights"
             weights.mkdir(parents=True)
-            with cpu_converter_patches():
+            with cpu_converter_patches(), contextlib.redirect_stdout(io.StringIO()):  # lmdeploy's tprint
                 tm_model = get_tm_model(model_path, None, None, engine_config, out_dir=str(weights))
                 tm_model.export()
             self.config = copy.deepcopy(tm_model.tm_config)
-            self.engine = ReplayEngine(Workspace.open(self.dir), SEM_071, numeric="emulate")
+            self.engine = ReplayEngine(Workspace.open(self.dir), self.semantics, numeric="emulate")
         self.config.update_from_engine_config(engine_config)
         FakeTurboMind.built.append(self)
 
     built: list["FakeTurboMind"] = []
+    semantics = SEM_071  # which runtime the replay plays
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, tokenizer: object, model_name: str = None,

@@ -7,28 +7,28 @@ import re
 import torch
 
 from ..errors import ParityInputError
+from ..deploy.expected import fingerprint
 from ..records import Finding
 from .base import CheckContext, CheckOutput, tm_name_location
 
 
-def _fingerprint(t: torch.Tensor) -> tuple:
-    t = t.double()
-    return (tuple(t.shape), round(float(t.sum()), 6), round(float(t.abs().sum()), 6))
-
-
-def _hint(name: str, got: torch.Tensor, hf: dict) -> str:
-    """Say where a mismatching tensor seems to come from (another layer/linear, or a forgotten transpose)."""
-    fp = _fingerprint(got)
+def _hint(name: str, got: torch.Tensor, hf) -> str:
+    """Say where a mismatching tensor seems to come from. Fingerprints (shape, sum, |sum|) only shortlist
+    candidates — sums ignore order — and every claim is confirmed by an exact comparison."""
+    fp = fingerprint(got)
     stem = re.sub(r"^layers\.\d+\.", "", name)
-    for other, t in hf.items():
-        if other == name or t is None:
-            continue
-        if t.shape == got.shape and _fingerprint(t.to(got.dtype)) == fp:
+    prints = getattr(hf, "fingerprints", None) or {k: fingerprint(v) for k, v in hf.items()}
+    for other, ofp in prints.items():
+        if other != name and ofp == fp and torch.equal(hf[other].to(got.dtype), got):
             return f"its values equal the reference's {other}"
-        if t.dim() == 2 and t.shape[::-1] == got.shape and torch.equal(t.to(got.dtype).t().contiguous(), got):
-            return f"its values equal the transpose of the reference's {other}"
-    if got.dim() == 2 and hf.get(name) is not None and hf[name].shape[::-1] == got.shape:
-        return "the transpose was forgotten"
+    if got.dim() == 2:
+        t = got.t().contiguous()
+        for other, ofp in prints.items():
+            if ofp == fingerprint(t) and torch.equal(hf[other].to(got.dtype), t):
+                return ("the transpose was forgotten" if other == name
+                        else f"its values equal the transpose of the reference's {other}")
+    if prints.get(name, (None,))[1:] == fp[1:]:
+        return "it holds the expected values in another order (a layout error: packing, permutation or split)"
     return f"no other {stem} matches"
 
 

@@ -20,7 +20,12 @@ Every lmdeploy call here follows lmdeploy 0.7.1's source (site-packages/lmdeploy
                                each is cast to the weight dtype
   turbomind/turbomind.py:308   _get_logits / :317 _get_last_hidden_state: output rows [:seq_len - 1] with
                                'all' (all prompt rows once one token is generated)
-  turbomind/turbomind.py:159   (deploy/config.py) TurbomindModelConfig.weight_type, .session_len
+  turbomind/turbomind.py:221   logger.warning('... uninitialized params ...') after the in-memory export
+                               (kept as a warning: e.g. LoRA buffers allocated but never filled)
+  turbomind/deploy/config.py:111/159  TurbomindModelConfig (TurboMind.config): .weight_type, .session_len,
+                               .model_config.num_layer, .to_dict()['lora_config']
+  turbomind/deploy/source_model/xcomposer2.py  Xcomposer2Model.model_info(): the lora_config override
+                               patches it in this process (parity.deploy.convert._lora_override)
   messages.py:21/107           GenerationConfig(max_new_tokens, top_k, output_logits, output_last_hidden_state)
   messages.py:155              TurbomindEngineConfig(dtype, tp, session_len, max_batch_size,
                                cache_max_entry_count, max_prefill_token_num)
@@ -37,9 +42,7 @@ import asyncio
 import contextlib
 import gc
 import itertools
-import json
 import logging
-import os
 import subprocess
 import sys
 import threading
@@ -227,9 +230,11 @@ class LiveTurboMind:
                 f"{self.model_dir} is a converted workspace: serving it live reproduces the workspace trap. "
                 f"{WORKSPACE_TRAP}"
             )
-        elif not (self.model_dir / "config.json").is_file():
-            raise ParityInputError(f"{self.model_dir} has no config.json; expected an HF model folder (or a "
-                                   "converted workspace with triton_models/).")
+        else:
+            from .convert import _validate_model_dir
+
+            # the checks `parity convert` makes (config.json, architecture lmdeploy supports, weights, keys)
+            self._hf_config, self._arch = _validate_model_dir(self.model_dir)
         from .truncate import lora_override
 
         self.lora_override = lora_config if lora_config is not None else lora_override(self.model_dir)
@@ -237,6 +242,9 @@ class LiveTurboMind:
             raise ParityInputError(f"A lora_config override ({self.lora_override}) cannot apply to the converted "
                                    f"workspace {self.model_dir}: its config.yaml is already written.")
 
+        if dtype not in ("auto", "float16", "bfloat16"):
+            raise ParityInputError(f"dtype {dtype!r} is not one TurboMind accepts; expected 'auto', 'float16' or "
+                                   "'bfloat16' (TurbomindEngineConfig.dtype).")
         from lmdeploy.messages import TurbomindEngineConfig
         from lmdeploy.tokenizer import Tokenizer
         from lmdeploy.turbomind import TurboMind
@@ -248,7 +256,10 @@ class LiveTurboMind:
         t0 = time.perf_counter()
         capture = _LogCapture()
         lg = logging.getLogger("lmdeploy")
+        level = lg.level
         lg.addHandler(capture)
+        if lg.getEffectiveLevel() > logging.WARNING:  # the "uninitialized params" warning must reach us
+            lg.setLevel(logging.WARNING)
         try:
             with self._lora_patch():
                 # lmdeploy's pipeline passes Tokenizer(model_path) (serve/async_engine.py:272); TurboMind only
@@ -259,11 +270,20 @@ class LiveTurboMind:
                     self.tokenizer = None
                     self.warnings.append(f"lmdeploy's Tokenizer could not load {self.model_dir} ({type(e).__name__}: "
                                          f"{e}); the engine runs without one (only token ids are sent).")
-                self.tm = TurboMind.from_pretrained(str(self.model_dir), tokenizer=self.tokenizer,
-                                                    engine_config=self.engine_config)
+                try:
+                    self.tm = TurboMind.from_pretrained(str(self.model_dir), tokenizer=self.tokenizer,
+                                                        engine_config=self.engine_config)
+                except (AssertionError, KeyError, ValueError) as e:  # lmdeploy's checks of the model/config
+                    msg = str(e).strip().replace("\n", " ") or type(e).__name__
+                    raise ParityInputError(
+                        f"lmdeploy {installed_lmdeploy_version()}'s TurboMind could not load {self.model_dir} "
+                        f"({type(e).__name__}: {msg[:600]}). Expected an XComposer2 HF folder that `parity convert` "
+                        "accepts."
+                    ) from e
             self.instance = self.tm.create_instance()
         finally:
             lg.removeHandler(capture)
+            lg.setLevel(level)
         self.load_seconds = time.perf_counter() - t0
         for msg in capture.messages:
             if "uninitialized params" in msg:
@@ -278,11 +298,10 @@ class LiveTurboMind:
         if self.lora_override is None or self.serve_from != "hf":
             yield
             return
-        from .convert import _arch_from_config, _check_lora_override, _lora_override
+        from .convert import _check_lora_override, _lora_override
 
-        cfg = json.loads((self.model_dir / "config.json").read_text())
-        arch = _arch_from_config(cfg, self.model_dir / "config.json")
-        with _lora_override(arch, _check_lora_override(self.lora_override)):
+        # the same patch `parity convert --lora-config` uses: the source model's model_info() in this process
+        with _lora_override(self._arch, _check_lora_override(self.lora_override)):
             yield
 
     # ---------------------------------------------------------------- requests

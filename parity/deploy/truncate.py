@@ -351,6 +351,17 @@ class TruncatedModels:
                     removed.append(p)
         return removed
 
+    def release(self, path: Path) -> None:
+        """Remove one handed-out copy now (a 7B copy is many GB; keeps one on disk at a time). No-op with
+        `keep=True` or for the source folder itself; a later `get` writes it again."""
+        path = Path(path)
+        if self.keep or path == self.source or path not in self.used:
+            return
+        shutil.rmtree(path, ignore_errors=True)
+        self.used.remove(path)
+        if path in self.created:
+            self.created.remove(path)
+
     def cleanup(self) -> None:
         if self.keep:
             return

@@ -12,7 +12,8 @@ weight reader and its vision loader; lmdeploy issue #2437). This package:
   reader, vision model, sub-type, lora_config) and whether it fits the model;
 * `xcomposer2_state_dict(model)` gives a loaded Qwen2 PLoRA model's weights under XComposer2 names (the
   parity pipeline's weights audit);
-* `lmdeploy_vision_features(model_dir, image)` runs lmdeploy's XComposer2 vision forward on CPU.
+* `lmdeploy_vision_features(model_dir, images)` runs lmdeploy's XComposer2 vision forward on CPU;
+* `disguised_workspace(model_dir, cache_root)` disguises and converts (cached), for `parity run ORIGINAL`.
 
 See docs/qwen2-plora.md.
 """
@@ -34,6 +35,7 @@ _EXPORTS = {
     "audit_deployment": "audit",
     "DeploymentAudit": "audit",
     "lmdeploy_vision_features": "vision",
+    "disguised_workspace": "chain",
     "xcomposer2_state_dict": "qwen2",
     "is_qwen2_plora": "qwen2",
     "QWEN2_PLORA_ARCH": "qwen2",

@@ -1,0 +1,781 @@
+#!/usr/bin/env python
+"""parity performance benchmark at real 7B shapes: `make bench` (or `python benchmarks/bench.py --help`).
+
+Builds InternLM-XComposer2-7b-shaped models with few layers (hidden 4096 = 32 x 128, 8 kv heads,
+intermediate 14336, rank-256 PLoRA on every linear, vocab 92544, one 490 px image = 1,225 image rows)
+with parity's fixture generator, converts them with lmdeploy's converter (`convert_cached`), and
+measures in one run:
+
+  capture overhead      reference forward streaming every capture point to disk / the same forward, no hooks
+  replay / reference    ReplayEngine fp32 forward / reference fp32 forward (both without writing a trace)
+  compare / memcpy      bytes of activations compare_case reads per second / memory-copy bandwidth
+  run / forwards        run_parity wall time / the forward passes it must do (fp32 reference, 2 fp64
+                        floors, replay e2e and local), each timed alone
+  memory 2L / L         (peak RSS - resident fp32 weights) of run_parity at 2L layers / at L layers
+
+Each measurement runs in a child process (a fresh peak RSS; a guard stops a child that would exhaust the
+machine's memory or disk, see memwatch.py). Models and workspaces are cached under --root
+(.cache/bench, git-ignored). Prints one table and writes everything to --out (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import hashlib
+import io
+import json
+import math
+import os
+import platform
+import pstats
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import memwatch  # noqa: E402
+from benchmarks.memwatch import GIB, Clock, Watch  # noqa: E402
+
+TARGETS = {
+    "capture_overhead": ("<=", 1.10),
+    "replay_vs_reference": ("<=", 1.0),
+    "compare_vs_memcpy": (">=", 0.25),
+    "run_vs_forwards": ("<=", 1.3),
+    "memory_2L_vs_L": ("<=", 1.1),
+}
+ABORT_EXIT = 75
+
+
+# ============================================================================================ helpers
+
+
+def _json_default(o):
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "item"):
+        return o.item()
+    return str(o)
+
+
+def write_json(path: Path, data: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=_json_default))
+    os.replace(tmp, path)
+
+
+def dir_bytes(path: Path) -> int:
+    total = 0
+    for p in Path(path).rglob("*"):
+        if p.is_file():
+            total += p.stat().st_size
+    return total
+
+
+def memcpy_bandwidth(nbytes: int = 256 * 1024**2, reps: int = 7) -> dict:
+    """Plain memory copy (torch `copy_`, all intra-op threads), best of `reps`: bytes copied per second."""
+    import torch
+
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = math.inf
+    for _ in range(reps):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return {"bytes": nbytes, "best_s": best, "bytes_per_s": nbytes / best}
+
+
+def param_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters()) + \
+        sum(b.numel() * b.element_size() for b in model.buffers())
+
+
+def case_for_rows(model_dir: Path, rows: int | None, image_rows: int):
+    """The benchmark case, lengthened with filler text to `rows` rows (counted with the model's tokenizer)."""
+    from tokenizers import Tokenizer
+
+    from benchmarks.models import bench_case, default_image
+
+    image = default_image()
+    base = bench_case(image, 0)
+    if not rows:
+        return base
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    n = 1 + image_rows + sum(len(tok.encode(s.text, add_special_tokens=False).ids)
+                             for s in base.segments if s.kind == "text")
+    return bench_case(image, max(0, rows - n))
+
+
+def _prepare(ref, case):
+    from parity.inputs import engine_call, hf_call, prepare
+
+    p = prepare(case, ref.tokenize, ref.embed_tokens, ref.encode_image, ref.bos_id, ref.decode)
+    return p, hf_call(p), engine_call(p)
+
+
+def _top_profile(prof: cProfile.Profile, n: int = 18) -> list[dict]:
+    st = pstats.Stats(prof)
+    rows = []
+    for (file, line, func), (cc, nc, tt, ct, _callers) in st.stats.items():
+        rows.append({"function": f"{Path(file).name}:{line}({func})", "calls": nc, "tottime_s": round(tt, 3),
+                     "cumtime_s": round(ct, 3)})
+    rows.sort(key=lambda r: r["tottime_s"], reverse=True)
+    return rows[:n]
+
+
+def _files_equal(a: Path, b: Path) -> bool:
+    names = sorted(p.name for p in a.glob("*.safetensors"))
+    if names != sorted(p.name for p in b.glob("*.safetensors")):
+        return False
+    for n in names:
+        if hashlib.sha256((a / n).read_bytes()).digest() != hashlib.sha256((b / n).read_bytes()).digest():
+            return False
+    return True
+
+
+# ============================================================================================ children
+
+
+def child_convert(args) -> dict:
+    from parity.deploy.convert import convert_cached
+
+    with Clock() as c:
+        ws = convert_cached(Path(args.model), Path(args.root) / "workspaces")
+    return {"workspace": str(ws), "time": c.result(), "workspace_bytes": dir_bytes(ws)}
+
+
+def _null_writer(root: Path):
+    from parity.trace import TraceMeta, TraceWriter
+
+    class NullWriter(TraceWriter):
+        """Drops every value (the forward's own cost, without trace I/O)."""
+
+        def pre(self, name, value):
+            pass
+
+        def post(self, name, value):
+            pass
+
+        def layer(self, index, values):
+            pass
+
+    return NullWriter(root, TraceMeta(side="replay", case="bench", num_layers=0, dtype="float32"))
+
+
+def child_forwards(args, watch: Watch) -> dict:
+    """Each forward pass alone, and the reference capture with and without the proposed base tap."""
+    import torch
+
+    from parity.deploy.compat import installed_lmdeploy_version
+    from parity.deploy.replay import ReplayEngine
+    from parity.deploy.versions import semantics_for
+    from parity.deploy.workspace import Workspace
+    from parity.reference.capture import capture_reference
+    from parity.reference.loader import load_reference
+    from parity.trace import TraceMeta, TraceWriter
+
+    from benchmarks.proposals.base_tap import patched_capture
+    from benchmarks.proposals.streaming_floor import remove_hooks, streaming_with_dtype
+
+    out: dict = {"samples": {}, "profile": {}}
+    tmp = Path(args.root) / "tmp" / f"forwards-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    samples = out["samples"]
+
+    def timed(name, fn):
+        with watch.stage(name), Clock() as c:
+            r = fn()
+        samples.setdefault(name, []).append(c.result())
+        return r
+
+    try:
+        with watch.stage("load_reference"), Clock() as c:
+            ref = load_reference(Path(args.model), True, torch.float32)
+        out["load_reference"] = c.result()
+        out["resident_weight_bytes"] = param_bytes(ref.model)
+        case = case_for_rows(Path(args.model), args.rows, int(args.image_rows))
+        prepared, hcall, ecall = _prepare(ref, case)
+        out["rows"] = len(prepared.token_ids)
+        out["image_rows"] = int(prepared.image_rows.sum())
+        ws = Workspace.open(Path(args.workspace))
+        engine = ReplayEngine(ws, semantics_for(installed_lmdeploy_version()), numeric="fp32")
+
+        @torch.no_grad()
+        def plain(model_ref, dtype):
+            model_ref.model(inputs_embeds=hcall.inputs_embeds.to(dtype), im_mask=hcall.im_mask, use_cache=False)
+
+        ref_trace = None
+        for r in range(args.repeat):
+            timed("reference_fp32", lambda: plain(ref, torch.float32))
+            d = tmp / f"capture{r}"
+            trace = timed("capture_fp32", lambda: capture_reference(ref, hcall, d, "bench"))
+            if ref_trace is not None:
+                shutil.rmtree(ref_trace.root, ignore_errors=True)
+            ref_trace = trace
+            out["trace_bytes_fp32"] = dir_bytes(d)
+            dt = tmp / f"tap{r}"
+            with patched_capture() as cap_tap:
+                timed("capture_fp32_base_tap", lambda: cap_tap(ref, hcall, dt, "bench"))
+            out["base_tap_bit_identical"] = _files_equal(d, dt)
+            shutil.rmtree(dt, ignore_errors=True)
+        if args.profile:
+            prof = cProfile.Profile()
+            d = tmp / "capture-prof"
+            prof.enable()
+            capture_reference(ref, hcall, d, "bench")
+            prof.disable()
+            shutil.rmtree(d, ignore_errors=True)
+            out["profile"]["capture_fp32"] = _top_profile(prof)
+
+        for r in range(args.repeat):
+            timed("replay_fp32", lambda: engine.run(ecall, _null_writer(tmp / "null")))
+        timed("replay_local_fp32", lambda: engine.run(ecall, _null_writer(tmp / "null"), teacher=ref_trace))
+        d = tmp / "engine"
+
+        def replay_traced():
+            w = TraceWriter(d, TraceMeta(side="replay", case="bench", num_layers=ws.model.num_layer, dtype="float32"))
+            engine.run(ecall, w)
+
+        if args.profile:
+            prof = cProfile.Profile()
+            prof.enable()
+            timed("replay_fp32_traced", replay_traced)
+            prof.disable()
+            out["profile"]["replay_fp32_traced"] = _top_profile(prof)
+        else:
+            timed("replay_fp32_traced", replay_traced)
+        out["trace_bytes_engine"] = dir_bytes(d)
+        shutil.rmtree(d, ignore_errors=True)
+
+        # float64 noise floor: the proposed streaming cast first (no copy), then today's deep copy
+        final = {}
+
+        def keep_final(tag):
+            return ref.anatomy.final_norm.register_forward_hook(lambda m, i, o: final.__setitem__(tag, o.detach().clone()))
+
+        with watch.stage("floor_streaming_setup"):
+            sref = streaming_with_dtype(ref, torch.float64)
+        h = keep_final("streaming")
+        timed("reference_fp64_streaming", lambda: plain(sref, torch.float64))
+        h.remove()
+        remove_hooks(ref)
+        with watch.stage("floor_copy"), Clock() as c:
+            fref = ref.with_dtype(torch.float64)
+        out["floor_copy"] = c.result()
+        h = fref.anatomy.final_norm.register_forward_hook(
+            lambda m, i, o: final.__setitem__("copy", o.detach().clone()))
+        timed("reference_fp64", lambda: plain(fref, torch.float64))
+        h.remove()
+        out["streaming_floor_bit_identical"] = bool(
+            final["streaming"].dtype == torch.float64 and torch.equal(final["streaming"], final["copy"]))
+        out["floor_weight_bytes"] = param_bytes(fref.model)
+        del fref
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def child_parity(args, watch: Watch) -> dict:
+    """One whole `run_parity`, instrumented per stage (time, peak RSS); optionally with the proposals."""
+    import torch
+
+    import parity.pipeline as pipeline
+    from parity.compare.thresholds import Thresholds
+    from parity.deploy import convert as convert_mod
+    from parity.deploy.replay import ReplayEngine
+    from parity.reference import loader as loader_mod
+    from parity.reference import session as session_mod
+    from parity.trace import Trace
+
+    from benchmarks.proposals import fast_compare
+
+    out: dict = {"stages": {}, "proposals": bool(args.proposals)}
+    stages = out["stages"]
+    instr = {"s": 0.0}
+    held: dict = {}
+
+    def account(name, c: Clock):
+        s = stages.setdefault(name, {"calls": 0, "wall_s": 0.0, "cpu_s": 0.0})
+        s["calls"] += 1
+        s["wall_s"] += c.wall
+        s["cpu_s"] += c.cpu
+
+    def wrap(obj, attr, name_fn):
+        real = getattr(obj, attr)
+
+        def wrapper(*a, **k):
+            name = name_fn(*a, **k)
+            with watch.stage(name), Clock() as c:
+                r = real(*a, **k)
+            account(name, c)
+            return r
+
+        setattr(obj, attr, wrapper)
+        return real
+
+    out["memcpy"] = memcpy_bandwidth()
+    real_init = session_mod.ReferenceSession.__init__
+
+    def session_init(self, *a, **k):
+        with watch.stage("load_reference"), Clock() as c:
+            real_init(self, *a, **k)
+        account("load_reference", c)
+        held["session"] = self
+        out["resident_weight_bytes"] = param_bytes(self.ref.model)
+
+    session_mod.ReferenceSession.__init__ = session_init
+    pipeline.ReferenceSession = session_mod.ReferenceSession
+    wrap(convert_mod, "convert_cached", lambda *a, **k: "convert_cached")
+    base_tap_ctx = None
+    if args.proposals:  # the tapped capture replaces session.capture_reference; the stage wrapper goes around it
+        from benchmarks.proposals.base_tap import patched_capture
+
+        base_tap_ctx = patched_capture()
+        base_tap_ctx.__enter__()
+    wrap(session_mod, "capture_reference", lambda *a, **k: f"capture:{k.get('side', 'reference')}")
+    if args.proposals:
+        from benchmarks.proposals.streaming_floor import streaming_with_dtype
+
+        loader_mod.ReferenceModel.with_dtype = lambda self, dtype: streaming_with_dtype(self, dtype)
+    wrap(loader_mod.ReferenceModel, "with_dtype", lambda *a, **k: "floor_model")
+    real_run = ReplayEngine.run
+    ReplayEngine.run = lambda self, call, writer, teacher=None: _staged(
+        watch, account, f"engine:{'local' if teacher is not None else 'e2e'}", real_run, self, call, writer, teacher)
+    wrap(pipeline, "_hf_tm_tensors", lambda *a, **k: "hf_tm_tensors")
+    for name in ("inputs", "config", "weights", "mask", "plora", "nonfinite", "hidden"):
+        mod = sys.modules.get(f"parity.checks.{name}")
+        if mod is not None and hasattr(mod, "run"):
+            wrap(mod, "run", lambda *a, _n=name, **k: f"check:{_n}")
+
+    real_compare = pipeline.compare_case
+    compare_info = out.setdefault("compare", {"bytes": 0, "wall_s": 0.0, "cpu_s": 0.0, "points": 0})
+
+    def compare_case(ct, thresholds, numeric):
+        # trace bytes on disk at this point (all five traces of the case exist)
+        roots = {Path(t.root).parent for t in (ct.reference, ct.floor_e2e, ct.floor_local, ct.engine, ct.engine_local)}
+        compare_info["trace_bytes_on_disk"] = sum(dir_bytes(r) for r in roots)
+        counted = {"n": 0}
+        real_get = Trace.get
+
+        def get(self, layer, point):
+            v = real_get(self, layer, point)
+            if v is not None:
+                counted["n"] += v.numel() * v.element_size()
+            return v
+
+        Trace.get = get
+        impl = fast_compare.fast_compare_case if args.proposals else real_compare
+        try:
+            with watch.stage("compare_case"), Clock() as c:
+                res = impl(ct, thresholds, numeric)
+        finally:
+            Trace.get = real_get
+        account("compare_case", c)
+        compare_info["bytes"] += counted["n"]
+        compare_info["wall_s"] += c.wall
+        compare_info["cpu_s"] += c.cpu
+        compare_info["points"] += len(res)
+        # instrumentation, excluded from the run's time: the other implementation on the same traces
+        t0 = time.perf_counter()
+        other_impl = real_compare if args.proposals else fast_compare.fast_compare_case
+        with watch.stage("instrumentation"), Clock() as c2:
+            other = other_impl(ct, thresholds, numeric)
+        compare_info["other_impl"] = {"name": "compare_case" if args.proposals else "fast_compare_case",
+                                      "wall_s": c2.wall, "cpu_s": c2.cpu,
+                                      **fast_compare.max_disagreement(res, other)}
+        instr["s"] += time.perf_counter() - t0
+        return res
+
+    pipeline.compare_case = compare_case
+
+    case = case_for_rows(Path(args.model), args.rows, int(args.image_rows))
+    opts = pipeline.RunOptions(model=Path(args.model), trust_remote_code=True, cache_dir=Path(args.root),
+                               cases=[case], thresholds=Thresholds())
+    watch.context["model"] = args.model
+    memwatch.reset_peak()
+    with Clock() as c:
+        report = pipeline.run_parity(opts)
+    if base_tap_ctx is not None:
+        base_tap_ctx.__exit__(None, None, None)
+    out["run"] = c.result()
+    out["instrumentation_s"] = instr["s"]
+    out["status"] = report.status
+    out["first_divergence"] = str(report.first_divergence) if report.first_divergence else None
+    out["findings"] = [f"{f.severity}:{f.cause}:{f.check}" for f in report.findings][:20]
+    out["report_timings"] = report.timings
+    out["rows"] = report.cases[0].rows if report.cases else None
+    return out
+
+
+def _staged(watch, account, name, fn, *a):
+    with watch.stage(name), Clock() as c:
+        r = fn(*a)
+    account(name, c)
+    return r
+
+
+def run_child(args) -> int:
+    result = Path(args.result)
+    watch = Watch(disk_path=Path(args.root), abort_path=result,
+                  min_available=int(args.min_available_gib * GIB), min_disk_free=int(args.min_disk_gib * GIB)).start()
+    import torch
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    fn = {"convert": lambda: child_convert(args), "forwards": lambda: child_forwards(args, watch),
+          "parity": lambda: child_parity(args, watch)}[args.child]
+    data = fn()
+    watch.stop()
+    data["memory"] = watch.report()
+    data["threads"] = torch.get_num_threads()
+    write_json(result, data)
+    return 0
+
+
+# ============================================================================================ driver
+
+
+def spawn(args, child: str, model: Path, workspace: Path | None, tag: str, extra: list[str] = ()) -> dict:
+    result = Path(args.root) / "results" / f"{tag}.json"
+    result.parent.mkdir(parents=True, exist_ok=True)
+    result.unlink(missing_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", child, "--model", str(model),
+           "--result", str(result), "--root", str(args.root), "--repeat", str(args.repeat),
+           "--image-rows", str(args.image_rows_for_model), "--min-available-gib", str(args.min_available_gib),
+           "--min-disk-gib", str(args.min_disk_gib), *extra]
+    if args.rows:
+        cmd += ["--rows", str(args.rows)]
+    if workspace:
+        cmd += ["--workspace", str(workspace)]
+    if args.profile:
+        cmd += ["--profile"]
+    t = time.perf_counter()
+    log(f"[bench] {tag}: {child} on {model.name} ...")
+    proc = subprocess.run(cmd, cwd=str(REPO))
+    wall = time.perf_counter() - t
+    if result.is_file():
+        data = json.loads(result.read_text())
+    else:
+        data = {"failed": True, "returncode": proc.returncode}
+    if proc.returncode not in (0, ABORT_EXIT) and not data.get("failed"):
+        data = {"failed": True, "returncode": proc.returncode}
+    data["child_wall_s"] = wall
+    log(f"[bench] {tag}: done in {wall:.0f} s" + (f" (ABORTED: {data.get('reason')})" if data.get("aborted") else "")
+        + (f" (FAILED rc={proc.returncode})" if data.get("failed") else ""))
+    return data
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _min(samples: dict, name: str, key: str = "wall_s") -> float | None:
+    xs = [s[key] for s in samples.get(name, [])]
+    return min(xs) if xs else None
+
+
+def _ratio(a, b):
+    return (a / b) if (a is not None and b) else None
+
+
+def _ok(name: str, value) -> bool | None:
+    if value is None:
+        return None
+    op, target = TARGETS[name]
+    return value <= target if op == "<=" else value >= target
+
+
+def _stage(d: dict, name: str, key: str = "wall_s") -> float:
+    return float(d.get("stages", {}).get(name, {}).get(key, 0.0))
+
+
+def compute(results: dict, layers: int) -> dict:
+    fw, pL, p2L = results.get("forwards", {}), results.get("parity_L", {}), results.get("parity_2L", {})
+    s = fw.get("samples", {})
+    ratios: dict = {}
+
+    plain, cap = _min(s, "reference_fp32"), _min(s, "capture_fp32")
+    tap = _min(s, "capture_fp32_base_tap")
+    ratios["capture_overhead"] = {
+        "value": _ratio(cap, plain), "cpu_value": _ratio(_min(s, "capture_fp32", "cpu_s"), _min(s, "reference_fp32", "cpu_s")),
+        "numbers": {"capture_fp32_s": cap, "reference_fp32_s": plain, "capture_base_tap_s": tap,
+                    "with_base_tap": _ratio(tap, plain), "trace_bytes_fp32": fw.get("trace_bytes_fp32"),
+                    "base_tap_bit_identical": fw.get("base_tap_bit_identical")}}
+
+    rep = _min(s, "replay_fp32")
+    ratios["replay_vs_reference"] = {
+        "value": _ratio(rep, plain), "cpu_value": _ratio(_min(s, "replay_fp32", "cpu_s"), _min(s, "reference_fp32", "cpu_s")),
+        "numbers": {"replay_fp32_s": rep, "reference_fp32_s": plain,
+                    "replay_local_fp32_s": _min(s, "replay_local_fp32"),
+                    "replay_traced_s": _min(s, "replay_fp32_traced"), "capture_fp32_s": cap,
+                    "traced_replay_vs_capture": _ratio(_min(s, "replay_fp32_traced"), cap)}}
+
+    cmp = pL.get("compare", {})
+    bw = pL.get("memcpy", {}).get("bytes_per_s")
+    thr = (cmp.get("bytes", 0) / cmp["wall_s"]) if cmp.get("wall_s") else None
+    other = cmp.get("other_impl", {})
+    fast_thr = (cmp.get("bytes", 0) / other["wall_s"]) if other.get("wall_s") else None
+    ratios["compare_vs_memcpy"] = {
+        "value": _ratio(thr, bw),
+        "numbers": {"compare_bytes": cmp.get("bytes"), "compare_s": cmp.get("wall_s"), "compare_bytes_per_s": thr,
+                    "memcpy_bytes_per_s": bw, "points": cmp.get("points"),
+                    "fast_compare_s": other.get("wall_s"), "fast_compare_vs_memcpy": _ratio(fast_thr, bw),
+                    "fast_compare_agrees": other,
+                    "trace_bytes_on_disk": cmp.get("trace_bytes_on_disk")}}
+
+    f64 = _min(s, "reference_fp64")
+    needed = None
+    if None not in (plain, f64, rep, _min(s, "replay_local_fp32")):
+        needed = plain + 2 * f64 + rep + _min(s, "replay_local_fp32")
+    run_wall = pL.get("run", {}).get("wall_s")
+    run_net = (run_wall - pL.get("instrumentation_s", 0.0)) if run_wall else None
+    needed_cpu = None
+    if s.get("reference_fp64"):
+        needed_cpu = (_min(s, "reference_fp32", "cpu_s") + 2 * _min(s, "reference_fp64", "cpu_s")
+                      + _min(s, "replay_fp32", "cpu_s") + _min(s, "replay_local_fp32", "cpu_s"))
+    run_cpu = pL.get("run", {}).get("cpu_s")
+    ratios["run_vs_forwards"] = {
+        "value": _ratio(run_net, needed),
+        "cpu_value": _ratio((run_cpu - pL.get("instrumentation_s", 0.0)) if run_cpu else None, needed_cpu),
+        "numbers": {"run_parity_s": run_net, "forwards_needed_s": needed,
+                    "reference_fp32_s": plain, "reference_fp64_s": f64, "replay_e2e_s": rep,
+                    "replay_local_s": _min(s, "replay_local_fp32"),
+                    "stages": {k: round(v["wall_s"], 2) for k, v in pL.get("stages", {}).items()},
+                    "status": pL.get("status")}}
+
+    def extra(p):
+        if not p or p.get("aborted") or p.get("failed") or "resident_weight_bytes" not in p:
+            return None
+        return p["memory"]["peak_rss_bytes"] - p["resident_weight_bytes"]
+
+    eL, e2L = extra(pL), extra(p2L)
+    ratios["memory_2L_vs_L"] = {
+        "value": _ratio(e2L, eL),
+        "numbers": {"layers": [layers, 2 * layers],
+                    "peak_rss_bytes": [pL.get("memory", {}).get("peak_rss_bytes"),
+                                       p2L.get("memory", {}).get("peak_rss_bytes") if p2L else None],
+                    "resident_weight_bytes": [pL.get("resident_weight_bytes"), p2L.get("resident_weight_bytes")],
+                    "extra_bytes": [eL, e2L],
+                    "stage_peaks_L": pL.get("memory", {}).get("stage_peaks_bytes"),
+                    "stage_peaks_2L": (p2L or {}).get("memory", {}).get("stage_peaks_bytes"),
+                    "aborted_2L": (p2L or {}).get("reason") if (p2L or {}).get("aborted") else None}}
+    for k, v in ratios.items():
+        v["target"] = f"{TARGETS[k][0]} {TARGETS[k][1]}"
+        v["ok"] = _ok(k, v["value"])
+    return ratios
+
+
+def projection(results: dict, layers: int, full_layers: int = 32) -> dict | None:
+    """Linear fit (fixed + per-layer) of run_parity's stage times, peak RSS and trace bytes from the L and
+    2L runs, evaluated at `full_layers`."""
+    pL, p2L = results.get("parity_L"), results.get("parity_2L")
+    if not pL or not p2L or p2L.get("aborted") or p2L.get("failed") or pL.get("failed"):
+        return None
+    L1, L2 = layers, 2 * layers
+    out = {"layers": full_layers, "fit_from": [L1, L2], "stages": {}}
+
+    def fit(a, b):
+        per = (b - a) / (L2 - L1)
+        fixed = a - per * L1
+        return {"fixed": fixed, "per_layer": per, "at_full": fixed + per * full_layers}
+
+    names = sorted(set(pL["stages"]) | set(p2L["stages"]))
+    for n in names:
+        out["stages"][n] = fit(_stage(pL, n), _stage(p2L, n))
+    net = lambda p: p["run"]["wall_s"] - p.get("instrumentation_s", 0.0)  # noqa: E731
+    out["run_parity_s"] = fit(net(pL), net(p2L))
+    out["peak_rss_bytes"] = fit(pL["memory"]["peak_rss_bytes"], p2L["memory"]["peak_rss_bytes"])
+    out["resident_weight_bytes"] = fit(pL["resident_weight_bytes"], p2L["resident_weight_bytes"])
+    tb = [p.get("compare", {}).get("trace_bytes_on_disk") for p in (pL, p2L)]
+    if None not in tb:
+        out["trace_bytes_on_disk"] = fit(*tb)
+    return out
+
+
+def render(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console(width=int(os.environ.get("BENCH_WIDTH", "170")))
+    r = summary["ratios"]
+    t = Table(title=f"parity bench - {summary['config']['describe']}", show_lines=False)
+    for col in ("measure", "ratio", "target", "ok", "numbers behind it"):
+        t.add_column(col, overflow="fold")
+
+    def f(x, nd=3):
+        return "-" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
+
+    def gb(x):
+        return "-" if x is None else f"{x / GIB:.2f} GiB"
+
+    def s_(x):
+        return "-" if x is None else f"{x:.1f} s"
+
+    rows = []
+    c = r["capture_overhead"]["numbers"]
+    rows.append(("capture overhead", r["capture_overhead"],
+                 f"capture {s_(c['capture_fp32_s'])} / forward {s_(c['reference_fp32_s'])}; cpu ratio "
+                 f"{f(r['capture_overhead'].get('cpu_value'))}; base-tap {s_(c['capture_base_tap_s'])} -> "
+                 f"{f(c['with_base_tap'])} (bit-identical: {c['base_tap_bit_identical']}); trace "
+                 f"{gb(c['trace_bytes_fp32'])}"))
+    c = r["replay_vs_reference"]["numbers"]
+    rows.append(("replay / reference (fp32)", r["replay_vs_reference"],
+                 f"replay {s_(c['replay_fp32_s'])} / reference {s_(c['reference_fp32_s'])}; cpu ratio "
+                 f"{f(r['replay_vs_reference'].get('cpu_value'))}; traced replay / capture "
+                 f"{f(c['traced_replay_vs_capture'])}"))
+    c = r["compare_vs_memcpy"]["numbers"]
+    rows.append(("compare / memcpy", r["compare_vs_memcpy"],
+                 f"{gb(c['compare_bytes'])} in {s_(c['compare_s'])} = "
+                 f"{(c['compare_bytes_per_s'] or 0) / GIB:.2f} GiB/s vs memcpy "
+                 f"{(c['memcpy_bytes_per_s'] or 0) / GIB:.2f} GiB/s; one-pass proposal "
+                 f"{s_(c['fast_compare_s'])} -> {f(c['fast_compare_vs_memcpy'])}"))
+    c = r["run_vs_forwards"]["numbers"]
+    rows.append(("run_parity / forwards", r["run_vs_forwards"],
+                 f"run {s_(c['run_parity_s'])} / forwards {s_(c['forwards_needed_s'])} (fp32 {s_(c['reference_fp32_s'])}"
+                 f" + 2 x fp64 {s_(c['reference_fp64_s'])} + replay {s_(c['replay_e2e_s'])} + local "
+                 f"{s_(c['replay_local_s'])}); cpu ratio {f(r['run_vs_forwards'].get('cpu_value'))}"))
+    c = r["memory_2L_vs_L"]["numbers"]
+    ex = c["extra_bytes"]
+    rows.append((f"memory {c['layers'][1]}L / {c['layers'][0]}L", r["memory_2L_vs_L"],
+                 f"peak {gb(c['peak_rss_bytes'][0])} / {gb(c['peak_rss_bytes'][1])}, resident fp32 weights "
+                 f"{gb(c['resident_weight_bytes'][0])} / {gb(c['resident_weight_bytes'][1])}, extra "
+                 f"{gb(ex[0])} / {gb(ex[1])}" + (f"; 2L ABORTED: {c['aborted_2L']}" if c.get("aborted_2L") else "")))
+    for name, d, nums in rows:
+        ok = d.get("ok")
+        t.add_row(name, f(d.get("value")), d["target"], "-" if ok is None else ("yes" if ok else "NO"), nums)
+    con.print(t)
+    p = summary.get("projection")
+    if p:
+        con.print(f"Projection to {p['layers']} layers (linear fit of the {p['fit_from']}-layer runs): run_parity "
+                  f"{p['run_parity_s']['at_full'] / 60:.0f} min, peak RSS {p['peak_rss_bytes']['at_full'] / GIB:.1f} GiB, "
+                  f"traces on disk {p.get('trace_bytes_on_disk', {}).get('at_full', 0) / GIB:.0f} GiB")
+    con.print(f"machine: {summary['machine']['describe']}")
+
+
+def machine_info() -> dict:
+    import torch
+
+    cpu = ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "mem_total_bytes": memwatch.mem_total(),
+            "mem_available_bytes": memwatch.mem_available(), "loadavg": os.getloadavg(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
+    info["describe"] = (f"{cpu or platform.processor()} x{info['cores']}, {info['mem_total_bytes'] / GIB:.0f} GiB RAM, "
+                        f"torch {torch.__version__}, load avg {info['loadavg'][0]:.1f} at start")
+    return info
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=2, help="decoder layers L of the model (memory also at 2L)")
+    ap.add_argument("--rows", type=int, default=None, help="prompt rows (default 1300; --quick: the default case)")
+    ap.add_argument("--vocab", type=int, default=None, help="vocabulary (default 92544, XComposer2-7b's)")
+    ap.add_argument("--repeat", type=int, default=2, help="timed repeats of the key forwards (min is used)")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (smoke test), not 7B")
+    ap.add_argument("--no-memory", action="store_true", help="skip the 2L run (memory ratio, projection)")
+    ap.add_argument("--proposals", action="store_true", help="also run run_parity with benchmarks/proposals applied")
+    ap.add_argument("--memory-only", action="store_true",
+                    help="only run_parity at --layers (peak RSS; e.g. --layers 8 for the 8-layer claim)")
+    ap.add_argument("--profile", action="store_true", help="cProfile one capture and one traced replay")
+    ap.add_argument("--root", default=str(REPO / ".cache" / "bench"), help="cache of models/workspaces/results")
+    ap.add_argument("--out", default=str(REPO / "reports" / "bench.json"))
+    ap.add_argument("--min-available-gib", type=float, default=1.5,
+                    help="a child stops itself when the machine's MemAvailable drops below this")
+    ap.add_argument("--min-disk-gib", type=float, default=12.0,
+                    help="a child stops itself when free disk under --root drops below this")
+    # child protocol (internal)
+    ap.add_argument("--child", choices=("convert", "forwards", "parity"), help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--workspace", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    ap.add_argument("--image-rows", default="0", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        return run_child(args)
+
+    from benchmarks.models import REAL_VOCAB, bench_spec, ensure_model, spec_dict, weight_bytes
+
+    if args.layers < 1 or args.repeat < 1:
+        ap.error("--layers and --repeat must be >= 1")
+    vocab = args.vocab or REAL_VOCAB
+    if args.rows is None and not args.quick:
+        args.rows = 1300
+    root = Path(args.root)
+    root.mkdir(parents=True, exist_ok=True)
+    L = args.layers
+    depths = [L] if (args.no_memory or args.memory_only) else [L, 2 * L]
+    specs = {n: bench_spec(n, vocab, args.quick) for n in depths}
+    args.image_rows_for_model = specs[L].image_tokens
+    describe = (f"{'quick (tiny shapes)' if args.quick else '7B shapes'}: hidden {specs[L].hidden}, inter "
+                f"{specs[L].intermediate}, heads {specs[L].heads}/{specs[L].kv_heads}, head_dim {specs[L].head_dim}, "
+                f"PLoRA rank {specs[L].lora_layout()['attention.wqkv'][0]}, vocab {specs[L].vocab}, "
+                f"L={L}, rows {args.rows or 'default'} ({specs[L].image_tokens} image)")
+    summary: dict = {"config": {"describe": describe, "layers": L, "rows": args.rows, "repeat": args.repeat,
+                                "quick": args.quick, "spec": spec_dict(specs[L]), "weights": weight_bytes(specs[L])},
+                     "machine": machine_info(), "results": {}, "timing": {}}
+    log(f"[bench] {describe}")
+    models, workspaces = {}, {}
+    for n, spec in specs.items():
+        with Clock() as c:
+            models[n] = ensure_model(spec, root)
+        summary["timing"][f"model_L{n}"] = c.result()
+        conv = spawn(args, "convert", models[n], None, f"convert-L{n}")
+        summary["results"][f"convert_L{n}"] = conv
+        if conv.get("failed") or conv.get("aborted"):
+            log(f"[bench] conversion of {models[n]} failed: {conv}")
+            write_json(Path(args.out), summary)
+            return 1
+        workspaces[n] = Path(conv["workspace"])
+
+    res = summary["results"]
+    if args.memory_only:
+        res["parity_L"] = spawn(args, "parity", models[L], workspaces[L], f"parity-L{L}")
+        if args.proposals:
+            res["parity_L_proposals"] = spawn(args, "parity", models[L], workspaces[L], f"parity-L{L}-proposals",
+                                              ["--proposals"])
+        summary["memory_only"] = {k: {"peak_rss_bytes": v.get("memory", {}).get("peak_rss_bytes", v.get("peak_rss_bytes")),
+                                      "aborted": v.get("aborted", False), "reason": v.get("reason"),
+                                      "stage": v.get("stage"), "run": v.get("run"),
+                                      "stage_peaks_bytes": v.get("memory", {}).get("stage_peaks_bytes",
+                                                                                   v.get("stage_peaks_bytes"))}
+                                  for k, v in res.items() if k.startswith("parity")}
+        write_json(Path(args.out), summary)
+        print(json.dumps(summary["memory_only"], indent=1, default=_json_default))
+        return 0
+
+    res["forwards"] = spawn(args, "forwards", models[L], workspaces[L], f"forwards-L{L}")
+    res["parity_L"] = spawn(args, "parity", models[L], workspaces[L], f"parity-L{L}")
+    if 2 * L in models:
+        res["parity_2L"] = spawn(args, "parity", models[2 * L], workspaces[2 * L], f"parity-L{2 * L}")
+    if args.proposals:
+        res["parity_L_proposals"] = spawn(args, "parity", models[L], workspaces[L], f"parity-L{L}-proposals",
+                                          ["--proposals"])
+    summary["ratios"] = compute(res, L)
+    summary["projection"] = projection(res, L)
+    summary["machine"]["loadavg_end"] = os.getloadavg()
+    write_json(Path(args.out), summary)
+    render(summary)
+    failed = [k for k, v in res.items() if v.get("failed")]
+    if failed:
+        log(f"[bench] children failed: {failed}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""What a faithful conversion of the HF model writes, one layer at a time.
+
+The weights audit compares every workspace tensor with this. A 7B state dict transformed at once would
+double the weights in memory, so tensors are produced per layer on demand and only the layer in use is
+kept. The expected layout is the *correct* one (the model's real head_dim), not lmdeploy's reader with its
+hard-coded 128: a mis-split is a difference to report, not a convention to reproduce.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+
+import torch
+
+from .layout import hf_to_tm
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def fingerprint(t: torch.Tensor) -> tuple:
+    t = t.double()
+    return (tuple(t.shape), round(float(t.sum()), 6), round(float(t.abs().sum()), 6))
+
+
+class ExpectedTensors(Mapping):
+    """Mapping TurboMind tensor name -> expected tensor (merged, tp=1 layout), computed layer by layer."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor], shape) -> None:
+        self._state = state
+        self._shape = shape
+        self._groups: dict[int, list[str]] = {}
+        for k in state:
+            m = _LAYER.match(k)
+            self._groups.setdefault(int(m.group(1)) if m else -1, []).append(k)
+        self._cached: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._where: dict[str, int] = {}
+        self.fingerprints: dict[str, tuple] = {}
+        for group in sorted(self._groups):
+            for name, t in self._layer(group).items():
+                self._where[name] = group
+                self.fingerprints[name] = fingerprint(t)
+
+    def _layer(self, group: int) -> dict[str, torch.Tensor]:
+        if self._cached is None or self._cached[0] != group:
+            subset = {k: self._state[k] for k in self._groups.get(group, [])}
+            self._cached = (group, hf_to_tm(subset, self._shape, reader_head_dim=None))
+        return self._cached[1]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._layer(self._where[name])[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._where

@@ -1,0 +1,347 @@
+"""Deployment audit: what lmdeploy 0.7.1 would pick for a model folder, asked of lmdeploy itself, and whether
+it fits the model.
+
+One architecture string drives lmdeploy's weight reader and its vision loader (turbomind-plora.md §3):
+`lmdeploy.archs.get_model_arch` (architectures[0], forced to InternLMXComposer2ForCausalLM by any auto_map
+value naming it) -> `lmdeploy.turbomind.supported_models.SUPPORTED_ARCHS` (the reader; only 'xcomposer2'
+reads PLoRA) and the vision registry (`VISION_MODELS`, the first `match(config)` wins, as in
+`load_vl_model`). For 'xcomposer2', `get_xcomposer_type` picks the sub-type and with it the hard-coded LoRA
+settings, which the source model's `model_info()` returns (parity's registered class, if
+`register_lora_config()` ran in this process, returns parity_lora_config.json's).
+
+The model side is read from the model itself: its code built on the meta device (no weights), PLoRA
+linears found structurally (`parity.reference.anatomy`; a Qwen2 model's q/k/v count as one fused wqkv of
+rank r_q + r_k + r_v and scale 1.0, what a faithful conversion must resolve).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ParityInputError
+from ..points import PLORA_LINEARS, TM_LINEAR_NAMES
+from ..records import Finding
+from .lora import LORA_CONFIG_FILE, is_registered
+from .qwen2 import XCOMPOSER2_ARCH
+
+_SUB_TYPES = {"XCOMPOSER2": "7b", "XCOMPOSER2_4KHD": "4khd", "XCOMPOSER2D5": "2.5"}
+LMDEPLOY_READER_HEAD_DIM = 128
+
+
+@dataclass
+class DeploymentAudit:
+    model: str
+    architecture: str | None                 # lmdeploy.archs.get_model_arch
+    reader: str | None                       # SUPPORTED_ARCHS[architecture]: TurboMind's weight reader
+    vision_model: str | None                 # the first VISION_MODELS entry whose match() accepts the config
+    sub_type: str | None                     # get_xcomposer_type: "7b" | "4khd" | "2.5" (xcomposer2 reader only)
+    sub_type_expected: str | None            # what the checkpoint's ixc_utils.py defines
+    lora_config: dict[str, Any] | None       # what the converter would write to config.yaml
+    lora_registered: bool                    # parity's register_lora_config() active in this process
+    model_family: str | None                 # "xcomposer2" | "qwen2-plora" | None
+    model_linears: dict[str, dict[str, Any]] = field(default_factory=dict)   # canonical -> {rank, scale, layers}
+    engine_linears: dict[str, dict[str, Any]] = field(default_factory=dict)  # canonical -> {rank, scale, layers}
+    qkv_bias: bool = False
+    head_dim: int | None = None
+    findings: list[Finding] = field(default_factory=list)
+    table: list[dict[str, Any]] = field(default_factory=list)  # {item, lmdeploy, model, ok, note}
+
+    @property
+    def ok(self) -> bool:
+        return not any(f.severity == "error" for f in self.findings)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ok"] = self.ok
+        return d
+
+    def summary(self) -> str:
+        lines = [f"Deployment audit of {self.model} with lmdeploy 0.7.1: {'OK' if self.ok else 'PROBLEMS'}"]
+        for row in self.table:
+            mark = "ok " if row["ok"] else "BAD"
+            note = f"  ({row['note']})" if row.get("note") else ""
+            lines.append(f"  [{mark}] {row['item']}: lmdeploy {row['lmdeploy']!s} | model {row['model']!s}{note}")
+        for f in self.findings:
+            lines.append(f"  {f.severity}: {f.cause}: {f.message}")
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ lmdeploy's side
+
+
+def _quiet():
+    stack = contextlib.ExitStack()
+    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+    stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+    lg = logging.getLogger("lmdeploy")
+    level = lg.level
+    lg.setLevel(logging.ERROR)
+    stack.callback(lg.setLevel, level)
+    return stack
+
+
+def _lmdeploy_view(path: str) -> dict[str, Any]:
+    """Ask lmdeploy: arch, reader, vision model, sub-type, lora_config (or the error it raised)."""
+    from ..deploy.compat import cpu_converter_patches
+
+    out: dict[str, Any] = {"errors": []}
+    with cpu_converter_patches(), _quiet():
+        from lmdeploy.archs import get_model_arch
+        from lmdeploy.turbomind.deploy.config import LoraConfig, config_from_dict, config_to_dict
+        from lmdeploy.turbomind.deploy.source_model.base import INPUT_MODELS
+        from lmdeploy.turbomind.supported_models import SUPPORTED_ARCHS
+
+        arch, hf_config = get_model_arch(path)
+        out["arch"] = arch
+        out["reader"] = SUPPORTED_ARCHS.get(arch)
+        try:
+            import lmdeploy.vl.model.builder  # noqa: F401 - registers every vision model, in lmdeploy's order
+            from lmdeploy.vl.model.base import VISION_MODELS
+
+            out["vision"] = None
+            for name, module in VISION_MODELS.module_dict.items():
+                try:
+                    if module.match(hf_config):
+                        out["vision"] = name
+                        break
+                except Exception as e:  # a match() that cannot read this config: lmdeploy would raise too
+                    out["errors"].append(f"vision model {name}.match raised {type(e).__name__}: {e}")
+                    break
+        except Exception as e:  # pragma: no cover - vision stack not importable
+            out["vision"] = None
+            out["errors"].append(f"lmdeploy's vision registry could not be imported ({type(e).__name__}: {e})")
+        out["sub_type"] = None
+        if out["reader"] == "xcomposer2":
+            from lmdeploy.vl.model.xcomposer2 import get_xcomposer_type
+
+            mt = get_xcomposer_type(path)[0]
+            out["sub_type"] = _SUB_TYPES.get(mt.name, mt.name.lower())
+        out["lora_config"] = None
+        if out["reader"] is not None:
+            try:
+                source = INPUT_MODELS.get(out["reader"])(model_path=path, tokenizer_path=path, input_policy=None)
+                info = source.model_info()
+                base = config_to_dict(LoraConfig())
+                base.update({k: v for k, v in info.items() if k in base})
+                out["lora_config"] = config_to_dict(config_from_dict(LoraConfig, base))
+            except Exception as e:
+                out["errors"].append(f"lmdeploy's '{out['reader']}' source model failed on this folder "
+                                     f"({type(e).__name__}: {e})")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the model's side
+
+
+def _model_view(path: str, cfg: dict) -> dict[str, Any]:
+    """Per canonical linear and layer: (rank, scale); the qkv bias; head_dim; the vision interface."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..reference.anatomy import discover
+
+    out: dict[str, Any] = {"linears": {}, "bias": False, "vision": False, "error": None}
+    try:
+        with _quiet():
+            config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, trust_remote_code=True)
+    except Exception as e:
+        out["error"] = f"the model could not be built from its code ({type(e).__name__}: {str(e)[:200]})"
+        return out
+    out["vision"] = all(hasattr(model, a) for a in ("vit", "vision_proj"))
+    try:
+        anatomy = discover(model, path)
+    except ParityInputError as e:
+        out["error"] = str(e)
+        return out
+    for layer, lins in anatomy.linears.items():
+        for point, lin in lins.items():
+            out["linears"][(layer, point)] = (lin.rank, lin.scale)
+            if point == "attention.wqkv" and lin.module.bias is not None:
+                out["bias"] = True
+    return out
+
+
+def _expected_sub_type(path: Path) -> str | None:
+    from ..deploy.convert import _ixc_expected
+
+    return _ixc_expected(path)[0]
+
+
+def _group(values: dict[tuple[int, str], tuple[int, float]]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for linear in PLORA_LINEARS:
+        per = {layer: v for (layer, lin), v in values.items() if lin == linear}
+        if not per:
+            continue
+        distinct = sorted(set(per.values()))
+        out[linear] = {"rank": distinct[0][0] if len(distinct) == 1 else [d[0] for d in distinct],
+                       "scale": distinct[0][1] if len(distinct) == 1 else [d[1] for d in distinct],
+                       "layers": len(per)}
+    return out
+
+
+def audit_deployment(model_dir: str | Path, *, trust_remote_code: bool = False) -> DeploymentAudit:
+    """What lmdeploy 0.7.1 would do with `model_dir` (its own resolution functions) and whether it fits.
+
+    lmdeploy runs the folder's remote code (config and, for XComposer2, ixc_utils.py and the model class for
+    the vision part); so does this audit, on the meta device: pass `trust_remote_code=True` when the
+    config has an auto_map.
+    """
+    path = Path(model_dir).resolve()
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise ParityInputError(f"{cfg_path} is missing; expected a Hugging Face model folder to audit.")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ParityInputError(f"{cfg_path} is not valid JSON ({e}).") from None
+    if cfg.get("auto_map") and not trust_remote_code:
+        raise ParityInputError(
+            f"Model {path} ships its own code (auto_map in config.json); lmdeploy runs it when it resolves the "
+            "architecture and the vision model, and so does this audit. Pass trust_remote_code=True "
+            "(--trust-remote-code) if you trust it."
+        )
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from ..reference.loader import model_family
+
+    lm = _lmdeploy_view(str(path))
+    mv = _model_view(str(path), cfg)
+    heads = int(cfg.get("num_attention_heads") or 1)
+    head_dim = int(cfg.get("head_dim") or int(cfg.get("hidden_size", 0)) // heads)
+    audit = DeploymentAudit(
+        model=str(path), architecture=lm["arch"], reader=lm["reader"], vision_model=lm.get("vision"),
+        sub_type=lm["sub_type"], sub_type_expected=_expected_sub_type(path), lora_config=lm["lora_config"],
+        lora_registered=is_registered(), model_family=model_family(cfg),
+        model_linears=_group(mv["linears"]), qkv_bias=mv["bias"], head_dim=head_dim,
+    )
+    _judge(audit, cfg, lm, mv, path)
+    return audit
+
+
+def _finding(audit: DeploymentAudit, severity: str, cause: str, message: str, **kw: Any) -> None:
+    audit.findings.append(Finding(check="deployment", severity=severity, cause=cause, message=message, **kw))
+
+
+def _judge(audit: DeploymentAudit, cfg: dict, lm: dict, mv: dict, path: Path) -> None:
+    from ..deploy.lora_config import resolve
+    from ..deploy.workspace import LoraSettings
+
+    declared = (cfg.get("architectures") or [None])[0]
+    has_plora = bool(mv["linears"])
+    row = audit.table.append
+    for err in lm["errors"]:
+        _finding(audit, "error", "config_mismatch", f"{err}.")
+    if mv["error"]:
+        _finding(audit, "warning", "config_mismatch", f"Model side not audited: {mv['error']}.")
+
+    # architecture and reader
+    ok_reader = audit.reader == "xcomposer2" or not has_plora
+    row({"item": "architecture", "lmdeploy": audit.architecture, "model": declared,
+         "ok": audit.reader is not None, "note": "get_model_arch (auto_map naming XComposer2 forces it)"})
+    row({"item": "weight reader", "lmdeploy": audit.reader, "model": "PLoRA" if has_plora else "no PLoRA",
+         "ok": audit.reader is not None and ok_reader, "note": "only 'xcomposer2' reads Plora_A/Plora_B"})
+    if audit.reader is None:
+        _finding(audit, "error", "config_mismatch",
+                 f"lmdeploy resolves the architecture to {audit.architecture!r}, which is not in TurboMind's "
+                 "SUPPORTED_ARCHS: `lmdeploy convert` and the TurboMind backend refuse this folder. "
+                 + ("For a Qwen2-based PLoRA model, disguise it as XComposer2 (parity disguise)." if
+                    audit.model_family == "qwen2-plora" else ""))
+    elif has_plora and audit.reader != "xcomposer2":
+        _finding(audit, "error", "lora_not_applied", layer=0, module="attention.wqkv", positions="image",
+                 message=(f"Architecture conflict: lmdeploy maps {audit.architecture!r} to its '{audit.reader}' "
+                          "reader, which has no PLoRA: the Plora_A/Plora_B tensors are ignored and the conversion "
+                          "succeeds silently, so image rows run without their LoRA. Only "
+                          f"{XCOMPOSER2_ARCH} gets PLoRA (and the XComposer2 vision loader)"
+                          + ("; disguise the model (parity disguise)." if audit.model_family == "qwen2-plora" else ".")))
+
+    # vision
+    wants_vision = mv["vision"]
+    ok_vision = (audit.vision_model == "Xcomposer2VisionModel") if wants_vision else True
+    row({"item": "vision model", "lmdeploy": audit.vision_model, "model": "vit + vision_proj" if wants_vision else "-",
+         "ok": ok_vision, "note": "first VISION_MODELS match()"})
+    if wants_vision and not ok_vision:
+        _finding(audit, "error", "config_mismatch",
+                 f"lmdeploy's vision loader picks {audit.vision_model or 'no vision model'} for this config, but the "
+                 "model's image path is XComposer2's (vit + vision_proj): lmdeploy would not compute its image "
+                 "features (Xcomposer2VisionModel.match needs the XComposer2 architecture or auto_map).")
+
+    # sub-type (the 4KHD trap)
+    if audit.reader == "xcomposer2":
+        ok_sub = audit.sub_type_expected is None or audit.sub_type == audit.sub_type_expected
+        row({"item": "xcomposer2 sub-type", "lmdeploy": audit.sub_type, "model": audit.sub_type_expected or "7b",
+             "ok": ok_sub, "note": "get_xcomposer_type imports ixc_utils.py and swallows failures"})
+        if not ok_sub:
+            _finding(audit, "error", "config_mismatch", layer=0, module="attention.wqkv", positions="image",
+                     message=(f"Sub-type trap: {path / 'ixc_utils.py'} defines the XComposer2-{audit.sub_type_expected} "
+                              f"entry point, but lmdeploy's get_xcomposer_type could not import it and answers "
+                              f"{audit.sub_type}: it writes that sub-type's LoRA settings and vision preprocessing. "
+                              "Fix the import (e.g. a torchvision matching torch) before converting."))
+
+    # LoRA settings
+    registered_note = ""
+    if (path / LORA_CONFIG_FILE).is_file() and not audit.lora_registered:
+        registered_note = (f" The folder has {LORA_CONFIG_FILE}, but parity.disguise.register_lora_config() is not "
+                           "active in this process, so lmdeploy uses its hard-coded settings: call it in the "
+                           "converting/serving process.")
+    if audit.lora_config is not None:
+        row({"item": "lora_config written", "lmdeploy": audit.lora_config,
+             "model": "per linear below" if has_plora else "-",
+             "ok": not has_plora or audit.lora_config.get("lora_policy") == "plora",
+             "note": "parity's registered class" if audit.lora_registered and audit.reader == "xcomposer2" else
+             "lmdeploy's own model_info()"})
+    if audit.reader == "xcomposer2" and audit.lora_config is not None and has_plora:
+        lora = LoraSettings(**audit.lora_config)
+        if lora.lora_policy != "plora":
+            _finding(audit, "error", "lora_not_applied", layer=0, module="attention.wqkv", positions="image",
+                     message=f"lora_policy would be {lora.lora_policy!r}, not 'plora': no partial LoRA at all.")
+        engine = {k: resolve(lora, k[0], TM_LINEAR_NAMES[k[1]]) for k in mv["linears"]}
+        audit.engine_linears = _group(engine)
+        for linear in PLORA_LINEARS:
+            keys = sorted(k for k in mv["linears"] if k[1] == linear)
+            if not keys:
+                continue
+            bad_r = [k[0] for k in keys if engine[k][0] != mv["linears"][k][0]]
+            bad_s = [k[0] for k in keys if k[0] not in bad_r and
+                     abs(engine[k][1] - mv["linears"][k][1]) > 1e-6 * max(1.0, abs(mv["linears"][k][1]))]
+            k0 = keys[0]
+            row({"item": f"lora {linear}", "lmdeploy": engine[k0], "model": mv["linears"][k0],
+                 "ok": not bad_r and not bad_s, "note": f"layers {len(keys)}"})
+            if bad_r:
+                k = (bad_r[0], linear)
+                _finding(audit, "error", "lora_rank_mismatch", layer=bad_r[0], module=linear, positions="image",
+                         metrics={"layers": bad_r, "model": mv["linears"][k][0], "engine": engine[k][0]},
+                         message=(f"TurboMind would resolve LoRA rank {engine[k][0]} for {TM_LINEAR_NAMES[linear]}, "
+                                  f"but the model's is {mv['linears'][k][0]} (layers {bad_r}): TurboMind fails at load "
+                                  "(byte-size check)." + registered_note))
+            if bad_s:
+                k = (bad_s[0], linear)
+                _finding(audit, "error", "lora_scale_mismatch", layer=bad_s[0], module=linear, positions="image",
+                         metrics={"layers": bad_s, "model": mv["linears"][k][1], "engine": engine[k][1]},
+                         message=(f"TurboMind would resolve LoRA scale {engine[k][1]:g} for {TM_LINEAR_NAMES[linear]}, "
+                                  f"but the model's is {mv['linears'][k][1]:g} (layers {bad_s}): accepted silently, "
+                                  "the image rows' LoRA is scaled wrongly." + registered_note))
+
+    # what the xcomposer2 reader cannot carry
+    if audit.reader in ("xcomposer2", "internlm2"):
+        row({"item": "qkv bias", "lmdeploy": "dropped (attn_bias 0)", "model": audit.qkv_bias,
+             "ok": not audit.qkv_bias, "note": "the reader never exports attention biases"})
+        if audit.qkv_bias:
+            _finding(audit, "error", "bias_dropped", layer=0, module="attention.wqkv", positions="all",
+                     message=("The model's wqkv (q/k/v) has a bias, but lmdeploy's xcomposer2 reader never exports "
+                              "attention biases (attn_bias = 0): TurboMind computes q/k/v without them."))
+        row({"item": "head_dim", "lmdeploy": LMDEPLOY_READER_HEAD_DIM, "model": audit.head_dim,
+             "ok": audit.head_dim == LMDEPLOY_READER_HEAD_DIM, "note": "wqkv split hard-codes 128"})
+        if audit.head_dim != LMDEPLOY_READER_HEAD_DIM:
+            _finding(audit, "error", "shape_mismatch", layer=0, module="attention.wqkv", positions="all",
+                     message=(f"head_dim is {audit.head_dim}, but lmdeploy's reader splits wqkv with a hard-coded 128 "
+                              "(view(kv_heads, gs + 2, 128, -1)): q/k/v are scrambled without an error."))

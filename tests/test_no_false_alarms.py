@@ -1,0 +1,232 @@
+"""No false alarms: clean models of random shapes, converted faithfully, must pass with zero error findings.
+
+Hypothesis draws tiny XComposer2 checkpoints (`FixtureSpec`: family, 1-3 layers, GQA with >= 2 heads per kv
+head and head_dim 128, FFN width, a PLoRA rank and alpha per linear, vision tower and image size, seed,
+checkpoint dtype) and input cases (0-2 images, random text and chat tokens, both BOS policies). Each model is
+converted once by lmdeploy's own converter with the lora_config that matches its ranks and alphas (the
+converter's hard-coded XComposer2 settings would not), then `run_parity` runs in BOTH numeric modes on one
+shared reference session. Every run must be `pass` with no error finding; thresholds stay the defaults.
+
+Deterministic (`derandomize=True`, no example database) and sized for CI: `EXAMPLES` models, 2 runs each.
+The regression tests at the bottom keep the clean cases found to fail, with the cause in their reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from parity.deploy.convert import convert_cached
+from parity.deploy.lora_config import lora_config_for
+from parity.fixtures import IMAGES_DIR, FixtureSpec, write_model
+from parity.fixtures.generator import CHARS, CHAT_TOKENS, TOKENIZER_SIZE
+from parity.pipeline import RunOptions, run_parity
+from parity.points import PLORA_LINEARS, TM_LINEAR_NAMES
+from parity.records import CanonicalInput, Segment
+from parity.reference.session import ReferenceSession
+
+pytestmark = pytest.mark.slow
+
+EXAMPLES = 8
+MODES = ("fp32", "emulate")
+IMAGES = tuple(sorted(Path(IMAGES_DIR).glob("*.png")))
+
+# (layer, TurboMind linear) -> (rank, scale) is what TurboMind resolves; alpha / rank is XComposer2's scaling.
+RANKS = (1, 2, 3, 8, 16, 64, 256)
+ALPHAS = (0.5, 1.0, 2.0, 3.0, 16.0, 256.0)
+
+
+# ----------------------------------------------------------------------------- strategies
+
+
+@st.composite
+def specs(draw, dtypes=("bfloat16", "float16")) -> FixtureSpec:
+    kv = draw(st.integers(1, 2))
+    patch = draw(st.sampled_from((7, 14)))
+    lora = {lin: (draw(st.sampled_from(RANKS)), draw(st.sampled_from(ALPHAS))) for lin in PLORA_LINEARS}
+    return FixtureSpec(
+        name="clean",
+        variant=draw(st.sampled_from(("7b", "4khd"))),
+        layers=draw(st.integers(1, 3)),
+        heads=kv * draw(st.integers(2, 3)),
+        kv_heads=kv,
+        head_dim=128,
+        intermediate=draw(st.sampled_from((128, 200, 256, 384))),
+        vocab=draw(st.sampled_from((TOKENIZER_SIZE, 128, 131))),
+        lora=lora,
+        seed=draw(st.integers(0, 2**16)),
+        patch_size=patch,
+        image_size=patch * draw(st.integers(1, 4)),
+        vision_hidden=draw(st.sampled_from((16, 32, 64))),
+        vision_layers=draw(st.integers(1, 2)),
+        rms_norm_eps=draw(st.sampled_from((1e-5, 1e-6))),
+        rope_theta=draw(st.sampled_from((1e4, 1e6))),
+        dtype=draw(st.sampled_from(dtypes)),
+    )
+
+
+_texts = st.lists(
+    st.one_of(st.text(alphabet=st.sampled_from(CHARS), max_size=16), st.sampled_from(CHAT_TOKENS)), max_size=3
+).map("".join)
+
+
+@st.composite
+def cases(draw, name: str) -> CanonicalInput:
+    n_images = draw(st.integers(0, 2))
+    segs: list[Segment] = [Segment("image", image=draw(st.sampled_from(IMAGES))) for _ in range(n_images)]
+    for _ in range(draw(st.integers(0 if n_images else 1, 3))):
+        segs.insert(draw(st.integers(0, len(segs))), Segment("text", text=draw(_texts)))
+    return CanonicalInput(name=name, segments=tuple(segs), bos_policy=draw(st.sampled_from(("first", "every_text"))))
+
+
+@st.composite
+def case_lists(draw) -> list[CanonicalInput]:
+    return [draw(cases(f"case{i}")) for i in range(draw(st.integers(1, 2)))]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def matching_lora_config(spec: FixtureSpec) -> dict:
+    """The lora_config under which TurboMind resolves exactly the spec's ranks and alpha / rank scales."""
+    layout = spec.lora_layout()
+    return lora_config_for({(i, TM_LINEAR_NAMES[lin]): (r, float(a) / r)
+                            for i in range(spec.layers) for lin, (r, a) in layout.items()})
+
+
+def build(spec: FixtureSpec, root: Path) -> tuple[Path, Path]:
+    """(model folder, workspace) for `spec`, written and converted once per spec under `root`."""
+    key = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    model = root / "models" / key
+    if not (model / "model.safetensors").is_file():
+        write_model(spec, model)
+    ws = convert_cached(model, root / "workspaces", lora_config=matching_lora_config(spec))
+    return model, ws
+
+
+_REPORTS: dict[str, list[tuple[str, object]]] = {}
+
+
+def clean_runs(spec: FixtureSpec, inputs: list[CanonicalInput], root: Path) -> list[tuple[str, object]]:
+    """Run both numeric modes on one shared reference session; (mode, report) per run (memoised)."""
+    key = repr((spec, inputs))
+    if key not in _REPORTS:
+        _REPORTS[key] = _clean_runs(spec, inputs, root)
+    return _REPORTS[key]
+
+
+def _clean_runs(spec: FixtureSpec, inputs: list[CanonicalInput], root: Path) -> list[tuple[str, object]]:
+    model, ws = build(spec, root)
+    out = []
+    with ReferenceSession(model, trust_remote_code=True) as session:
+        for mode in MODES:
+            opts = RunOptions(model=model, workspace=ws, cases=inputs, numeric=mode, trust_remote_code=True,
+                              session=session)
+            out.append((mode, run_parity(opts)))
+    return out
+
+
+def assert_clean(spec: FixtureSpec, inputs: list[CanonicalInput], mode: str, report) -> None:
+    errors = [f for f in report.findings if f.severity == "error"]
+    detail = "; ".join(f"[{f.check}/{f.cause} layer {f.layer} {f.module} {f.case}] {f.message}" for f in errors[:5])
+    assert report.status == "pass" and not errors, (
+        f"false alarm in {mode} mode: {len(errors)} error finding(s) for {spec} on {inputs}: {detail}")
+    # The run was a real comparison: every point compared, and PLoRA deltas judged wherever there are images.
+    assert {p.case for p in report.points} == {c.name for c in inputs}
+    with_images = {c.name for c in inputs if any(s.kind == "image" for s in c.segments)}
+    judged = {row["case"] for row in report.plora_table if "delta_rel_l2" in row}
+    assert judged == with_images
+
+
+# ----------------------------------------------------------------------------- the property
+
+
+RUNS: list[tuple[str, str]] = []  # (spec digest, mode) of every clean run this session executed
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("clean")
+
+
+def test_random_clean_models_raise_no_alarm(root):
+    before = len(RUNS)
+    seen: list[FixtureSpec] = []
+
+    @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+              phases=(Phase.explicit, Phase.generate), print_blob=True,
+              suppress_health_check=list(HealthCheck))
+    @given(spec=specs(), inputs=case_lists())
+    def check(spec: FixtureSpec, inputs: list[CanonicalInput]) -> None:
+        seen.append(spec)
+        for mode, report in clean_runs(spec, inputs, root):
+            RUNS.append((repr(spec), mode))
+            assert_clean(spec, inputs, mode, report)
+
+    check()
+    # Hypothesis really drew EXAMPLES distinct models, and each ran in both modes.
+    assert len(seen) == EXAMPLES and len({repr(s) for s in seen}) == EXAMPLES
+    assert len(RUNS) - before == len(MODES) * EXAMPLES
+    print(f"\n{len(RUNS) - before} clean runs ({EXAMPLES} models x {len(MODES)} numeric modes), 0 error findings")
+
+
+# ----------------------------------------------------------------------------- regressions
+
+
+# fp32 mode, a rank-2 PLoRA on feed_forward.w3 with one image row: TurboMind's (and the replay's) `x @ A` is a
+# different fp32 summation than the reference's `Plora_A(x)`; for the 2 numbers a rank-2 bottleneck leaves per
+# row the reference's own fp32 error (the noise floor, 4e-8) came out 50x smaller than the replay's (2e-6), so
+# the delta failed at the 1e-6 floor threshold ("the LoRA A/B weights differ", cosine 1). Exact-accumulation
+# linears in the fp32 replay (float64 matmuls rounded once to float32) make it pass.
+LOW_RANK_SPEC = FixtureSpec(
+    name="fa48", variant="4khd", layers=3, heads=9, kv_heads=3, head_dim=128, intermediate=128, vocab=128,
+    lora={"attention.wqkv": (2, 256.0), "attention.wo": (64, 256.0), "feed_forward.w1": (3, 256.0),
+          "feed_forward.w3": (2, 16.0), "feed_forward.w2": (2, 1.0)},
+    seed=28, image_size=7, patch_size=7, vision_hidden=64, vision_layers=1, rms_norm_eps=1e-05, rope_theta=1e6,
+)
+LOW_RANK_CASE = CanonicalInput(name="c", bos_policy="every_text", segments=(
+    Segment("text", text='g"'), Segment("image", image=Path(IMAGES_DIR) / "gradient.png"),
+    Segment("text", text="g7`)BH")))
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "BUG (parity/deploy/replay.py ReplayEngine._linear, fp32 mode): the replay's fp32 matmul rounding differs "
+    "from the reference's and the fp64-vs-fp32 noise floor of a rank-2 delta can be 50x below it. The exact "
+    "outcome depends on the BLAS kernels of the CPU, hence not strict."))
+def test_regression_low_rank_delta_fp32(root):
+    for mode, report in clean_runs(LOW_RANK_SPEC, [LOW_RANK_CASE], root):
+        RUNS.append((repr(LOW_RANK_SPEC), mode))
+        assert_clean(LOW_RANK_SPEC, [LOW_RANK_CASE], mode, report)
+
+
+# A float32 checkpoint: lmdeploy 0.7.1's converter has no fp32 weight type and writes float16 weights
+# (converter.get_output_model_registered_name_and_config: TORCH_DTYPE_MAP has only bf16/fp16). In fp32 mode the
+# noise floor is float64 vs float32, blind to that rounding, so every point fails at ~2e-4 (above even the
+# fp32 cap of 1e-4) and the plora check says "the LoRA A/B weights differ". The emulate mode passes.
+FP32_SPEC = FixtureSpec(name="fp32ckpt", layers=1, heads=2, kv_heads=1, intermediate=128, vocab=TOKENIZER_SIZE,
+                        lora={lin: (8, 16.0) for lin in PLORA_LINEARS}, seed=3, image_size=14, patch_size=7,
+                        vision_hidden=16, vision_layers=1, dtype="float32")
+FP32_CASE = CanonicalInput(name="c", segments=(
+    Segment("text", text="Hi "), Segment("image", image=IMAGES[0]), Segment("text", text=" what?")))
+
+
+def test_float32_checkpoint_passes_in_emulate_mode(root):
+    runs = dict(clean_runs(FP32_SPEC, [FP32_CASE], root))
+    RUNS.append((repr(FP32_SPEC), "emulate"))
+    assert_clean(FP32_SPEC, [FP32_CASE], "emulate", runs["emulate"])
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG (parity/pipeline.py run_parity / reference session, fp32 mode): a float32 checkpoint is stored as "
+    "float16 by lmdeploy's converter, and the fp32-mode reference keeps the unrounded weights, so the "
+    "conversion's legitimate rounding is reported as drift and as LoRA weight mismatches."))
+def test_float32_checkpoint_passes_in_fp32_mode(root):
+    runs = dict(clean_runs(FP32_SPEC, [FP32_CASE], root))
+    RUNS.append((repr(FP32_SPEC), "fp32"))
+    assert_clean(FP32_SPEC, [FP32_CASE], "fp32", runs["fp32"])
