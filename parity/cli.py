@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common_model(r)
     r.add_argument("--workspace", type=Path, help="converted workspace (default: convert into the cache)")
     r.add_argument("--engine", choices=["replay", "turbomind"], default="replay")
+    r.add_argument("--layers", choices=["every", "bisect"],
+                   help="with --engine turbomind: per-layer values by deploying copies of the model truncated to k "
+                        "layers (every layer, or bisection to the first divergent layer in about log2(L) "
+                        "deployments), plus the engine's own PLoRA on/off effect")
+    r.add_argument("--session-len", type=int, help="TurboMind session_len for --engine turbomind")
     r.add_argument("--lmdeploy-version", help="replay this release's runtime semantics (default: installed)")
     r.add_argument("--numeric", choices=["fp32", "emulate"], default="fp32",
                    help="fp32 isolates conversion/config faults; emulate rounds like the deployment dtype")
@@ -74,7 +79,8 @@ def _run(a: argparse.Namespace) -> int:
     opts = RunOptions(
         model=a.model, workspace=a.workspace, engine=a.engine, lmdeploy_version=a.lmdeploy_version,
         inputs=a.inputs, numeric=a.numeric, serve_from=a.serve_from, trust_remote_code=a.trust_remote_code,
-        thresholds=thresholds, cache_dir=a.cache_dir, keep_traces=a.keep_traces,
+        thresholds=thresholds, cache_dir=a.cache_dir, keep_traces=a.keep_traces, layers=a.layers,
+        live={"session_len": a.session_len} if a.session_len else {},
     )
     report = run_parity(opts)
     paths = write_reports(report, a.out)

@@ -51,6 +51,8 @@ class RunOptions:
     cache_dir: Path = DEFAULT_CACHE
     keep_traces: Path | None = None
     session: ReferenceSession | None = None          # share reference captures across runs
+    layers: str | None = None                        # "every" | "bisect": per-layer values from the live engine
+    live: dict[str, Any] = field(default_factory=dict)  # LiveTurboMind options (session_len, dtype, ...)
     # Hooks for the fault catalogue: mutate what a stage hands to the next (never used by plain runs).
     mutate_engine_call: Callable[[str, Any], Any] | None = None
     mutate_hf_prepared: Callable[[PreparedInput], PreparedInput] | None = None
@@ -63,14 +65,9 @@ def _engine(opts: RunOptions, ws, semantics):
 
         return ReplayEngine(ws, semantics, numeric=opts.numeric, serve_from=opts.serve_from)
     if opts.engine == "turbomind":
-        from .errors import EngineUnavailable
+        from .deploy.live import LiveTurboMind  # raises EngineUnavailable (exit 2) without CUDA/TurboMind
 
-        if not torch.cuda.is_available():
-            raise EngineUnavailable(
-                "--engine turbomind needs a CUDA GPU and lmdeploy's compiled TurboMind extension; this machine has "
-                "no CUDA device. Use --engine replay (the default) to replay the workspace on CPU."
-            )
-        raise EngineUnavailable("--engine turbomind is not available in this build of parity yet.")
+        return LiveTurboMind(ws.root if opts.serve_from == "workspace" else opts.model, **opts.live)
     raise ParityInputError(f"Unknown engine {opts.engine!r}; expected 'replay' or 'turbomind'.")
 
 
@@ -147,6 +144,17 @@ def run_parity(opts: RunOptions) -> Report:
     semantics = semantics_for(version)
     if opts.numeric not in ("fp32", "emulate"):
         raise ParityInputError(f"--numeric must be 'fp32' or 'emulate', got {opts.numeric!r}.")
+    live = opts.engine == "turbomind"
+    if opts.layers not in (None, "every", "bisect"):
+        raise ParityInputError(f"--layers must be 'every' or 'bisect', got {opts.layers!r}.")
+    if opts.layers and not live:
+        raise ParityInputError("--layers needs --engine turbomind: the replay engine records every layer already.")
+    if live:  # fail before any work when TurboMind cannot run here (EngineUnavailable: exit 2, one paragraph)
+        from .deploy.live import available, unavailable_error
+
+        ok, reason = available()
+        if not ok:
+            raise unavailable_error(reason)
     session = opts.session or ReferenceSession(opts.model, opts.trust_remote_code)
     ref = session.ref
     cases = _cases(opts)
@@ -157,7 +165,12 @@ def run_parity(opts: RunOptions) -> Report:
     ws = Workspace.open(ws_path)
     timings["convert"] = time.perf_counter() - t
     engine = _engine(opts, ws, semantics)
-    floor_dtype = torch.float64 if opts.numeric == "fp32" else ws.dtype
+    # the live engine computes in its weight dtype: judge it at that precision (floor = reference in that dtype)
+    numeric = "emulate" if live else opts.numeric
+    floor_dtype = torch.float64 if numeric == "fp32" else (
+        {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(engine.weight_type, ws.dtype) if live else ws.dtype)
+    live_cases = []
+    engine_section: dict[str, Any] = {}
 
     work = Path(tempfile.mkdtemp(prefix="parity-engine-"))
     case_traces: list[CaseTraces] = []
@@ -181,7 +194,8 @@ def run_parity(opts: RunOptions) -> Report:
                 # Teacher forcing needs the same rows on both sides; with different rows (a BOS policy or
                 # range mismatch) only the engine's own run exists and the inputs check names the difference.
                 same_rows = len(ecall.input_ids) == hf_p.image_rows.numel()
-                runs = (("engine", None), ("engine_local", reference)) if same_rows else (("engine", None),)
+                # a live TurboMind cannot be teacher-forced: end to end only
+                runs = (("engine", None), ("engine_local", reference)) if same_rows and not live else (("engine", None),)
                 for name, teacher in runs:
                     w = TraceWriter(d / name, TraceMeta(side=opts.engine, case=case.name,
                                                         num_layers=ws.model.num_layer, dtype=str(ws.dtype)))
@@ -196,20 +210,41 @@ def run_parity(opts: RunOptions) -> Report:
             finally:
                 timings["engine"] = timings.get("engine", 0.0) + time.perf_counter() - t
             asked_rows, asked_mask = engine_rows(ecall, ref.embed_tokens)
-            ct = CaseTraces(hf_p, reference, floor_e2e, floor_local, traces["engine"],
+            if live and same_rows:
+                from .layerwise import PipelineCase
+
+                live_cases.append(PipelineCase(hf_p, hcall, ecall, reference, floor_e2e,
+                                               traces["engine"].get(None, "norm")))
+            # live: the engine's values are end-to-end, so their floor is the end-to-end floor
+            ct = CaseTraces(hf_p, reference, floor_e2e, floor_e2e if live else floor_local, traces["engine"],
                             traces.get("engine_local", traces["engine"]), engine_info, asked_rows, asked_mask)
             case_traces.append(ct)
             summaries.append(_summary(hf_p, hcall.content_hash, ecall.content_hash,
                                       {k: v.tolist() for k, v in mask_check.masks_for(ct).items()}))
 
+        layerwise_section = None
+        if live:
+            findings += engine.warning_findings()
+            engine_section = engine.info()
+            engine.close()  # free the GPU before deploying truncated copies
+            if opts.layers and live_cases:
+                from .deploy.live import live_factory
+                from .layerwise import run_layers
+
+                t = time.perf_counter()
+                found, layerwise_section = run_layers(
+                    opts.layers, opts.model, opts.cache_dir, session, live_cases, numeric, floor_dtype,
+                    opts.thresholds, live_factory(**opts.live))
+                findings += found
+                timings["layers"] = time.perf_counter() - t
         t = time.perf_counter()
         points = []
         for ct in case_traces:
-            points += compare_case(ct, opts.thresholds, opts.numeric)
+            points += compare_case(ct, opts.thresholds, numeric)
         ctx = CheckContext(
             hf_config=ref.config, hf_plora=_hf_plora(ref), hf_tm_tensors=_hf_tm_tensors(ref, ws), workspace=ws,
             semantics=semantics, serve_from=opts.serve_from, cases=case_traces, points=points,
-            thresholds=opts.thresholds, numeric=opts.numeric,
+            thresholds=opts.thresholds, numeric=numeric,
         )
         outputs = {}
         for name, check in (("inputs", inputs_check), ("config", config_check), ("weights", weights_check),
@@ -230,12 +265,17 @@ def run_parity(opts: RunOptions) -> Report:
             session.close()
     timings["total"] = time.perf_counter() - t0
     record = ws.conversion_record()
+    engine_dict = {"kind": opts.engine, "lmdeploy_version": semantics.version, "numeric": numeric,
+                   "serve_from": opts.serve_from, "semantics": semantics.__dict__,
+                   "weight_type": ws.model.weight_type, "sub_type": record.sub_type if record else None,
+                   "conversion_warnings": record.warnings if record else []}
+    if live:
+        engine_dict.update(engine_section)  # lmdeploy version, GPU, dtype, lora_config as loaded
+        if layerwise_section is not None:
+            engine_dict["layerwise"] = layerwise_section
     return Report(
         status=status,
-        engine={"kind": opts.engine, "lmdeploy_version": semantics.version, "numeric": opts.numeric,
-                "serve_from": opts.serve_from, "semantics": semantics.__dict__,
-                "weight_type": ws.model.weight_type, "sub_type": record.sub_type if record else None,
-                "conversion_warnings": record.warnings if record else []},
+        engine=engine_dict,
         model=str(opts.model), workspace=str(ws.root), findings=findings, first_divergence=first, points=points,
         cases=summaries, config_audit=outputs["config"].table, weights_audit=outputs["weights"].table,
         plora_table=outputs["plora"].table, thresholds=opts.thresholds.to_dict(), timings=timings,

@@ -235,6 +235,40 @@ def test_disguise_refuses_bad_input(qwen2_models, tmp_path):
         disguise(tmp_path / "nope", tmp_path / "y", quiet=True)
 
 
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: c.update(hidden_act="gelu"), "SiLU-gated only"),
+    (lambda c: c.update(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling .* is not representable"),
+    (lambda c: c.pop("img_size"), "config.json has no img_size"),
+    (lambda c: c.update(hidden_size=640), "hidden_size 640 != num_attention_heads 4 x head_dim 128"),
+])
+def test_disguise_refuses_what_lmdeploy_cannot_represent(edit, match, qwen2_models, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(qwen2_models["qwen2-plora-nobias-tiny"], src)
+    cfg = json.loads((src / "config.json").read_text())
+    edit(cfg)
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ParityInputError, match=match):
+        disguise(src, tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_disguise_refuses_tensors_it_would_drop(qwen2_models, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "src"
+    shutil.copytree(qwen2_models["qwen2-plora-nobias-tiny"], src)
+    state = load_file(str(src / "model.safetensors"))
+    state["model.layers.1.self_attn.extra_gate.weight"] = torch.zeros(2, 2, dtype=torch.bfloat16)
+    save_file(state, str(src / "model.safetensors"))
+    with pytest.raises(ParityInputError, match="extra_gate.weight that has no place"):
+        disguise(src, tmp_path / "out", quiet=True)
+    state.pop("model.layers.1.self_attn.extra_gate.weight")
+    state.pop("model.layers.2.mlp.up_proj.Plora_A.weight")
+    save_file(state, str(src / "model.safetensors"))
+    with pytest.raises(ParityInputError, match="model.layers.2.mlp.up_proj has no Plora_A/Plora_B"):
+        disguise(src, tmp_path / "out", quiet=True)
+
+
 def test_scales_come_from_config_code_or_caller(qwen2_models, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(qwen2_models["qwen2-plora-nobias-tiny"], src)

@@ -138,7 +138,7 @@ def fuse_qkv_lora(a: tuple[torch.Tensor, torch.Tensor, torch.Tensor], b: tuple[t
     blocks = torch.zeros(sum(outs), sum(ranks), dtype=ct, device=b[0].device)
     r0 = o0 = 0
     for t, s, r, o in zip(b, scales, ranks, outs):
-        blocks[o0:o0 + o, r0:r0 + r] = t.to(ct) * float(s)
+        blocks[o0:o0 + o, r0:r0 + r] = t.to(ct)
         r0 += r
         o0 += o
     q, k, v = torch.split(blocks, outs, dim=0)
@@ -241,6 +241,12 @@ def to_xcomposer2(state: Mapping[str, torch.Tensor], shape: AttnShape, scales: M
         if (has_bias if zero_wo_bias is None else zero_wo_bias) and f"{t}attention.wo.bias" not in out:
             wo = out[f"{t}attention.wo.weight"]
             out[f"{t}attention.wo.bias"] = torch.zeros(wo.shape[0], dtype=wo.dtype)
+    biased = [i for i in layer_indices(names) if f"model.layers.{i}.attention.wqkv.bias" in out]
+    if biased and len(biased) != len(layer_indices(names)):
+        raise ParityInputError(
+            f"{where}: only layers {biased[:5]} have q/k/v biases; XComposer2's config has one `bias` flag for all "
+            "layers (expected biases in every layer or in none)."
+        )
     for n in sorted(names - used):
         if n.startswith(VISION_PREFIXES):
             out[n] = cast(state[n]) if state[n].is_floating_point() else state[n]

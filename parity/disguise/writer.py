@@ -263,7 +263,7 @@ def _disguise_config(cfg: dict, shape, has_bias: bool, linears: dict[str, tuple[
         "hidden_act": "silu",
         "rms_norm_eps": float(cfg.get("rms_norm_eps", 1e-6)),
         "rope_theta": float(cfg.get("rope_theta", 10000.0)),
-        "rope_scaling": cfg.get("rope_scaling"),
+        "rope_scaling": _rope_scaling(cfg.get("rope_scaling")),
         "max_position_embeddings": int(cfg.get("max_position_embeddings", 32768)),
         "max_length": int(cfg.get("max_position_embeddings", 32768)),
         "initializer_range": cfg.get("initializer_range", 0.02),
@@ -281,6 +281,13 @@ def _disguise_config(cfg: dict, shape, has_bias: bool, linears: dict[str, tuple[
     for k in _VIT_FIELDS:
         out[k] = cfg[k]
     return out
+
+
+def _rope_scaling(rs: Any) -> dict | None:
+    """Qwen2's rope_scaling ({"type"|"rope_type", "factor", ...}) in XComposer2's form {"type", "factor"}."""
+    if rs is None:
+        return None
+    return {"type": rs.get("type", rs.get("rope_type")), "factor": rs["factor"]}
 
 
 def _plain(x: float) -> float | int:
@@ -328,7 +335,8 @@ def disguise(src: str | Path, dst: str | Path, *, trust_remote_code: bool = Fals
     if cfg.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act is {cfg.get('hidden_act')!r}; TurboMind's FFN is SiLU-gated only")
     rs = cfg.get("rope_scaling")
-    if rs is not None and (not isinstance(rs, dict) or rs.get("type", rs.get("rope_type")) not in ("dynamic", "linear")):
+    if rs is not None and (not isinstance(rs, dict) or rs.get("type", rs.get("rope_type")) not in ("dynamic", "linear")
+                           or not isinstance(rs.get("factor"), (int, float))):
         problems.append(f"rope_scaling {rs!r} is not representable (XComposer2 supports none, dynamic or linear)")
     missing_vit = [k for k in _VIT_FIELDS if k not in cfg]
     if missing_vit:
@@ -355,7 +363,7 @@ def disguise(src: str | Path, dst: str | Path, *, trust_remote_code: bool = Fals
     if problems:
         _refuse(src, problems)
 
-    src_dtype = next(t.dtype for n, t in tensors.items() if n.endswith("q_proj.weight"))
+    src_dtype = tensors[f"model.layers.{layers[0]}.self_attn.q_proj.weight"].dtype
     dtype_name = str(src_dtype).replace("torch.", "")
     proj_scales = {p: a / r for p, (r, a) in lora.items()}
     try:
@@ -392,6 +400,11 @@ def disguise(src: str | Path, dst: str | Path, *, trust_remote_code: bool = Fals
         losses.append(
             f"folding the q/k/v LoRA scales {[proj_scales[q] for q in QKV_PROJECTIONS]} into the fused Plora_B rounds "
             f"it to {dtype_name} (the scales are not powers of two): a last-bit change of the LoRA on image rows."
+        )
+    if rs is not None:
+        notes.append(
+            f"rope_scaling {rs!r} is carried over as XComposer2's {_rope_scaling(rs)!r}; XComposer2 and TurboMind "
+            "apply it only beyond max_position_embeddings: compare long inputs with `parity run` to confirm."
         )
     if cfg.get("tie_word_embeddings") and "lm_head.weight" not in tensors:
         notes.append("tied embeddings: output.weight is written as a copy of the token embeddings.")
