@@ -118,6 +118,7 @@ class Watch:
         self.min_avail_seen = mem_available()
         self.min_disk_seen = shutil.disk_usage(self.disk_path).free if self.disk_path else None
         self.context: dict = {}
+        self.cleanup: set[Path] = set()  # temp folders removed before an abort exits (traces of the run)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="bench-memwatch")
 
@@ -169,6 +170,8 @@ class Watch:
         report = {"aborted": True, "reason": why, "stage": self.current, "rss_bytes": rss(),
                   "peak_rss_bytes": self.peak, "stage_peaks_bytes": self.report()["stage_peaks_bytes"],
                   "context": self.context}
+        for p in list(self.cleanup):
+            shutil.rmtree(p, ignore_errors=True)
         if self.abort_path:
             tmp = self.abort_path.with_name(self.abort_path.name + ".tmp")
             tmp.write_text(json.dumps(report, indent=1, default=str))

@@ -33,6 +33,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", type=Path, required=True, help="workspace folder to write")
     c.add_argument("--tp", type=int, default=1)
 
+    d = sub.add_parser("disguise", help="rewrite a Qwen2-based PLoRA model as an XComposer2 checkpoint for lmdeploy")
+    d.add_argument("src", type=Path, help="HF folder of the Qwen2 PLoRA model")
+    d.add_argument("dst", type=Path, help="new folder for the XComposer2 disguise (must be absent or empty)")
+    d.add_argument("--trust-remote-code", action="store_true",
+                   help="read the PLoRA scales from the model's code when config.json has no plora_config")
+    d.add_argument("--force", action="store_true", help="replace DST if it exists")
+
+    au = sub.add_parser("audit", help="what lmdeploy 0.7.1 would pick for a model folder, and whether it fits")
+    _common_model(au)
+    au.add_argument("--json", type=Path, help="also write the audit as JSON")
+
     fl = sub.add_parser("faults", help="run the fault catalogue: every named fault must get its expected verdict")
     fl.add_argument("--numeric", choices=["fp32", "emulate"], default="fp32")
     fl.add_argument("--only", nargs="*", help="fault names to run (default: all)")
@@ -141,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "fixtures":
             from .fixtures import generate
 
-            for name, path in generate(args.out).items():
+            from .fixtures import FIXTURE_NAMES, QWEN2_FIXTURE_NAMES
+
+            for name, path in generate(args.out, FIXTURE_NAMES + QWEN2_FIXTURE_NAMES).items():
                 Console(highlight=False).print(f"[green]fixture[/] {name}: {path}")
             return 0
         if args.command == "convert":
@@ -154,6 +167,22 @@ def main(argv: list[str] | None = None) -> int:
             for w in rec.warnings:
                 err.print(f"[yellow]warning:[/] {w}")
             return 0
+        if args.command == "disguise":
+            from .disguise import disguise
+
+            disguise(args.src, args.dst, trust_remote_code=args.trust_remote_code, overwrite=args.force)
+            return 0  # disguise() prints its summary, losses included
+        if args.command == "audit":
+            import json
+
+            from .disguise import audit_deployment
+
+            audit = audit_deployment(args.model, trust_remote_code=args.trust_remote_code)
+            print(audit.summary())
+            if args.json:
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps(audit.to_dict(), indent=1, default=str))
+            return 0 if audit.ok else 1
         if args.command == "faults":
             return _faults(args)
         return _run(args)

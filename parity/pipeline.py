@@ -93,7 +93,7 @@ def _hf_tm_tensors(ref: ReferenceModel, ws):
         size_per_head=int(c.get("head_dim") or c["hidden_size"] // heads), hidden_units=int(c["hidden_size"]),
         num_layer=int(c["num_hidden_layers"]), vocab_size=int(c["vocab_size"]),
     )
-    return ExpectedTensors(ref.model.state_dict(), shape)
+    return ExpectedTensors(ref.xcomposer2_state_dict(), shape)
 
 
 def _cases(opts: RunOptions) -> list[CanonicalInput]:
@@ -161,7 +161,12 @@ def run_parity(opts: RunOptions) -> Report:
     timings["load_reference"] = time.perf_counter() - t0
 
     t = time.perf_counter()
-    ws_path = opts.workspace or convert_cached(opts.model, opts.cache_dir / "workspaces")
+    if opts.workspace is None and ref.family == "qwen2-plora":  # the original of a disguise: convert the disguise
+        from .disguise import disguised_workspace
+
+        ws_path = disguised_workspace(opts.model, opts.cache_dir, trust_remote_code=opts.trust_remote_code)[0]
+    else:
+        ws_path = opts.workspace or convert_cached(opts.model, opts.cache_dir / "workspaces")
     ws = Workspace.open(ws_path)
     timings["convert"] = time.perf_counter() - t
     engine = _engine(opts, ws, semantics)

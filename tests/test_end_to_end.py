@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from parity.api import assert_parity, run
 from parity.cli import main

@@ -3,9 +3,7 @@ converter -> replay of the workspace, compared by `parity run` (issue 6)."""
 
 from __future__ import annotations
 
-import inspect
 import math
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -59,25 +57,9 @@ def sessions(qwen2_models):
 
 
 @pytest.fixture
-def pipeline(monkeypatch):
-    """`parity.pipeline.run_parity`, with the weights audit fed XComposer2 names.
-
-    Until the lead's one-line change lands (`_hf_tm_tensors`: `hf_to_tm(ref.xcomposer2_state_dict(), shape)`),
-    apply exactly that change here; once it has landed this fixture does nothing.
-    """
+def pipeline():
     import parity.pipeline as pl
 
-    if "xcomposer2_state_dict" not in inspect.getsource(pl._hf_tm_tensors):
-        orig = pl._hf_tm_tensors
-
-        class _Named:
-            def __init__(self, ref):
-                self.ref = ref
-
-            def state_dict(self):
-                return self.ref.xcomposer2_state_dict()
-
-        monkeypatch.setattr(pl, "_hf_tm_tensors", lambda ref, ws: orig(replace(ref, model=_Named(ref)), ws))
     return pl
 
 

@@ -28,7 +28,7 @@ from ..deploy.layout import join_grouped_qkv, split_grouped_qkv
 from ..errors import ParityInputError
 
 QWEN2_PLORA_ARCH = "Qwen2PLoRAForCausalLM"
-QWEN2_ARCH = "Qwen2ForCausalLM"
+PLAIN_QWEN2_ARCH = "Qwen2ForCausalLM"  # transformers' own Qwen2 (PLoRA only with remote code)
 XCOMPOSER2_ARCH = "InternLMXComposer2ForCausalLM"
 
 QKV_PROJECTIONS: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
@@ -64,7 +64,7 @@ def is_qwen2_plora(cfg: Mapping[str, Any]) -> bool:
     auto_map = cfg.get("auto_map") or {}
     if any(XCOMPOSER2_ARCH in str(v) for v in auto_map.values()):
         return False
-    return arch == QWEN2_ARCH and isinstance(auto_map, dict) and "AutoModelForCausalLM" in auto_map
+    return arch == PLAIN_QWEN2_ARCH and isinstance(auto_map, dict) and "AutoModelForCausalLM" in auto_map
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ def fuse_qkv_lora(a: tuple[torch.Tensor, torch.Tensor, torch.Tensor], b: tuple[t
     blocks = torch.zeros(sum(outs), sum(ranks), dtype=ct, device=b[0].device)
     r0 = o0 = 0
     for t, s, r, o in zip(b, scales, ranks, outs):
-        blocks[o0:o0 + o, r0:r0 + r] = t.to(ct)
+        blocks[o0:o0 + o, r0:r0 + r] = t.to(ct) * float(s)
         r0 += r
         o0 += o
     q, k, v = torch.split(blocks, outs, dim=0)
