@@ -50,7 +50,7 @@ SEM = semantics_for("0.7.1")
 def workspaces(tmp_path_factory) -> dict[int, Path]:
     """A small model converted by lmdeploy's converter at tp 1 and tp 2 (pristine; tests work on copies)."""
     root = tmp_path_factory.mktemp("fuzz")
-    spec = FixtureSpec(name="fuzz", variant="4khd", layers=2, heads=2, kv_heads=1, intermediate=128,
+    spec = FixtureSpec(name="fuzz", variant="4khd", layers=2, heads=4, kv_heads=2, intermediate=128,
                        vocab=TOKENIZER_SIZE, vision_layers=1, vision_hidden=16, image_size=14, patch_size=7)
     model = write_model(spec, root / "model")
     return {tp: (convert(model, root / f"ws-tp{tp}", tp=tp), root / f"ws-tp{tp}")[1] for tp in (1, 2)}
@@ -376,7 +376,6 @@ def test_valid_inputs_file_loads(inputs_dir):
 @given(doc=_inputs_mutations() | st.text(max_size=200) | st.binary(max_size=200))
 @example(doc=b"\xff\xfe\x00")
 @example(doc="[" * 2000)
-@example(doc="cases: " + "[" * 5000 + "]" * 5000)
 @example(doc="cases: !!python/object/apply:os.system [ls]")
 @example(doc={"cases": [{"segments": [{"text": "x"}], "name": "a"}, {"segments": [{"text": "y"}], "name": "a"}]})
 def test_inputs_file_garbage(inputs_dir, doc):
@@ -403,3 +402,14 @@ def test_regression_case_names_are_folder_safe(inputs_dir, name):
     # a loaded name is used as a folder name of its traces
     assert err is not None or all(c.name not in ("", ".", "..") and not set(c.name) & {"/", "\\", "\0"}
                                   for c in cases)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG (parity/inputs.py load_cases): yaml.safe_load recurses once per nesting level, so a deeply nested "
+    "document raises RecursionError, which load_cases does not catch (a traceback). Fix: add RecursionError "
+    "to the `except (yaml.YAMLError, UnicodeDecodeError)` of load_cases."))
+def test_regression_deeply_nested_inputs_file(inputs_dir):
+    p = inputs_dir / "deep.yaml"
+    _write(p, "cases: " + "[" * 5000 + "]" * 5000)
+    _, err = only_input_errors(load_cases, p)
+    assert err is not None and str(p) in str(err)
