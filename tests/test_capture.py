@@ -111,3 +111,24 @@ def test_model_without_plora_linears_is_refused():
     model.layers = nn.ModuleList([Layer(), Layer()])
     with pytest.raises(ParityInputError, match="no PLoRA linears"):
         discover(model, "plain-model")
+
+
+def test_floor_precision_without_a_model_copy(ref, prepared, tmp_path):
+    """Computing in float64 one layer at a time equals a float64 copy of the model, and leaves the model as it
+    was (dtype and bits), so the noise floor costs no second model in memory."""
+    import copy
+
+    call = hf_call(prepared)
+    before = {k: v.clone() for k, v in ref.model.state_dict().items()}
+    streamed = capture_reference(ref.with_dtype(torch.float64), call, tmp_path / "a", "t")
+    assert all(torch.equal(before[k], v) and v.dtype == before[k].dtype for k, v in ref.model.state_dict().items())
+    from dataclasses import replace
+    from parity.reference.anatomy import discover
+
+    model64 = copy.deepcopy(ref.model).to(torch.float64)
+    copied = capture_reference(replace(ref, model=model64, anatomy=discover(model64), dtype=torch.float64), call,
+                               tmp_path / "b", "t")
+    for i in range(streamed.num_layers):
+        for point in ("attention.wqkv", "attention", "layer"):
+            assert torch.equal(streamed.get(i, point), copied.get(i, point)), (i, point)
+    assert torch.equal(streamed.get(None, "output"), copied.get(None, "output"))

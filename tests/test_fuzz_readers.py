@@ -147,7 +147,8 @@ def test_weight_file_size_changes_are_named(scratch, data, tp):
         path.write_bytes(new)
         _, err = only_input_errors(read_all, ws_dir)
     if len(new) == len(raw):
-        assert err is None
+        # readable, unless the file is one tp rank's copy of a replicated tensor that now differs from the others
+        assert err is None or ("should be a copy" in str(err) and name.split(".")[0] in str(err))
     else:
         assert err is not None and name in str(err) and ("short" in str(err) or "long" in str(err))
 
@@ -375,7 +376,6 @@ def test_valid_inputs_file_loads(inputs_dir):
 @fuzz(200)
 @given(doc=_inputs_mutations() | st.text(max_size=200) | st.binary(max_size=200))
 @example(doc=b"\xff\xfe\x00")
-@example(doc="[" * 2000)
 @example(doc="cases: !!python/object/apply:os.system [ls]")
 @example(doc={"cases": [{"segments": [{"text": "x"}], "name": "a"}, {"segments": [{"text": "y"}], "name": "a"}]})
 def test_inputs_file_garbage(inputs_dir, doc):
@@ -409,7 +409,8 @@ def test_regression_case_names_are_folder_safe(inputs_dir, name):
     "document raises RecursionError, which load_cases does not catch (a traceback). Fix: add RecursionError "
     "to the `except (yaml.YAMLError, UnicodeDecodeError)` of load_cases."))
 def test_regression_deeply_nested_inputs_file(inputs_dir):
-    p = inputs_dir / "deep.yaml"
-    _write(p, "cases: " + "[" * 5000 + "]" * 5000)
-    _, err = only_input_errors(load_cases, p)
-    assert err is not None and str(p) in str(err)
+    for i, doc in enumerate(("cases: " + "[" * 5000 + "]" * 5000, "[" * 2000)):
+        p = inputs_dir / f"deep{i}.yaml"
+        _write(p, doc)
+        _, err = only_input_errors(load_cases, p)
+        assert err is not None and str(p) in str(err)

@@ -35,7 +35,7 @@ import shutil
 import time
 import uuid
 import warnings
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -45,7 +45,7 @@ from ..errors import ParityInputError
 from ..records import ConversionRecord
 from .compat import cpu_converter_patches, installed_lmdeploy_version
 from .lora_config import LORA_KEYS
-from .workspace import CONFIG_NAME, RECORD_NAME
+from .workspace import CONFIG_NAME, RECORD_NAME, load_record
 
 LOG_NAME = "parity-conversion.log"
 _LORA_TYPES = {"lora_policy": str, "lora_r": int, "lora_scale": (int, float), "lora_max_wo_r": int,
@@ -547,9 +547,5 @@ def glob_escape(text: str) -> str:
 
 
 def read_record(workspace: str | Path) -> ConversionRecord | None:
-    path = Path(workspace) / RECORD_NAME
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text())
-    allowed = {f.name for f in fields(ConversionRecord)}
-    return ConversionRecord(**{k: v for k, v in data.items() if k in allowed})
+    """The ConversionRecord a conversion left in `workspace` (None when absent; ParityInputError when damaged)."""
+    return load_record(Path(workspace) / RECORD_NAME)

@@ -128,14 +128,20 @@ _ATTN_NUMS = ("rope_theta", "softmax_scale", "rope_scaling_factor", "low_freq_fa
 
 def _parse_config(cfg_path: Path, tp_files: set[int] | None = None) -> tuple[dict, ModelShape, dict, LoraSettings]:
     try:
-        text = cfg_path.read_text()
+        text = cfg_path.read_text(encoding="utf-8")
     except OSError as e:
         raise ParityInputError(f"Cannot read {cfg_path}: {e}.") from None
+    except UnicodeDecodeError as e:
+        raise ParityInputError(f"{cfg_path} is not UTF-8 text ({e.reason} at byte {e.start}); expected the YAML "
+                               "config lmdeploy's converter writes.") from None
     try:
         cfg = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        msg = str(e).replace("\n", " ")
+        msg = " ".join(str(e).split())
         raise ParityInputError(f"{cfg_path} is not valid YAML ({msg}); expected the config lmdeploy's converter writes.") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ParityInputError(f"{cfg_path} nests collections too deeply to be a TurboMind config; expected the "
+                               "flat model_config/attention_config/lora_config sections lmdeploy writes.") from None
     if not isinstance(cfg, dict):
         raise ParityInputError(
             f"{cfg_path} must be a YAML mapping with sections model_config, attention_config and lora_config; "
@@ -464,21 +470,65 @@ class Workspace:
 
     def conversion_record(self) -> ConversionRecord | None:
         """The parity-conversion.json `parity.deploy.convert` left in the workspace root, if any."""
-        path = self.root / RECORD_NAME
-        if not path.is_file():
-            return None
-        try:
-            data = json.loads(path.read_text())
-            allowed = {f.name for f in fields(ConversionRecord)}
-            return ConversionRecord(**{k: v for k, v in data.items() if k in allowed})
-        except (ValueError, TypeError) as e:
-            raise ParityInputError(f"{path} is not a valid conversion record ({e}); delete it or re-convert.") from None
+        return load_record(self.root / RECORD_NAME)
 
     def lora_dict(self) -> dict[str, Any]:
         return self.lora.to_dict()
 
 
 LORA_FIELDS = LORA_KEYS
+
+
+# ------------------------------------------------------------------------------------------ conversion record
+
+# field -> (accepted types, what to say); `warnings` may be absent (older records)
+_RECORD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "model": ((str,), "a string"), "workspace": ((str,), "a string"), "lmdeploy_version": ((str,), "a string"),
+    "sub_type": ((str,), "a string"), "lora_config": ((dict,), "a mapping"), "tp": ((int,), "an integer >= 1"),
+    "warnings": ((list,), "a list of strings"),
+}
+
+
+def load_record(path: str | Path) -> ConversionRecord | None:
+    """Read a parity-conversion.json (None when absent). Anything unreadable, malformed or mistyped is a
+    ParityInputError naming the file and the field, so a damaged record never surfaces as a crash later."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+
+    def bad(what: str) -> ParityInputError:
+        return ParityInputError(f"{path} is not a valid conversion record ({what}); expected the JSON object "
+                                "`parity convert` writes. Delete the file or re-convert.")
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise bad(f"cannot read it: {e}") from None
+    except UnicodeDecodeError as e:
+        raise bad(f"not UTF-8 text: {e.reason} at byte {e.start}") from None
+    except ValueError as e:
+        raise bad(f"not JSON: {e}") from None
+    except RecursionError:
+        raise bad("JSON nested too deeply") from None
+    if not isinstance(data, dict):
+        raise bad(f"a JSON {type(data).__name__}, not an object")
+    values = {}
+    for f in fields(ConversionRecord):
+        if f.name not in data:
+            if f.name == "warnings":
+                continue
+            raise bad(f"field '{f.name}' is missing")
+        v = data[f.name]
+        types, expected = _RECORD_TYPES[f.name]
+        ok = isinstance(v, types) and not isinstance(v, bool)
+        if ok and f.name == "tp":
+            ok = v >= 1
+        if ok and f.name == "warnings":
+            ok = all(isinstance(w, str) for w in v)
+        if not ok:
+            raise bad(f"field '{f.name}' is {v!r}, expected {expected}")
+        values[f.name] = v
+    return ConversionRecord(**values)
 
 
 # ------------------------------------------------------------------------------------------ writing

@@ -25,6 +25,7 @@ from ..points import plora_key
 from ..records import HFCall
 from ..trace import Trace, TraceMeta, TraceWriter
 from .loader import ReferenceModel
+from .precision import compute_dtype
 
 
 def _first(x: Any) -> torch.Tensor:
@@ -182,6 +183,7 @@ def capture_reference(
     rec = _Recorder(ref, writer, store, teacher)
     with ExitStack() as stack:
         rec.install(stack)
+        stack.enter_context(compute_dtype(ref.model, ref.anatomy.layers, ref.dtype))
         ref.model(inputs_embeds=embeds, im_mask=call.im_mask, use_cache=False)
     meta.plora = rec.plora
     meta.extras = {"content_hash": call.content_hash, "teacher": str(teacher.root) if teacher else None}

@@ -8,7 +8,6 @@ q/k/v projections are seen as one canonical `attention.wqkv` (`anatomy.FusedQKV`
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from dataclasses import dataclass, replace
@@ -111,11 +110,9 @@ class ReferenceModel:
         return self.model.state_dict()
 
     def with_dtype(self, dtype: torch.dtype) -> "ReferenceModel":
-        """A copy running in another dtype (for the noise floor). Weights cast exactly from the loaded ones."""
-        if dtype == self.dtype:
-            return self
-        model = copy.deepcopy(self.model).to(dtype)
-        return replace(self, model=model, anatomy=discover(model, str(self.path)), dtype=dtype)
+        """The same model computing in another dtype (for the noise floor). No copy: the capture casts one
+        decoder layer at a time (parity.reference.precision)."""
+        return self if dtype == self.dtype else replace(self, dtype=dtype)
 
 
 def load_reference(path: Path | str, trust_remote_code: bool, dtype: torch.dtype = torch.float32) -> ReferenceModel:
@@ -141,7 +138,7 @@ def load_reference(path: Path | str, trust_remote_code: bool, dtype: torch.dtype
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(path), trust_remote_code=trust_remote_code, torch_dtype=dtype, attn_implementation="eager"
+            str(path), trust_remote_code=trust_remote_code, dtype=dtype, attn_implementation="eager"
         )
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except ParityInputError:
