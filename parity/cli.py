@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--serve-from", choices=["hf", "workspace"], default="hf",
                    help="how the deployment loads weights (a workspace-served TurboMind has no LoRA)")
     r.add_argument("--inputs", type=Path, help="YAML/JSON file of input cases")
+    r.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep reference weights in the checkpoint dtype and upcast one layer at a time "
+                        "(identical results; default: automatic when float32 weights would not fit)")
     r.add_argument("--out", type=Path, default=Path("reports/latest"))
     r.add_argument("--cache-dir", type=Path, default=Path(".cache"))
     r.add_argument("--keep-traces", type=Path, help="copy the raw traces (safetensors) here")
@@ -91,6 +94,7 @@ def _run(a: argparse.Namespace) -> int:
         model=a.model, workspace=a.workspace, engine=a.engine, lmdeploy_version=a.lmdeploy_version,
         inputs=a.inputs, numeric=a.numeric, serve_from=a.serve_from, trust_remote_code=a.trust_remote_code,
         thresholds=thresholds, cache_dir=a.cache_dir, keep_traces=a.keep_traces, layers=a.layers,
+        low_memory=a.low_memory,
         live={"session_len": a.session_len} if a.session_len else {},
     )
     report = run_parity(opts)

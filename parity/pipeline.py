@@ -51,6 +51,7 @@ class RunOptions:
     cache_dir: Path = DEFAULT_CACHE
     keep_traces: Path | None = None
     session: ReferenceSession | None = None          # share reference captures across runs
+    low_memory: bool | None = None                   # weights in the checkpoint dtype (default: when fp32 won't fit)
     layers: str | None = None                        # "every" | "bisect": per-layer values from the live engine
     live: dict[str, Any] = field(default_factory=dict)  # LiveTurboMind options (session_len, dtype, ...)
     # Hooks for the fault catalogue: mutate what a stage hands to the next (never used by plain runs).
@@ -155,7 +156,7 @@ def run_parity(opts: RunOptions) -> Report:
         ok, reason = available()
         if not ok:
             raise unavailable_error(reason)
-    session = opts.session or ReferenceSession(opts.model, opts.trust_remote_code)
+    session = opts.session or ReferenceSession(opts.model, opts.trust_remote_code, low_memory=opts.low_memory)
     ref = session.ref
     cases = _cases(opts)
     timings["load_reference"] = time.perf_counter() - t0
@@ -273,6 +274,7 @@ def run_parity(opts: RunOptions) -> Report:
     engine_dict = {"kind": opts.engine, "lmdeploy_version": semantics.version, "numeric": numeric,
                    "serve_from": opts.serve_from, "semantics": semantics.__dict__,
                    "weight_type": ws.model.weight_type, "sub_type": record.sub_type if record else None,
+                   "reference_storage": str(next(ref.model.parameters()).dtype).replace("torch.", ""),
                    "conversion_warnings": record.warnings if record else []}
     if live:
         engine_dict.update(engine_section)  # lmdeploy version, GPU, dtype, lora_config as loaded

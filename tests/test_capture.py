@@ -132,3 +132,23 @@ def test_floor_precision_without_a_model_copy(ref, prepared, tmp_path):
         for point in ("attention.wqkv", "attention", "layer"):
             assert torch.equal(streamed.get(i, point), copied.get(i, point)), (i, point)
     assert torch.equal(streamed.get(None, "output"), copied.get(None, "output"))
+
+
+def test_low_memory_loading_is_bit_identical(fixture_models, ref, prepared, tmp_path):
+    """bf16 storage with float32 construction and per-layer upcast equals a float32 load, bit for bit."""
+    from parity.reference.loader import load_reference
+
+    low = load_reference(fixture_models["xcomposer2-tiny"], trust_remote_code=True, low_memory=True)
+    assert next(low.model.parameters()).dtype == torch.bfloat16       # stored as in the checkpoint
+    from parity.fixtures import IMAGES_DIR
+
+    image = sorted(IMAGES_DIR.glob("*.png"))[0]
+    assert torch.equal(low.encode_image(image), ref.encode_image(image))
+    call = hf_call(prepared)
+    a = capture_reference(ref, call, tmp_path / "a", "t")
+    b = capture_reference(low, call, tmp_path / "b", "t")
+    for i in range(a.num_layers):
+        for key, value in a.layer(i).items():
+            assert torch.equal(value, b.get(i, key)), (i, key)
+    assert torch.equal(a.get(None, "output"), b.get(None, "output"))
+    assert next(low.model.parameters()).dtype == torch.bfloat16       # and still stored so afterwards

@@ -15,12 +15,12 @@ Any other exception is a traceback for the user of `parity run`. Seeds that once
 from __future__ import annotations
 
 import json
-import math
-import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -34,6 +34,8 @@ from parity.errors import ParityInputError
 from parity.fixtures import IMAGES_DIR, FixtureSpec, write_model
 from parity.fixtures.generator import TOKENIZER_SIZE
 from parity.inputs import load_cases
+from parity.records import EngineCall
+from parity.trace import TraceMeta, TraceWriter
 
 _BASE = settings(deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 
@@ -248,9 +250,18 @@ def _apply(cfg: dict, edits) -> dict:
 
 
 def read_and_replay(ws_dir: Path) -> None:
+    """Read everything, then replay a 4-row call (2 image rows) in both numeric modes: what `parity run` does."""
     ws = read_all(ws_dir)
+    gen = torch.Generator().manual_seed(0)
+    call = EngineCall(input_ids=[1, 0, 0, 7], input_embeddings=[torch.randn(2, ws.model.hidden_units, generator=gen)],
+                      input_embedding_ranges=[(1, 3)], content_hash="fuzz")
     for numeric in ("fp32", "emulate"):
-        ReplayEngine(ws, SEM, numeric=numeric)
+        engine = ReplayEngine(ws, SEM, numeric=numeric)
+        with tempfile.TemporaryDirectory() as d:
+            writer = TraceWriter(Path(d) / "t", TraceMeta(side="replay", case="fuzz", num_layers=ws.model.num_layer,
+                                                          dtype=str(ws.dtype)))
+            engine.run(call, writer)
+            writer.close()
 
 
 @fuzz(150)
@@ -289,6 +300,34 @@ def test_config_yaml_garbage(scratch, doc, tp):
             cfg_path.write_text(_yaml_dump(doc))
         _, err = only_input_errors(read_and_replay, scratch[tp])
     assert err is not None and str(cfg_path) in str(err)
+
+
+@pytest.mark.parametrize("key,value", [("rotary_embedding", 3), ("rotary_embedding", 256)])
+def test_rotary_embedding_must_fit_the_head(scratch, key, value):
+    """Found by fuzzing: an odd or too wide rotary_embedding crashed the replay (RuntimeError in a reshape)."""
+    cfg_path = weights(scratch[1]) / CONFIG_NAME
+    with Restore(cfg_path):
+        cfg = yaml.safe_load(cfg_path.read_text())
+        cfg["attention_config"][key] = value
+        cfg_path.write_text(_yaml_dump(cfg))
+        _, err = only_input_errors(read_and_replay, scratch[1])
+    assert err is not None and f"attention_config.{key}" in str(err) and "size_per_head" in str(err)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG (parity/deploy/replay.py ReplayEngine.__init__): settings the replay does not reproduce raise "
+    "NotImplementedError, which the CLI does not catch (a traceback). Fix: raise ParityInputError naming "
+    "config.yaml's attention_config key and the supported values ('' or 'dynamic' rope scaling, use_logn_attn 0)."))
+@pytest.mark.parametrize("key,value", [("use_logn_attn", 1), ("rope_scaling_type", "llama3"),
+                                       ("rope_scaling_type", "yarn")])
+def test_regression_unreplayable_attention_config(scratch, key, value):
+    cfg_path = weights(scratch[1]) / CONFIG_NAME
+    with Restore(cfg_path):
+        cfg = yaml.safe_load(cfg_path.read_text())
+        cfg["attention_config"][key] = value
+        cfg_path.write_text(_yaml_dump(cfg))
+        _, err = only_input_errors(read_and_replay, scratch[1])
+    assert err is not None and key in str(err)
 
 
 # ----------------------------------------------------------------------------- parity-conversion.json

@@ -223,7 +223,10 @@ def _parse_config(cfg_path: Path, tp_files: set[int] | None = None) -> tuple[dic
                                "(rope_theta, rotary_embedding, ...) lmdeploy's converter writes.")
     ac = _Section(cfg_path, "attention_config", cfg["attention_config"])
     ac.get("rope_theta", _NUM)
-    ac.get("rotary_embedding", _INT, minimum=0)
+    rot = ac.get("rotary_embedding", _INT, minimum=0)
+    if rot % 2 or rot > size_per_head:
+        raise ac.fail("rotary_embedding", f"an even integer <= model_config.size_per_head={size_per_head} (rotary "
+                                          "embedding turns pairs of channels inside each head)", rot)
     for k in _ATTN_INTS:
         ac.get(k, _INT, required=False)
     for k in _ATTN_FLAGS:

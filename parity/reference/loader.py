@@ -94,7 +94,10 @@ class ReferenceModel:
                 f"Model {self.path} has no `encode_img` method; parity needs XComposer2's image entry point to "
                 "build image rows."
             )
-        feats = self.model.encode_img(str(image))
+        from .precision import compute_dtype
+
+        with compute_dtype(self.model, self.anatomy.layers, self.dtype):
+            feats = self.model.encode_img(str(image))
         return feats.float().reshape(-1, feats.shape[-1])
 
     def xcomposer2_state_dict(self) -> dict[str, torch.Tensor]:
@@ -115,7 +118,23 @@ class ReferenceModel:
         return self if dtype == self.dtype else replace(self, dtype=dtype)
 
 
-def load_reference(path: Path | str, trust_remote_code: bool, dtype: torch.dtype = torch.float32) -> ReferenceModel:
+def _fits_in_memory(path: Path, dtype: torch.dtype) -> bool:
+    """Whether the weights at `dtype` take under half the memory available now (the rest is for the run)."""
+    try:
+        avail = int(next(l for l in open("/proc/meminfo") if l.startswith("MemAvailable")).split()[1]) * 1024
+    except (OSError, StopIteration, ValueError):
+        return True
+    stored = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    from .lowmem import storage_dtype
+
+    factor = torch.finfo(dtype).bits / torch.finfo(storage_dtype(path)).bits if stored else 1
+    return stored * factor < avail / 2
+
+
+def load_reference(path: Path | str, trust_remote_code: bool, dtype: torch.dtype = torch.float32,
+                   low_memory: bool | None = None) -> ReferenceModel:
+    """Load the HF reference computing in `dtype`. `low_memory` (default: when `dtype` would not fit) keeps the
+    weights in the checkpoint's dtype and upcasts one layer at a time, with identical results."""
     path = Path(path)
     cfg = read_hf_config(path)
     family = model_family(cfg)
@@ -137,9 +156,16 @@ def load_reference(path: Path | str, trust_remote_code: bool, dtype: torch.dtype
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), trust_remote_code=trust_remote_code, dtype=dtype, attn_implementation="eager"
-        )
+        if low_memory is None:
+            low_memory = not _fits_in_memory(path, dtype)
+        if low_memory:
+            from .lowmem import load_lowmem
+
+            model = load_lowmem(path, trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path), trust_remote_code=trust_remote_code, dtype=dtype, attn_implementation="eager"
+            )
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except ParityInputError:
         raise

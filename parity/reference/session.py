@@ -19,9 +19,10 @@ from .loader import ReferenceModel, load_reference
 
 
 class ReferenceSession:
-    def __init__(self, model: Path, trust_remote_code: bool, root: Path | None = None):
+    def __init__(self, model: Path, trust_remote_code: bool, root: Path | None = None,
+                 low_memory: bool | None = None):
         self.model = Path(model)
-        self.ref: ReferenceModel = load_reference(self.model, trust_remote_code, torch.float32)
+        self.ref: ReferenceModel = load_reference(self.model, trust_remote_code, torch.float32, low_memory)
         self._floors: dict[torch.dtype, ReferenceModel] = {}
         self._own_root = root is None
         self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="parity-ref-"))
