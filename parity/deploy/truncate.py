@@ -37,6 +37,7 @@ from typing import Any, Iterable, Literal
 import torch
 
 from ..errors import ParityInputError
+from ..hfconfig import read_hf_config
 
 Variant = Literal["lora", "nolora"]
 VARIANTS: tuple[str, ...] = ("lora", "nolora")
@@ -89,23 +90,8 @@ def fingerprint(model_dir: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _read_config(model_dir: Path) -> dict[str, Any]:
-    path = model_dir / "config.json"
-    if not model_dir.is_dir():
-        raise ParityInputError(f"Model folder {model_dir} does not exist; expected an HF model folder with config.json.")
-    if not path.is_file():
-        raise ParityInputError(f"Model folder {model_dir} has no config.json; expected an HF model folder.")
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ParityInputError(f"{path} is not valid JSON ({e}).") from None
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("num_hidden_layers"), int) or cfg["num_hidden_layers"] < 1:
-        raise ParityInputError(f"{path}: 'num_hidden_layers' must be a positive integer to truncate the model.")
-    return cfg
-
-
 def num_layers(model_dir: str | Path) -> int:
-    return int(_read_config(Path(model_dir))["num_hidden_layers"])
+    return int(read_hf_config(Path(model_dir))["num_hidden_layers"])
 
 
 @dataclass
@@ -192,7 +178,7 @@ def write_truncated(source: str | Path, dest: str | Path, keep_layers: int, vari
     source, dest = Path(source).resolve(), Path(dest)
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    cfg = _read_config(source)
+    cfg = read_hf_config(source)
     total = int(cfg["num_hidden_layers"])
     if not isinstance(keep_layers, int) or isinstance(keep_layers, bool) or not 1 <= keep_layers <= total:
         raise ParityInputError(

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field
@@ -30,6 +29,7 @@ from ..points import PLORA_LINEARS, TM_LINEAR_NAMES
 from ..records import Finding
 from .lora import LORA_CONFIG_FILE, is_registered
 from .qwen2 import XCOMPOSER2_ARCH
+from ..hfconfig import read_hf_config
 
 _SUB_TYPES = {"XCOMPOSER2": "7b", "XCOMPOSER2_4KHD": "4khd", "XCOMPOSER2D5": "2.5"}
 LMDEPLOY_READER_HEAD_DIM = 128
@@ -197,13 +197,7 @@ def audit_deployment(model_dir: str | Path, *, trust_remote_code: bool = False) 
     config has an auto_map.
     """
     path = Path(model_dir).resolve()
-    cfg_path = path / "config.json"
-    if not cfg_path.is_file():
-        raise ParityInputError(f"{cfg_path} is missing; expected a Hugging Face model folder to audit.")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as e:
-        raise ParityInputError(f"{cfg_path} is not valid JSON ({e}).") from None
+    cfg = read_hf_config(path, "a Hugging Face model folder to audit")
     if cfg.get("auto_map") and not trust_remote_code:
         raise ParityInputError(
             f"Model {path} ships its own code (auto_map in config.json); lmdeploy runs it when it resolves the "

@@ -33,6 +33,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import ParityInputError
+from ..hfconfig import read_hf_config
 from ..points import PLORA_LINEARS
 from .lora import LORA_CONFIG_FILE, lora_config_for_disguise
 from .qwen2 import (
@@ -99,21 +100,6 @@ class DisguiseRecord:
 
 
 # ------------------------------------------------------------------------------------------ reading the source
-
-
-def _read_config(src: Path) -> dict[str, Any]:
-    path = src / "config.json"
-    if not src.is_dir():
-        raise ParityInputError(f"Source folder {src} does not exist; expected a Hugging Face Qwen2 PLoRA model folder.")
-    if not path.is_file():
-        raise ParityInputError(f"{path} is missing; expected a Hugging Face model folder with config.json.")
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ParityInputError(f"{path} is not valid JSON ({e}).") from None
-    if not isinstance(cfg, dict):
-        raise ParityInputError(f"{path} must hold a JSON object.")
-    return cfg
 
 
 def _weight_files(src: Path) -> list[Path]:
@@ -303,7 +289,7 @@ def disguise(src: str | Path, dst: str | Path, *, trust_remote_code: bool = Fals
     be absent or empty unless `overwrite`. Prints the summary (with the losses) unless `quiet`.
     """
     src, dst = Path(src).resolve(), Path(dst).resolve()
-    cfg = _read_config(src)
+    cfg = read_hf_config(src, "a Hugging Face Qwen2 PLoRA model folder")
     if not is_qwen2_plora(cfg):
         archs = cfg.get("architectures")
         extra = (" It already is an XComposer2 checkpoint: convert it directly." if archs and archs[0] == XCOMPOSER2_ARCH

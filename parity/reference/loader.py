@@ -8,7 +8,6 @@ q/k/v projections are seen as one canonical `attention.wqkv` (`anatomy.FusedQKV`
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,23 +18,9 @@ from torch import nn
 
 from ..errors import ParityInputError
 from .anatomy import Anatomy, discover
+from ..hfconfig import read_hf_config
 
 XCOMPOSER2_ARCH = "InternLMXComposer2ForCausalLM"
-
-
-def read_hf_config(path: Path) -> dict[str, Any]:
-    cfg_path = path / "config.json"
-    if not path.is_dir():
-        raise ParityInputError(f"Model folder {path} does not exist; expected an HF model folder with config.json.")
-    if not cfg_path.is_file():
-        raise ParityInputError(f"Model folder {path} has no config.json; expected an HF model folder.")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ParityInputError(f"{cfg_path} is not valid JSON ({e}).") from None
-    if not isinstance(cfg, dict):
-        raise ParityInputError(f"{cfg_path} must hold a JSON object.")
-    return cfg
 
 
 def is_xcomposer2(cfg: dict[str, Any]) -> bool:
