@@ -51,6 +51,10 @@ def test_capture_is_complete_and_plora_is_partial(ref, prepared, tmp_path):
             expect = lin_mod.module.Plora_B(lin_mod.module.Plora_A(x)) * lin_mod.scale
             assert torch.allclose(delta[image], expect, rtol=1e-5, atol=1e-6)
             assert torch.allclose(vals[lin], vals[plora_key(lin, "base")] + delta, rtol=1e-5, atol=1e-5)
+            # the base output is the model's own x @ W.T (+ b), taken from its F.linear call, bit for bit
+            m = lin_mod.module
+            assert torch.equal(vals[plora_key(lin, "base")],
+                               torch.nn.functional.linear(vals[plora_key(lin, "input")], m.weight, m.bias))
             meta = trace.plora(i, lin)
             assert meta["rank"] == lin_mod.rank and meta["scale"] == lin_mod.scale
     assert trace.get(None, "embeddings").shape == (image.numel(), ref.hidden_size)

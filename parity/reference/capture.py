@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from ..deploy.layout import join_grouped_qkv
 from ..points import plora_key
@@ -36,6 +37,25 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.detach().reshape(-1, t.shape[-1]).clone()
 
 
+class _BaseTap(TorchFunctionMode):
+    """Keeps what each PLoRA linear's own `F.linear` call returned (its base output `x @ W.T (+ b)`), so the
+    capture need not compute it a second time. Cloned at once: PLoRA then adds the LoRA term in place."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self._ids = {id(w) for w in weights}
+        self._seen: dict[int, torch.Tensor] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is F.linear and len(args) > 1 and id(args[1]) in self._ids:
+            self._seen[id(args[1])] = out.detach().clone()
+        return out
+
+    def pop(self, weight) -> torch.Tensor | None:
+        return self._seen.pop(id(weight), None)
+
+
 class _Recorder:
     """Holds the current layer's values until the layer finishes, then hands them to the writer."""
 
@@ -44,6 +64,7 @@ class _Recorder:
         self.writer = writer
         self.store = store_dtype
         self.teacher = teacher
+        self.tap: _BaseTap | None = None
         self.current: dict[str, torch.Tensor] = {}
         self.b_out: dict[tuple[int, str], torch.Tensor] = {}
         self.plora: dict[str, dict[str, dict[str, float]]] = {}
@@ -91,7 +112,8 @@ class _Recorder:
         x = args[0]
         mask = args[1] if len(args) > 1 else kwargs.get("im_mask")
         rows = _rows(x)
-        base = _rows(F.linear(x, module.weight, module.bias))
+        tapped = self.tap.pop(module.weight) if self.tap is not None else None
+        base = _rows(tapped if tapped is not None else F.linear(x, module.weight, module.bias))
         out = _rows(output)
         delta = torch.zeros_like(out)
         flat_mask = torch.zeros(rows.shape[0], dtype=torch.bool)
@@ -184,6 +206,7 @@ def capture_reference(
     with ExitStack() as stack:
         rec.install(stack)
         stack.enter_context(compute_dtype(ref.model, ref.anatomy.layers, ref.dtype))
+        rec.tap = stack.enter_context(_BaseTap(m.weight for m in ref.model.modules() if hasattr(m, "Plora_A")))
         ref.model(inputs_embeds=embeds, im_mask=call.im_mask, use_cache=False)
     meta.plora = rec.plora
     meta.extras = {"content_hash": call.content_hash, "teacher": str(teacher.root) if teacher else None}
