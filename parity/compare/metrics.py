@@ -18,11 +18,15 @@ def compare(ref: torch.Tensor, eng: torch.Tensor) -> dict[str, Any]:
     """Metrics of `eng` against `ref` (same shape, 1-D or 2-D [rows, cols])."""
     r = ref.detach().to(torch.float64).reshape(ref.shape[0] if ref.dim() > 0 else 1, -1)
     e = eng.detach().to(torch.float64).reshape(r.shape)
-    nf_r = int((~torch.isfinite(r)).sum())
-    nf_e = int((~torch.isfinite(e)).sum())
-    finite = torch.isfinite(r) & torch.isfinite(e)
-    rz = torch.where(finite, r, torch.zeros_like(r))
-    ez = torch.where(finite, e, torch.zeros_like(e))
+    fin_r, fin_e = torch.isfinite(r), torch.isfinite(e)
+    nf_r = int(r.numel() - fin_r.sum())
+    nf_e = int(e.numel() - fin_e.sum())
+    if nf_r or nf_e:  # metrics over the entries finite on both sides
+        finite = fin_r & fin_e
+        rz = torch.where(finite, r, torch.zeros_like(r))
+        ez = torch.where(finite, e, torch.zeros_like(e))
+    else:  # the common case: no masking passes
+        rz, ez = r, e
     d = ez - rz
     ref_norm = float(torch.linalg.vector_norm(rz))
     diff_norm = float(torch.linalg.vector_norm(d))
