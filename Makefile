@@ -45,5 +45,9 @@ faults: setup
 	$(BIN)/parity faults --json reports/faults.json
 	$(BIN)/parity faults --numeric emulate --json reports/faults-emulate.json
 
+# 7B-shaped models with few layers (cached in .cache/bench): ratios table + reports/bench.json (benchmarks/README.md)
+bench: setup
+	$(BIN)/python benchmarks/bench.py --out reports/bench.json $(ARGS)
+
 clean:
 	rm -rf .cache reports/*/ build *.egg-info

@@ -21,6 +21,7 @@ machine's memory or disk, see memwatch.py). Models and workspaces are cached und
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import hashlib
 import io
@@ -132,6 +133,25 @@ def _top_profile(prof: cProfile.Profile, n: int = 18) -> list[dict]:
     return rows[:n]
 
 
+def _values_equal(a: Path, b: Path) -> bool:
+    """Every tensor of every safetensors file in trace folder `a` equals (bitwise) the one in `b`."""
+    import torch
+    from safetensors import safe_open
+
+    names = sorted(p.name for p in a.glob("*.safetensors"))
+    if not names or names != sorted(p.name for p in b.glob("*.safetensors")):
+        return False
+    for n in names:
+        with safe_open(str(a / n), "pt") as fa, safe_open(str(b / n), "pt") as fb:
+            if sorted(fa.keys()) != sorted(fb.keys()):
+                return False
+            for k in fa.keys():
+                x, y = fa.get_tensor(k), fb.get_tensor(k)
+                if x.dtype != y.dtype or x.shape != y.shape or not torch.equal(x, y):
+                    return False
+    return True
+
+
 def _files_equal(a: Path, b: Path) -> bool:
     names = sorted(p.name for p in a.glob("*.safetensors"))
     if names != sorted(p.name for p in b.glob("*.safetensors")):
@@ -179,12 +199,14 @@ def child_forwards(args, watch: Watch) -> dict:
     from parity.deploy.replay import ReplayEngine
     from parity.deploy.versions import semantics_for
     from parity.deploy.workspace import Workspace
+    from parity.reference import capture as capture_mod
     from parity.reference.capture import capture_reference
     from parity.reference.loader import load_reference
     from parity.trace import TraceMeta, TraceWriter
 
     from benchmarks.proposals.base_tap import patched_capture
     from benchmarks.proposals.streaming_floor import remove_hooks, streaming_with_dtype
+    from benchmarks.proposals.trace_io import patched_trace_io
 
     out: dict = {"samples": {}, "profile": {}}
     tmp = Path(args.root) / "tmp" / f"forwards-{os.getpid()}"
@@ -211,9 +233,19 @@ def child_forwards(args, watch: Watch) -> dict:
         ws = Workspace.open(Path(args.workspace))
         engine = ReplayEngine(ws, semantics_for(installed_lmdeploy_version()), numeric="fp32")
 
+        try:  # the project's per-layer precision switch (no model copy), when present
+            from parity.reference.precision import compute_dtype
+        except ImportError:
+            compute_dtype = None
+        out["precision_mechanism"] = "parity.reference.precision.compute_dtype" if compute_dtype else "with_dtype copy"
+        out["storage_dtype"] = str(next(ref.model.parameters()).dtype)
+
         @torch.no_grad()
-        def plain(model_ref, dtype):
-            model_ref.model(inputs_embeds=hcall.inputs_embeds.to(dtype), im_mask=hcall.im_mask, use_cache=False)
+        def plain(model_ref, dtype, cast=True):
+            ctx = compute_dtype(model_ref.model, model_ref.anatomy.layers, dtype) if (compute_dtype and cast) \
+                else contextlib.nullcontext()
+            with ctx:
+                model_ref.model(inputs_embeds=hcall.inputs_embeds.to(dtype), im_mask=hcall.im_mask, use_cache=False)
 
         ref_trace = None
         for r in range(args.repeat):
@@ -224,11 +256,19 @@ def child_forwards(args, watch: Watch) -> dict:
                 shutil.rmtree(ref_trace.root, ignore_errors=True)
             ref_trace = trace
             out["trace_bytes_fp32"] = dir_bytes(d)
-            dt = tmp / f"tap{r}"
-            with patched_capture() as cap_tap:
-                timed("capture_fp32_base_tap", lambda: cap_tap(ref, hcall, dt, "bench"))
-            out["base_tap_bit_identical"] = _files_equal(d, dt)
-            shutil.rmtree(dt, ignore_errors=True)
+            out["base_tap_adopted"] = hasattr(capture_mod, "_BaseTap")
+            if not out["base_tap_adopted"]:
+                dt = tmp / f"tap{r}"
+                with patched_capture() as cap_tap:
+                    timed("capture_fp32_base_tap", lambda: cap_tap(ref, hcall, dt, "bench"))
+                out["base_tap_bit_identical"] = _files_equal(d, dt)
+                shutil.rmtree(dt, ignore_errors=True)
+            dp = tmp / f"all{r}"
+            tap_ctx = contextlib.nullcontext(capture_reference) if out["base_tap_adopted"] else patched_capture()
+            with tap_ctx as cap_tap, patched_trace_io():
+                timed("capture_fp32_proposals", lambda: cap_tap(ref, hcall, dp, "bench"))
+            out["capture_proposals_values_identical"] = _values_equal(d, dp)
+            shutil.rmtree(dp, ignore_errors=True)
         if args.profile:
             prof = cProfile.Profile()
             d = tmp / "capture-prof"
@@ -267,19 +307,19 @@ def child_forwards(args, watch: Watch) -> dict:
         with watch.stage("floor_streaming_setup"):
             sref = streaming_with_dtype(ref, torch.float64)
         h = keep_final("streaming")
-        timed("reference_fp64_streaming", lambda: plain(sref, torch.float64))
+        timed("reference_fp64_streaming", lambda: plain(sref, torch.float64, cast=False))
         h.remove()
         remove_hooks(ref)
-        with watch.stage("floor_copy"), Clock() as c:
+        with watch.stage("floor_model"), Clock() as c:
             fref = ref.with_dtype(torch.float64)
-        out["floor_copy"] = c.result()
+        out["floor_model"] = c.result()
         h = fref.anatomy.final_norm.register_forward_hook(
-            lambda m, i, o: final.__setitem__("copy", o.detach().clone()))
+            lambda m, i, o: final.__setitem__("project", o.detach().clone()))
         timed("reference_fp64", lambda: plain(fref, torch.float64))
         h.remove()
         out["streaming_floor_bit_identical"] = bool(
-            final["streaming"].dtype == torch.float64 and torch.equal(final["streaming"], final["copy"]))
-        out["floor_weight_bytes"] = param_bytes(fref.model)
+            final["streaming"].dtype == torch.float64 and torch.equal(final["streaming"], final["project"]))
+        out["floor_weight_bytes"] = param_bytes(fref.model) if fref.model is not ref.model else 0
         del fref
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -339,16 +379,27 @@ def child_parity(args, watch: Watch) -> dict:
     pipeline.ReferenceSession = session_mod.ReferenceSession
     wrap(convert_mod, "convert_cached", lambda *a, **k: "convert_cached")
     base_tap_ctx = None
-    if args.proposals:  # the tapped capture replaces session.capture_reference; the stage wrapper goes around it
+    from parity.reference import capture as capture_mod
+
+    out["base_tap_adopted"] = hasattr(capture_mod, "_BaseTap")
+    if args.proposals and not out["base_tap_adopted"]:
+        # the tapped capture replaces session.capture_reference; the stage wrapper goes around it
         from benchmarks.proposals.base_tap import patched_capture
 
         base_tap_ctx = patched_capture()
         base_tap_ctx.__enter__()
     wrap(session_mod, "capture_reference", lambda *a, **k: f"capture:{k.get('side', 'reference')}")
     if args.proposals:
-        from benchmarks.proposals.streaming_floor import streaming_with_dtype
+        from benchmarks.proposals.trace_io import patched_trace_io
 
-        loader_mod.ReferenceModel.with_dtype = lambda self, dtype: streaming_with_dtype(self, dtype)
+        io_ctx = patched_trace_io()
+        io_ctx.__enter__()
+        try:
+            import parity.reference.precision  # noqa: F401  (adopted already: no model copy to remove)
+        except ImportError:
+            from benchmarks.proposals.streaming_floor import streaming_with_dtype
+
+            loader_mod.ReferenceModel.with_dtype = lambda self, dtype: streaming_with_dtype(self, dtype)
     wrap(loader_mod.ReferenceModel, "with_dtype", lambda *a, **k: "floor_model")
     real_run = ReplayEngine.run
     def engine_run(self, call, writer, teacher=None):
@@ -370,11 +421,13 @@ def child_parity(args, watch: Watch) -> dict:
         # trace bytes on disk at this point (all five traces of the case exist)
         roots = {Path(t.root).parent for t in (ct.reference, ct.floor_e2e, ct.floor_local, ct.engine, ct.engine_local)}
         compare_info["trace_bytes_on_disk"] = sum(dir_bytes(r) for r in roots)
-        counted = {"n": 0}
+        counted = {"n": 0, "s": 0.0}
         real_get = Trace.get
 
         def get(self, layer, point):
+            t0 = time.perf_counter()
             v = real_get(self, layer, point)
+            counted["s"] += time.perf_counter() - t0
             if v is not None:
                 counted["n"] += v.numel() * v.element_size()
             return v
@@ -388,6 +441,7 @@ def child_parity(args, watch: Watch) -> dict:
             Trace.get = real_get
         account("compare_case", c)
         compare_info["bytes"] += counted["n"]
+        compare_info["read_s"] = compare_info.get("read_s", 0.0) + counted["s"]
         compare_info["wall_s"] += c.wall
         compare_info["cpu_s"] += c.cpu
         compare_info["points"] += len(res)
@@ -453,6 +507,11 @@ def run_child(args) -> int:
 def spawn(args, child: str, model: Path, workspace: Path | None, tag: str, extra: list[str] = ()) -> dict:
     result = Path(args.root) / "results" / f"{tag}.json"
     result.parent.mkdir(parents=True, exist_ok=True)
+    if args.reuse and result.is_file():
+        data = json.loads(result.read_text())
+        if not (data.get("failed") or data.get("aborted")):
+            log(f"[bench] {tag}: reusing {result}")
+            return data
     result.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", child, "--model", str(model),
            "--result", str(result), "--root", str(args.root), "--repeat", str(args.repeat),
@@ -514,8 +573,16 @@ def compute(results: dict, layers: int) -> dict:
     ratios["capture_overhead"] = {
         "value": _ratio(cap, plain), "cpu_value": _ratio(_min(s, "capture_fp32", "cpu_s"), _min(s, "reference_fp32", "cpu_s")),
         "numbers": {"capture_fp32_s": cap, "reference_fp32_s": plain, "capture_base_tap_s": tap,
+                    "capture_all_proposals_s": _min(s, "capture_fp32_proposals"),
+                    "with_all_proposals": _ratio(_min(s, "capture_fp32_proposals"), plain),
+                    "with_all_proposals_cpu": _ratio(_min(s, "capture_fp32_proposals", "cpu_s"),
+                                                     _min(s, "reference_fp32", "cpu_s")),
+                    "with_base_tap_cpu": _ratio(_min(s, "capture_fp32_base_tap", "cpu_s"),
+                                                _min(s, "reference_fp32", "cpu_s")),
+                    "proposals_values_identical": fw.get("capture_proposals_values_identical"),
                     "with_base_tap": _ratio(tap, plain), "trace_bytes_fp32": fw.get("trace_bytes_fp32"),
-                    "base_tap_bit_identical": fw.get("base_tap_bit_identical")}}
+                    "base_tap_bit_identical": fw.get("base_tap_bit_identical"),
+                    "base_tap_adopted": fw.get("base_tap_adopted")}}
 
     rep = _min(s, "replay_fp32")
     ratios["replay_vs_reference"] = {
@@ -530,8 +597,9 @@ def compute(results: dict, layers: int) -> dict:
     thr = (cmp.get("bytes", 0) / cmp["wall_s"]) if cmp.get("wall_s") else None
     other = cmp.get("other_impl", {})
     fast_thr = (cmp.get("bytes", 0) / other["wall_s"]) if other.get("wall_s") else None
+    thr_cpu = (cmp.get("bytes", 0) / cmp["cpu_s"]) if cmp.get("cpu_s") else None
     ratios["compare_vs_memcpy"] = {
-        "value": _ratio(thr, bw),
+        "value": _ratio(thr, bw), "cpu_value": _ratio(thr_cpu, bw),
         "numbers": {"compare_bytes": cmp.get("bytes"), "compare_s": cmp.get("wall_s"), "compare_bytes_per_s": thr,
                     "memcpy_bytes_per_s": bw, "points": cmp.get("points"),
                     "fast_compare_s": other.get("wall_s"), "fast_compare_vs_memcpy": _ratio(fast_thr, bw),
@@ -549,6 +617,9 @@ def compute(results: dict, layers: int) -> dict:
         needed_cpu = (_min(s, "reference_fp32", "cpu_s") + 2 * _min(s, "reference_fp64", "cpu_s")
                       + _min(s, "replay_fp32", "cpu_s") + _min(s, "replay_local_fp32", "cpu_s"))
     run_cpu = pL.get("run", {}).get("cpu_s")
+    pP = results.get("parity_L_proposals") or {}
+    run_p = (pP["run"]["wall_s"] - pP.get("instrumentation_s", 0.0)) if pP.get("run") else None
+    run_p_cpu = (pP["run"]["cpu_s"] - pP.get("instrumentation_s", 0.0)) if pP.get("run") else None
     ratios["run_vs_forwards"] = {
         "value": _ratio(run_net, needed),
         "cpu_value": _ratio((run_cpu - pL.get("instrumentation_s", 0.0)) if run_cpu else None, needed_cpu),
@@ -556,6 +627,9 @@ def compute(results: dict, layers: int) -> dict:
                     "reference_fp32_s": plain, "reference_fp64_s": f64, "replay_e2e_s": rep,
                     "replay_local_s": _min(s, "replay_local_fp32"),
                     "stages": {k: round(v["wall_s"], 2) for k, v in pL.get("stages", {}).items()},
+                    "with_proposals_s": run_p, "with_proposals": _ratio(run_p, needed),
+                    "with_proposals_cpu": _ratio(run_p_cpu, needed_cpu),
+                    "stages_with_proposals": {k: round(v["wall_s"], 2) for k, v in pP.get("stages", {}).items()},
                     "status": pL.get("status")}}
 
     def extra(p):
@@ -577,6 +651,8 @@ def compute(results: dict, layers: int) -> dict:
     for k, v in ratios.items():
         v["target"] = f"{TARGETS[k][0]} {TARGETS[k][1]}"
         v["ok"] = _ok(k, v["value"])
+        v.setdefault("cpu_value", v["value"])  # memory: no time involved
+        v["ok_cpu"] = _ok(k, v["cpu_value"])
     return ratios
 
 
@@ -614,7 +690,7 @@ def render(summary: dict) -> None:
     con = Console(width=int(os.environ.get("BENCH_WIDTH", "170")))
     r = summary["ratios"]
     t = Table(title=f"parity bench - {summary['config']['describe']}", show_lines=False)
-    for col in ("measure", "ratio", "target", "ok", "numbers behind it"):
+    for col in ("measure", "wall ratio", "cpu ratio", "target", "ok (wall/cpu)", "numbers behind it"):
         t.add_column(col, overflow="fold")
 
     def f(x, nd=3):
@@ -629,14 +705,15 @@ def render(summary: dict) -> None:
     rows = []
     c = r["capture_overhead"]["numbers"]
     rows.append(("capture overhead", r["capture_overhead"],
-                 f"capture {s_(c['capture_fp32_s'])} / forward {s_(c['reference_fp32_s'])}; cpu ratio "
-                 f"{f(r['capture_overhead'].get('cpu_value'))}; base-tap {s_(c['capture_base_tap_s'])} -> "
-                 f"{f(c['with_base_tap'])} (bit-identical: {c['base_tap_bit_identical']}); trace "
+                 f"capture {s_(c['capture_fp32_s'])} / forward {s_(c['reference_fp32_s'])}; " + ("base tap already in capture.py; " if c.get("base_tap_adopted") else
+                                          f"base-tap {s_(c['capture_base_tap_s'])} -> {f(c['with_base_tap'])} "
+                                          f"(bit-identical: {c['base_tap_bit_identical']}); ") + "+ async/no-copy trace "
+                 f"I/O {s_(c['capture_all_proposals_s'])} -> {f(c['with_all_proposals'])} (cpu "
+                 f"{f(c['with_all_proposals_cpu'])}, same values: {c['proposals_values_identical']}); trace "
                  f"{gb(c['trace_bytes_fp32'])}"))
     c = r["replay_vs_reference"]["numbers"]
     rows.append(("replay / reference (fp32)", r["replay_vs_reference"],
-                 f"replay {s_(c['replay_fp32_s'])} / reference {s_(c['reference_fp32_s'])}; cpu ratio "
-                 f"{f(r['replay_vs_reference'].get('cpu_value'))}; traced replay / capture "
+                 f"replay {s_(c['replay_fp32_s'])} / reference {s_(c['reference_fp32_s'])}; traced replay / capture "
                  f"{f(c['traced_replay_vs_capture'])}"))
     c = r["compare_vs_memcpy"]["numbers"]
     rows.append(("compare / memcpy", r["compare_vs_memcpy"],
@@ -648,16 +725,21 @@ def render(summary: dict) -> None:
     rows.append(("run_parity / forwards", r["run_vs_forwards"],
                  f"run {s_(c['run_parity_s'])} / forwards {s_(c['forwards_needed_s'])} (fp32 {s_(c['reference_fp32_s'])}"
                  f" + 2 x fp64 {s_(c['reference_fp64_s'])} + replay {s_(c['replay_e2e_s'])} + local "
-                 f"{s_(c['replay_local_s'])}); cpu ratio {f(r['run_vs_forwards'].get('cpu_value'))}"))
+                 f"{s_(c['replay_local_s'])})" + (f"; with proposals {s_(c['with_proposals_s'])} -> "
+                                                    f"{f(c['with_proposals'])} (cpu {f(c['with_proposals_cpu'])})"
+                                                    if c.get("with_proposals_s") else "")))
     c = r["memory_2L_vs_L"]["numbers"]
     ex = c["extra_bytes"]
     rows.append((f"memory {c['layers'][1]}L / {c['layers'][0]}L", r["memory_2L_vs_L"],
                  f"peak {gb(c['peak_rss_bytes'][0])} / {gb(c['peak_rss_bytes'][1])}, resident fp32 weights "
                  f"{gb(c['resident_weight_bytes'][0])} / {gb(c['resident_weight_bytes'][1])}, extra "
                  f"{gb(ex[0])} / {gb(ex[1])}" + (f"; 2L ABORTED: {c['aborted_2L']}" if c.get("aborted_2L") else "")))
+    def yn(x):
+        return "-" if x is None else ("yes" if x else "NO")
+
     for name, d, nums in rows:
-        ok = d.get("ok")
-        t.add_row(name, f(d.get("value")), d["target"], "-" if ok is None else ("yes" if ok else "NO"), nums)
+        t.add_row(name, f(d.get("value")), f(d.get("cpu_value")), d["target"], f"{yn(d.get('ok'))}/{yn(d.get('ok_cpu'))}",
+                  nums)
     con.print(t)
     p = summary.get("projection")
     if p:
@@ -701,6 +783,8 @@ def main(argv=None) -> int:
     ap.add_argument("--memory-only", action="store_true",
                     help="only run_parity at --layers (peak RSS; e.g. --layers 8 for the 8-layer claim)")
     ap.add_argument("--profile", action="store_true", help="cProfile one capture and one traced replay")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse child results already under ROOT/results (delete one to re-measure it)")
     ap.add_argument("--root", default=str(REPO / ".cache" / "bench"), help="cache of models/workspaces/results")
     ap.add_argument("--out", default=str(REPO / "reports" / "bench.json"))
     ap.add_argument("--min-available-gib", type=float, default=1.5,

@@ -90,6 +90,8 @@ def _run(a: argparse.Namespace) -> int:
         lowp_min_rel=a.lowp_min_rel, lowp_max_rel=a.lowp_max_rel,
     )
     _check_writable(a.out)
+    if a.keep_traces:
+        _check_writable(a.keep_traces)  # else copying the traces fails after the whole run
     opts = RunOptions(
         model=a.model, workspace=a.workspace, engine=a.engine, lmdeploy_version=a.lmdeploy_version,
         inputs=a.inputs, numeric=a.numeric, serve_from=a.serve_from, trust_remote_code=a.trust_remote_code,

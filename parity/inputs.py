@@ -45,7 +45,7 @@ def load_cases(path: Path | str) -> list[CanonicalInput]:
         raise ParityInputError(f"Inputs file {path} does not exist; expected a YAML/JSON file with a `cases` list.")
     try:
         data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
         raise ParityInputError(f"Inputs file {path} does not parse as YAML/JSON: {str(e).splitlines()[0]}.") from None
     if isinstance(data, list):
         data = {"cases": data}
@@ -57,6 +57,11 @@ def load_cases(path: Path | str) -> list[CanonicalInput]:
         if not isinstance(raw, dict) or not isinstance(raw.get("segments"), list) or not raw["segments"]:
             raise ParityInputError(f"{where}: expected a mapping with a non-empty `segments` list.")
         name = str(raw.get("name", f"case{n}"))
+        if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+            raise ParityInputError(
+                f"{where}.name {name!r} cannot be used: a case name names a folder, so it must be non-empty, not "
+                "'.' or '..', and free of '/', '\\' and NUL."
+            )
         if name in names:
             raise ParityInputError(f"{where}: the case name {name!r} is used twice; names must be unique.")
         names.add(name)
@@ -68,6 +73,8 @@ def load_cases(path: Path | str) -> list[CanonicalInput]:
             if isinstance(s, dict) and set(s) == {"text"} and isinstance(s["text"], str):
                 segs.append(Segment("text", text=s["text"]))
             elif isinstance(s, dict) and set(s) == {"image"} and isinstance(s["image"], str):
+                if "\0" in s["image"]:
+                    raise ParityInputError(f"{where}.segments[{m}]: image path {s['image']!r} contains a NUL byte.")
                 img = (path.parent / s["image"]).resolve()
                 if not img.is_file():
                     raise ParityInputError(

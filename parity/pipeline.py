@@ -134,15 +134,12 @@ def run_parity(opts: RunOptions) -> Report:
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     from .deploy.compat import installed_lmdeploy_version
-    from .deploy.convert import convert_cached
-    from .deploy.versions import semantics_for
-    from .deploy.workspace import Workspace
-    from .trace import TraceMeta, TraceWriter
+    from .deploy.versions import semantics_for_run
 
     version = opts.lmdeploy_version or installed_lmdeploy_version()
     if version is None:
         raise ParityInputError("lmdeploy is not installed and no --lmdeploy-version was given; run `make setup`.")
-    semantics = semantics_for(version)
+    semantics = semantics_for_run(version)  # 0.9.2-0.13.0 cannot deploy PLoRA: exit 2, nothing to compare
     if opts.numeric not in ("fp32", "emulate"):
         raise ParityInputError(f"--numeric must be 'fp32' or 'emulate', got {opts.numeric!r}.")
     live = opts.engine == "turbomind"
@@ -156,9 +153,22 @@ def run_parity(opts: RunOptions) -> Report:
         ok, reason = available()
         if not ok:
             raise unavailable_error(reason)
+    cases = _cases(opts)  # a bad inputs file fails before any model is loaded
     session = opts.session or ReferenceSession(opts.model, opts.trust_remote_code, low_memory=opts.low_memory)
+    try:
+        return _run_in_session(opts, session, semantics, cases, live, t0, timings)
+    finally:
+        if opts.session is None:
+            session.close()
+
+
+def _run_in_session(opts: RunOptions, session: ReferenceSession, semantics, cases: list[CanonicalInput],
+                    live: bool, t0: float, timings: dict[str, float]) -> Report:
+    from .deploy.convert import convert_cached
+    from .deploy.workspace import Workspace
+    from .trace import TraceMeta, TraceWriter
+
     ref = session.ref
-    cases = _cases(opts)
     timings["load_reference"] = time.perf_counter() - t0
 
     t = time.perf_counter()
@@ -178,11 +188,11 @@ def run_parity(opts: RunOptions) -> Report:
     live_cases = []
     engine_section: dict[str, Any] = {}
 
-    work = Path(tempfile.mkdtemp(prefix="parity-engine-"))
     case_traces: list[CaseTraces] = []
     summaries: list[CaseSummary] = []
-    findings: list[Finding] = _conversion_findings(ws.conversion_record())
+    work = Path(tempfile.mkdtemp(prefix="parity-engine-"))
     try:
+        findings: list[Finding] = _conversion_findings(ws.conversion_record())
         for case in cases:
             prepared = prepare(case, ref.tokenize, ref.embed_tokens, ref.encode_image, ref.bos_id, ref.decode)
             hf_p = opts.mutate_hf_prepared(prepared) if opts.mutate_hf_prepared else prepared
@@ -267,8 +277,6 @@ def run_parity(opts: RunOptions) -> Report:
             shutil.copytree(session.root, opts.keep_traces / "reference", dirs_exist_ok=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        if opts.session is None:
-            session.close()
     timings["total"] = time.perf_counter() - t0
     record = ws.conversion_record()
     engine_dict = {"kind": opts.engine, "lmdeploy_version": semantics.version, "numeric": numeric,

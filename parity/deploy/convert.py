@@ -369,7 +369,7 @@ def convert(model_dir: str | Path, out_dir: str | Path, tp: int = 1, lora_config
     log: list[str] = []
     warn: list[str] = []
     seen: list[Any] = []
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(out_dir)
     tag = f"{os.getpid()}.{uuid.uuid4().hex[:12]}"
     tmp = out_dir.parent / f".{out_dir.name}.converting.{tag}"
     t0 = time.perf_counter()
@@ -469,6 +469,19 @@ def convert(model_dir: str | Path, out_dir: str | Path, tp: int = 1, lora_config
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _make_parent(out_dir: Path) -> None:
+    """Create the folder the workspace goes into; a path through a file or a read-only folder is bad input."""
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ParityInputError(
+            f"Cannot create the workspace folder {out_dir}: {out_dir.parent} cannot be made a folder "
+            f"({e.strerror or e}); expected a writable folder path (for `parity run`, --cache-dir)."
+        ) from None
+    if not os.access(out_dir.parent, os.W_OK | os.X_OK):
+        raise ParityInputError(f"Cannot write the workspace folder {out_dir}: {out_dir.parent} is not writable.")
 
 
 def _untemp(log: list[str], tmp: Path, out_dir: Path) -> list[str]:

@@ -38,9 +38,9 @@ from dataclasses import asdict
 from typing import Any, Callable
 
 import torch
-
-from ..errors import EngineRefused
 import torch.nn.functional as F
+
+from ..errors import EngineRefused, ParityInputError
 
 from ..points import LAYER_POINTS, PLORA_LINEARS, TM_LINEAR_NAMES, plora_key
 from ..records import EngineCall, RuntimeSemantics
@@ -181,8 +181,9 @@ class ReplayEngine:
         self.vocab = int(m.vocab_size)
         wt = str(getattr(m, "weight_type", "") or "").lower()
         if wt and wt not in _WEIGHT_DTYPES:
-            raise NotImplementedError(
-                f"The replay engine handles fp16/bf16/fp32 workspaces; this one has weight_type {wt!r}."
+            raise ParityInputError(
+                f"config.yaml model_config.weight_type is {wt!r}; the replay engine handles float16, bfloat16 and "
+                "float32 workspaces (a quantized workspace cannot be replayed weight by weight)."
             )
         self.weight_dtype = getattr(workspace, "dtype", None) or _WEIGHT_DTYPES.get(wt, torch.float16)
         self.T = self.weight_dtype if numeric == "emulate" else torch.float32
@@ -196,9 +197,13 @@ class ReplayEngine:
         self.scaling_factor = float(att.get("rope_scaling_factor", 0.0) or 0.0)
         self.dynamic_ntk = bool(att.get("use_dynamic_ntk", 0))
         if self.scaling_type in ("llama3", "yarn"):
-            raise NotImplementedError(f"rope_scaling_type {self.scaling_type!r} is not replayed (XComposer2 uses none/dynamic).")
+            raise ParityInputError(
+                f"config.yaml attention_config.rope_scaling_type is {self.scaling_type!r}; the replay engine "
+                "reproduces '' and 'dynamic' (what XComposer2 uses), not llama3 or yarn scaling.")
         if att.get("use_logn_attn"):
-            raise NotImplementedError("use_logn_attn is not replayed (XComposer2 does not use it).")
+            raise ParityInputError(
+                "config.yaml attention_config.use_logn_attn is set; the replay engine reproduces use_logn_attn 0 "
+                "(XComposer2 does not use log-n attention).")
         softmax_scale = float(att.get("softmax_scale", 0) or 0)
         self.qk_scale = softmax_scale if softmax_scale else 1.0 / math.sqrt(self.D)
         self.lora = workspace.lora
@@ -228,9 +233,15 @@ class ReplayEngine:
     def _linear(self, x: torch.Tensor, lin: dict[str, Any], mask: torch.Tensor) -> dict[str, torch.Tensor]:
         acc = x @ lin["W"]
         rows = x.shape[0]
-        if lin["apply"]:
+        if lin["apply"] and self.numeric == "fp32":
+            # fp32 mode judges conversions, not summation order: a low-rank product's rounding can exceed a
+            # tiny delta's own floor, so the LoRA branch (cheap) is computed in float64
+            t = x.double() @ lin["A"].double()
+            l = (lin["scale"] * (t @ lin["B"].double())).float()
+        elif lin["apply"]:
             t = self.rnd(x @ lin["A"])
             l = self.rnd(lin["scale"] * (t @ lin["B"]))
+        if lin["apply"]:
             l = torch.where(mask.bool()[:, None], l, torch.zeros((), dtype=l.dtype))
             y = self.rnd(acc + l)
             used_mask = mask.to(torch.uint8)

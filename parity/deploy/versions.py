@@ -165,6 +165,22 @@ def semantics_for(version: str) -> RuntimeSemantics:
     )
 
 
+def semantics_for_run(version: str) -> RuntimeSemantics:
+    """`semantics_for`, for a parity run against `version`: also refuses the releases whose converter cannot
+    write a PLoRA workspace at all (0.9.2 – 0.13.0 assert on `Plora_A`), since no TurboMind deployment of the
+    model exists there to compare with. Those versions stay known to `semantics_for` (the table, the report).
+    """
+    sem = semantics_for(version)
+    if not sem.converter_writes_lora:
+        last_writer = max((r for r in VERSION_TABLE if r.converter_writes_lora), key=lambda r: _release(r.first))
+        raise ParityInputError(
+            f"lmdeploy version {version!r} cannot deploy a PLoRA model, so there is nothing to compare: "
+            f"{row_for(version).summary} Pass a release whose converter writes PLoRA ({FIRST_SUPPORTED} – "
+            f"{last_writer.last}). {_supported_text()}"
+        )
+    return sem
+
+
 def is_known_good(version: str) -> bool:
     """True when `version` both writes and applies PLoRA (0.4.0 – 0.7.1)."""
     try:

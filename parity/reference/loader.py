@@ -148,9 +148,18 @@ def load_reference(path: Path | str, trust_remote_code: bool, dtype: torch.dtype
 
             model = load_lowmem(path, trust_remote_code)
         else:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(path), trust_remote_code=trust_remote_code, dtype=dtype, attn_implementation="eager"
+            model, info = AutoModelForCausalLM.from_pretrained(
+                str(path), trust_remote_code=trust_remote_code, dtype=dtype, attn_implementation="eager",
+                output_loading_info=True,
             )
+            # transformers fills missing tensors with random values (and only logs it): never compare those
+            missing = sorted(info.get("missing_keys") or [])
+            if missing:
+                raise ParityInputError(
+                    f"The checkpoint in {path} lacks {len(missing)} tensor(s) the model defines, e.g. "
+                    f"{', '.join(missing[:3])}; transformers would fill them with random values. Expected a complete "
+                    "checkpoint (a merged or stripped export without its Plora_A/Plora_B tensors cannot be compared)."
+                )
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except ParityInputError:
         raise
