@@ -121,7 +121,9 @@ def test_quick_bench_writes_every_ratio(tmp_path):
         assert isinstance(r["value"], float) and r["value"] > 0 and math.isfinite(r["value"]), name
         assert r["ok"] in (True, False)
     cap = ratios["capture_overhead"]["numbers"]
-    assert cap["base_tap_bit_identical"] is True
+    # the base-output tap is now part of parity.reference.capture (covered bit for bit by tests/test_capture.py);
+    # the benchmark compares it against the recompute only while it is still a proposal
+    assert cap["base_tap_adopted"] is True or cap["base_tap_bit_identical"] is True
     assert data["results"]["forwards"]["streaming_floor_bit_identical"] is True
     agree = ratios["compare_vs_memcpy"]["numbers"]["fast_compare_agrees"]
     assert agree["same_points"] and agree["same_exceeded"] and agree["max_rel_diff"] < 1e-9
