@@ -24,7 +24,7 @@ import argparse
 import contextlib
 import cProfile
 import hashlib
-import io
+import importlib.util
 import json
 import math
 import os
@@ -192,7 +192,8 @@ def _null_writer(root: Path):
 
 
 def child_forwards(args, watch: Watch) -> dict:
-    """Each forward pass alone, and the reference capture with and without the proposed base tap."""
+    """Each forward pass alone (fp32/fp64 reference, replay e2e/local), the reference capture as it is and
+    with the proposals (base tap where capture.py lacks one, trace I/O), and their exactness checks."""
     import torch
 
     from parity.deploy.compat import installed_lmdeploy_version
@@ -298,7 +299,8 @@ def child_forwards(args, watch: Watch) -> dict:
         out["trace_bytes_engine"] = dir_bytes(d)
         shutil.rmtree(d, ignore_errors=True)
 
-        # float64 noise floor: the proposed streaming cast first (no copy), then today's deep copy
+        # float64 noise floor: the proposal's cast (hooks on the modules that run), then the project's own
+        # (`with_dtype` + `precision.compute_dtype` today; a deep copy in older versions)
         final = {}
 
         def keep_final(tag):
@@ -320,7 +322,6 @@ def child_forwards(args, watch: Watch) -> dict:
         out["streaming_floor_bit_identical"] = bool(
             final["streaming"].dtype == torch.float64 and torch.equal(final["streaming"], final["project"]))
         out["floor_weight_bytes"] = param_bytes(fref.model) if fref.model is not ref.model else 0
-        del fref
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -328,8 +329,6 @@ def child_forwards(args, watch: Watch) -> dict:
 
 def child_parity(args, watch: Watch) -> dict:
     """One whole `run_parity`, instrumented per stage (time, peak RSS); optionally with the proposals."""
-    import torch
-
     import parity.pipeline as pipeline
     from parity.compare.thresholds import Thresholds
     from parity.deploy import convert as convert_mod
@@ -394,9 +393,7 @@ def child_parity(args, watch: Watch) -> dict:
 
         io_ctx = patched_trace_io()
         io_ctx.__enter__()
-        try:
-            import parity.reference.precision  # noqa: F401  (adopted already: no model copy to remove)
-        except ImportError:
+        if importlib.util.find_spec("parity.reference.precision") is None:  # else: no model copy to remove
             from benchmarks.proposals.streaming_floor import streaming_with_dtype
 
             loader_mod.ReferenceModel.with_dtype = lambda self, dtype: streaming_with_dtype(self, dtype)

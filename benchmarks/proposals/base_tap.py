@@ -1,4 +1,7 @@
-"""Proposal: record each PLoRA linear's base output `x @ W.T (+ b)` as the model computes it, instead of
+"""[Adopted in parity/reference/capture.py (`_BaseTap`) while this benchmark was written; kept for older
+versions: the bench uses it only when capture.py has no `_BaseTap`.]
+
+Proposal: record each PLoRA linear's base output `x @ W.T (+ b)` as the model computes it, instead of
 recomputing it in the capture hook.
 
 Today `parity.reference.capture._Recorder._values` calls `F.linear(x, module.weight, module.bias)` again for

@@ -1,27 +1,20 @@
-"""Proposal: run the float64 noise-floor forward on the loaded float32 model, one layer at a time, instead
-of keeping a float64 deep copy of the whole model.
+"""Proposal: run the float64 noise-floor forward on the loaded model, casting only the modules that run,
+one at a time, instead of a float64 copy of the whole model.
 
-Today `ReferenceModel.with_dtype(torch.float64)` (parity/reference/loader.py) does
-`copy.deepcopy(self.model).to(float64)`: the session then holds the fp32 model AND an fp64 copy, 3x the
-fp32 weights (for an 8-layer 7B-shaped model with its 92,544-token vocabulary: 10.6 GB + 21 GB; for a full
-7B model 32 GB + 64 GB). The floor only ever needs one layer in fp64 at a time.
+History: `ReferenceModel.with_dtype(torch.float64)` used to be `copy.deepcopy(self.model).to(float64)`, 3x
+the fp32 weights in memory (an 8-layer 7B-shaped model: 10.6 GB + 21 GB). The project has since adopted a
+per-layer cast (`parity/reference/precision.py::compute_dtype`), which the benchmark now measures. What is
+left here is the refinement: `compute_dtype` casts *every* module outside the decoder layers for the whole
+forward, including `tok_embeddings` (never run: the capture passes `inputs_embeds`; 1.5 GB fp32 -> 3.0 GB
+fp64 at XComposer2's 92,544-token vocabulary) and the vision tower. Here forward pre-hooks on each decoder
+layer, the final norm and the LM head cast that module's parameters to the dtype of the activations it
+receives (float64 in a floor run; nothing to do in an fp32 run) and the post-hooks cast them back; buffers
+are restored from the originals (not re-cast), so state a forward recomputes never leaks between runs.
+fp32 -> fp64 -> fp32 (and bf16 -> fp64 -> bf16) is exact; the benchmark checks the final-norm output is
+bit-identical to the project's floor.
 
-`streaming_with_dtype(ref, dtype)` returns a `ReferenceModel` that shares the fp32 module. Forward
-pre-hooks on every decoder layer, the final norm and the LM head cast that module's parameters to the
-dtype of the activations it receives (fp64 in a floor run; nothing to do in an fp32 run) and the
-post-hooks cast them back; buffers are restored from the originals (not re-cast), so state a forward
-recomputes (e.g. upstream's rotary cos/sin cache) never leaks from the fp64 run into the fp32 one.
-fp32 -> fp64 -> fp32 (and bf16 -> fp64 -> bf16) is exact, so the fp32 model is bit-for-bit unchanged
-after each module, and the fp64 values are exactly those of the deep copy's (the weights are the same
-fp32 values upcast): the benchmark checks the logits are bit-identical to the deep copy's.
-
-Memory: one layer's fp64 weights (1.9 GB for 7B shapes) plus the LM head's while it runs (3.0 GB at a
-92,544 vocabulary), instead of 2x the whole model. Time: one upcast and one downcast of each layer per
-floor forward (~2-4 % of an fp64 layer forward here).
-
-How to adopt: make `ReferenceModel.with_dtype` (loader.py) do this instead of the deep copy (install the
-hooks once per model; `ReferenceSession.floor_model` is unchanged). Everything else in the floor forward
-(the attention mask, rotary) already follows the input dtype, as the deep copy relies on too.
+How to adopt: in `compute_dtype`, cast outside the decoder layers only the modules that run in the
+forward (final norm, LM head: pre/post hooks as below), and apply the float64 LM head in vocabulary chunks.
 """
 
 from __future__ import annotations
