@@ -2,15 +2,15 @@
 """parity performance benchmark at real 7B shapes: `make bench` (or `python benchmarks/bench.py --help`).
 
 Builds InternLM-XComposer2-7b-shaped models with few layers (hidden 4096 = 32 x 128, 8 kv heads,
-intermediate 14336, rank-256 PLoRA on every linear, vocab 92544, one 490 px image = 1,225 image rows)
+intermediate 14336, rank-256 PLoRA on every linear, vocab 8192 by default, one 490 px image = 1,225 image rows)
 with parity's fixture generator, converts them with lmdeploy's converter (`convert_cached`), and
 measures in one run:
 
   capture overhead      reference forward streaming every capture point to disk / the same forward, no hooks
   replay / reference    ReplayEngine fp32 forward / reference fp32 forward (both without writing a trace)
   compare / memcpy      bytes of activations compare_case reads per second / memory-copy bandwidth
-  run / forwards        run_parity wall time / the forward passes it must do (fp32 reference, 2 fp64
-                        floors, replay e2e and local), each timed alone
+  run / forwards        run_parity wall time / the forward passes it must do (fp32 reference, the fp64
+                        teacher-forced floor, replay e2e and teacher-forced), each timed alone
   memory 2L / L         (peak RSS - resident fp32 weights) of run_parity at 2L layers / at L layers
 
 Each measurement runs in a child process (a fresh peak RSS; a guard stops a child that would exhaust the
@@ -21,10 +21,7 @@ machine's memory or disk, see memwatch.py). Models and workspaces are cached und
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
-import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -133,38 +130,6 @@ def _top_profile(prof: cProfile.Profile, n: int = 18) -> list[dict]:
     return rows[:n]
 
 
-def _values_equal(a: Path, b: Path) -> bool:
-    """Every tensor of every safetensors file in trace folder `a` equals (bitwise) the one in `b`."""
-    import torch
-    from safetensors import safe_open
-
-    names = sorted(p.name for p in a.glob("*.safetensors"))
-    if not names or names != sorted(p.name for p in b.glob("*.safetensors")):
-        return False
-    for n in names:
-        with safe_open(str(a / n), "pt") as fa, safe_open(str(b / n), "pt") as fb:
-            if sorted(fa.keys()) != sorted(fb.keys()):
-                return False
-            for k in fa.keys():
-                x, y = fa.get_tensor(k), fb.get_tensor(k)
-                if x.dtype != y.dtype or x.shape != y.shape or not torch.equal(x, y):
-                    return False
-    return True
-
-
-def _files_equal(a: Path, b: Path) -> bool:
-    names = sorted(p.name for p in a.glob("*.safetensors"))
-    if names != sorted(p.name for p in b.glob("*.safetensors")):
-        return False
-    for n in names:
-        if hashlib.sha256((a / n).read_bytes()).digest() != hashlib.sha256((b / n).read_bytes()).digest():
-            return False
-    return True
-
-
-# ============================================================================================ children
-
-
 def child_convert(args) -> dict:
     from parity.deploy.convert import convert_cached
 
@@ -173,41 +138,41 @@ def child_convert(args) -> dict:
     return {"workspace": str(ws), "time": c.result(), "workspace_bytes": dir_bytes(ws)}
 
 
-def _null_writer(root: Path):
-    from parity.trace import TraceMeta, TraceWriter
+class NullWriter:
+    """A trace writer (TraceWriter's protocol) that drops every value: the forward's own cost, no trace I/O."""
 
-    class NullWriter(TraceWriter):
-        """Drops every value (the forward's own cost, without trace I/O)."""
+    def __init__(self, root: Path):
+        from parity.trace import TraceMeta
 
-        def pre(self, name, value):
-            pass
+        self.root = Path(root)
+        self.meta = TraceMeta(side="replay", case="bench", num_layers=0, dtype="float32")
 
-        def post(self, name, value):
-            pass
+    def pre(self, name, value):
+        pass
 
-        def layer(self, index, values):
-            pass
+    def post(self, name, value):
+        pass
 
-    return NullWriter(root, TraceMeta(side="replay", case="bench", num_layers=0, dtype="float32"))
+    def layer(self, index, values):
+        pass
+
+    def close(self):
+        return None
 
 
 def child_forwards(args, watch: Watch) -> dict:
-    """Each forward pass alone (fp32/fp64 reference, replay e2e/local), the reference capture as it is and
-    with the proposals (base tap where capture.py lacks one, trace I/O), and their exactness checks."""
+    """Each forward pass alone (fp32 and fp64 reference, replay end to end, teacher-forced and both in one
+    pass), and the reference capture as `run_parity` does it."""
     import torch
 
     from parity.deploy.compat import installed_lmdeploy_version
     from parity.deploy.replay import ReplayEngine
     from parity.deploy.versions import semantics_for
     from parity.deploy.workspace import Workspace
-    from parity.reference import capture as capture_mod
     from parity.reference.capture import capture_reference
     from parity.reference.loader import load_reference
+    from parity.reference.precision import compute_dtype
     from parity.trace import TraceMeta, TraceWriter
-
-    from benchmarks.proposals.base_tap import patched_capture
-    from benchmarks.proposals.streaming_floor import remove_hooks, streaming_with_dtype
-    from benchmarks.proposals.trace_io import patched_trace_io
 
     out: dict = {"samples": {}, "profile": {}}
     tmp = Path(args.root) / "tmp" / f"forwards-{os.getpid()}"
@@ -222,6 +187,15 @@ def child_forwards(args, watch: Watch) -> dict:
         samples.setdefault(name, []).append(c.result())
         return r
 
+    def profiled(name, fn):
+        prof = cProfile.Profile()
+        prof.enable()
+        try:
+            return fn()
+        finally:
+            prof.disable()
+            out["profile"][name] = _top_profile(prof)
+
     try:
         with watch.stage("load_reference"), Clock() as c:
             ref = load_reference(Path(args.model), True, torch.float32)
@@ -233,55 +207,32 @@ def child_forwards(args, watch: Watch) -> dict:
         out["image_rows"] = int(prepared.image_rows.sum())
         ws = Workspace.open(Path(args.workspace))
         engine = ReplayEngine(ws, semantics_for(installed_lmdeploy_version()), numeric="fp32")
-
-        try:  # the project's per-layer precision switch (no model copy), when present
-            from parity.reference.precision import compute_dtype
-        except ImportError:
-            compute_dtype = None
-        out["precision_mechanism"] = "parity.reference.precision.compute_dtype" if compute_dtype else "with_dtype copy"
         out["storage_dtype"] = str(next(ref.model.parameters()).dtype)
 
         @torch.no_grad()
-        def plain(model_ref, dtype, cast=True):
-            ctx = compute_dtype(model_ref.model, model_ref.anatomy.layers, dtype) if (compute_dtype and cast) \
-                else contextlib.nullcontext()
-            with ctx:
-                model_ref.model(inputs_embeds=hcall.inputs_embeds.to(dtype), im_mask=hcall.im_mask, use_cache=False)
+        def plain(dtype):
+            with compute_dtype(ref.model, ref.anatomy.layers, dtype):
+                ref.model(inputs_embeds=hcall.inputs_embeds.to(dtype), im_mask=hcall.im_mask, use_cache=False)
 
         ref_trace = None
         for r in range(args.repeat):
-            timed("reference_fp32", lambda: plain(ref, torch.float32))
+            timed("reference_fp32", lambda: plain(torch.float32))
             d = tmp / f"capture{r}"
             trace = timed("capture_fp32", lambda: capture_reference(ref, hcall, d, "bench"))
             if ref_trace is not None:
                 shutil.rmtree(ref_trace.root, ignore_errors=True)
             ref_trace = trace
             out["trace_bytes_fp32"] = dir_bytes(d)
-            out["base_tap_adopted"] = hasattr(capture_mod, "_BaseTap")
-            if not out["base_tap_adopted"]:
-                dt = tmp / f"tap{r}"
-                with patched_capture() as cap_tap:
-                    timed("capture_fp32_base_tap", lambda: cap_tap(ref, hcall, dt, "bench"))
-                out["base_tap_bit_identical"] = _files_equal(d, dt)
-                shutil.rmtree(dt, ignore_errors=True)
-            dp = tmp / f"all{r}"
-            tap_ctx = contextlib.nullcontext(capture_reference) if out["base_tap_adopted"] else patched_capture()
-            with tap_ctx as cap_tap, patched_trace_io():
-                timed("capture_fp32_proposals", lambda: cap_tap(ref, hcall, dp, "bench"))
-            out["capture_proposals_values_identical"] = _values_equal(d, dp)
-            shutil.rmtree(dp, ignore_errors=True)
         if args.profile:
-            prof = cProfile.Profile()
             d = tmp / "capture-prof"
-            prof.enable()
-            capture_reference(ref, hcall, d, "bench")
-            prof.disable()
+            profiled("capture_fp32", lambda: capture_reference(ref, hcall, d, "bench"))
             shutil.rmtree(d, ignore_errors=True)
-            out["profile"]["capture_fp32"] = _top_profile(prof)
 
         for r in range(args.repeat):
-            timed("replay_fp32", lambda: engine.run(ecall, _null_writer(tmp / "null")))
-        timed("replay_local_fp32", lambda: engine.run(ecall, _null_writer(tmp / "null"), teacher=ref_trace))
+            timed("replay_fp32", lambda: engine.run(ecall, NullWriter(tmp / "null")))
+        timed("replay_local_fp32", lambda: engine.run(ecall, NullWriter(tmp / "null"), teacher=ref_trace))
+        timed("replay_pair_fp32", lambda: engine.run_pair(ecall, NullWriter(tmp / "null"), NullWriter(tmp / "null"),
+                                                          ref_trace))
         d = tmp / "engine"
 
         def replay_traced():
@@ -289,59 +240,29 @@ def child_forwards(args, watch: Watch) -> dict:
             engine.run(ecall, w)
 
         if args.profile:
-            prof = cProfile.Profile()
-            prof.enable()
-            timed("replay_fp32_traced", replay_traced)
-            prof.disable()
-            out["profile"]["replay_fp32_traced"] = _top_profile(prof)
+            profiled("replay_fp32_traced", lambda: timed("replay_fp32_traced", replay_traced))
         else:
             timed("replay_fp32_traced", replay_traced)
         out["trace_bytes_engine"] = dir_bytes(d)
         shutil.rmtree(d, ignore_errors=True)
-
-        # float64 noise floor: the proposal's cast (hooks on the modules that run), then the project's own
-        # (`with_dtype` + `precision.compute_dtype` today; a deep copy in older versions)
-        final = {}
-
-        def keep_final(tag):
-            return ref.anatomy.final_norm.register_forward_hook(lambda m, i, o: final.__setitem__(tag, o.detach().clone()))
-
-        with watch.stage("floor_streaming_setup"):
-            sref = streaming_with_dtype(ref, torch.float64)
-        h = keep_final("streaming")
-        timed("reference_fp64_streaming", lambda: plain(sref, torch.float64, cast=False))
-        h.remove()
-        remove_hooks(ref)
-        with watch.stage("floor_model"), Clock() as c:
-            fref = ref.with_dtype(torch.float64)
-        out["floor_model"] = c.result()
-        h = fref.anatomy.final_norm.register_forward_hook(
-            lambda m, i, o: final.__setitem__("project", o.detach().clone()))
-        timed("reference_fp64", lambda: plain(fref, torch.float64))
-        h.remove()
-        out["streaming_floor_bit_identical"] = bool(
-            final["streaming"].dtype == torch.float64 and torch.equal(final["streaming"], final["project"]))
-        out["floor_weight_bytes"] = param_bytes(fref.model) if fref.model is not ref.model else 0
+        # the float64 noise-floor forward (`precision.compute_dtype` casts one layer at a time)
+        timed("reference_fp64", lambda: plain(torch.float64))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
 def child_parity(args, watch: Watch) -> dict:
-    """One whole `run_parity`, instrumented per stage (time, peak RSS); optionally with the proposals."""
+    """One whole `run_parity`, instrumented per stage (time, peak RSS)."""
     import parity.pipeline as pipeline
     from parity.compare.thresholds import Thresholds
     from parity.deploy import convert as convert_mod
     from parity.deploy.replay import ReplayEngine
-    from parity.reference import loader as loader_mod
     from parity.reference import session as session_mod
     from parity.trace import Trace
 
-    from benchmarks.proposals import fast_compare
-
-    out: dict = {"stages": {}, "proposals": bool(args.proposals)}
+    out: dict = {"stages": {}}
     stages = out["stages"]
-    instr = {"s": 0.0}
     held: dict = {}
 
     def account(name, c: Clock):
@@ -364,7 +285,8 @@ def child_parity(args, watch: Watch) -> dict:
         return real
 
     out["memcpy"] = memcpy_bandwidth()
-    real_init = session_mod.ReferenceSession.__init__
+    Session = session_mod.ReferenceSession
+    real_init = Session.__init__
 
     def session_init(self, *a, **k):
         with watch.stage("load_reference"), Clock() as c:
@@ -374,37 +296,19 @@ def child_parity(args, watch: Watch) -> dict:
         watch.cleanup.add(Path(self.root))
         out["resident_weight_bytes"] = param_bytes(self.ref.model)
 
-    session_mod.ReferenceSession.__init__ = session_init
-    pipeline.ReferenceSession = session_mod.ReferenceSession
+    Session.__init__ = session_init
+    # floor_local asks for the (cached) reference first: the reference is captured before it is timed
+    wrap(Session, "reference", lambda *a, **k: "capture:reference")
+    wrap(Session, "floor_local", lambda *a, **k: "capture:floor-local")
+    wrap(Session, "floor_e2e", lambda *a, **k: "capture:floor")
     wrap(convert_mod, "convert_cached", lambda *a, **k: "convert_cached")
-    base_tap_ctx = None
-    from parity.reference import capture as capture_mod
+    real_pair = ReplayEngine.run_pair
 
-    out["base_tap_adopted"] = hasattr(capture_mod, "_BaseTap")
-    if args.proposals and not out["base_tap_adopted"]:
-        # the tapped capture replaces session.capture_reference; the stage wrapper goes around it
-        from benchmarks.proposals.base_tap import patched_capture
-
-        base_tap_ctx = patched_capture()
-        base_tap_ctx.__enter__()
-    wrap(session_mod, "capture_reference", lambda *a, **k: f"capture:{k.get('side', 'reference')}")
-    if args.proposals:
-        from benchmarks.proposals.trace_io import patched_trace_io
-
-        io_ctx = patched_trace_io()
-        io_ctx.__enter__()
-        if importlib.util.find_spec("parity.reference.precision") is None:  # else: no model copy to remove
-            from benchmarks.proposals.streaming_floor import streaming_with_dtype
-
-            loader_mod.ReferenceModel.with_dtype = lambda self, dtype: streaming_with_dtype(self, dtype)
-    wrap(loader_mod.ReferenceModel, "with_dtype", lambda *a, **k: "floor_model")
-    real_run = ReplayEngine.run
-    def engine_run(self, call, writer, teacher=None):
+    def engine_pair(self, call, writer, writer_local, teacher):
         watch.cleanup.add(Path(writer.root).parent.parent)  # run_parity's parity-engine-* folder
-        return _staged(watch, account, f"engine:{'local' if teacher is not None else 'e2e'}", real_run, self, call,
-                       writer, teacher)
+        return _staged(watch, account, "engine:pair", real_pair, self, call, writer, writer_local, teacher)
 
-    ReplayEngine.run = engine_run
+    ReplayEngine.run_pair = engine_pair
     wrap(pipeline, "_hf_tm_tensors", lambda *a, **k: "hf_tm_tensors")
     for name in ("inputs", "config", "weights", "mask", "plora", "nonfinite", "hidden"):
         mod = sys.modules.get(f"parity.checks.{name}")
@@ -415,13 +319,13 @@ def child_parity(args, watch: Watch) -> dict:
     compare_info = out.setdefault("compare", {"bytes": 0, "wall_s": 0.0, "cpu_s": 0.0, "points": 0})
 
     def compare_case(ct, thresholds, numeric):
-        # trace bytes on disk at this point (all five traces of the case exist)
-        roots = {Path(t.root).parent for t in (ct.reference, ct.floor_e2e, ct.floor_local, ct.engine, ct.engine_local)}
+        roots = {Path(t.root).parent for t in (ct.reference, ct.floor_e2e, ct.floor_local, ct.engine, ct.engine_local)
+                 if t is not None}
         compare_info["trace_bytes_on_disk"] = sum(dir_bytes(r) for r in roots)
         counted = {"n": 0, "s": 0.0}
         real_get = Trace.get
 
-        def get(self, layer, point):
+        def get(self, layer, point):  # the activation bytes compare_case reads
             t0 = time.perf_counter()
             v = real_get(self, layer, point)
             counted["s"] += time.perf_counter() - t0
@@ -430,10 +334,9 @@ def child_parity(args, watch: Watch) -> dict:
             return v
 
         Trace.get = get
-        impl = fast_compare.fast_compare_case if args.proposals else real_compare
         try:
             with watch.stage("compare_case"), Clock() as c:
-                res = impl(ct, thresholds, numeric)
+                res = real_compare(ct, thresholds, numeric)
         finally:
             Trace.get = real_get
         account("compare_case", c)
@@ -442,15 +345,6 @@ def child_parity(args, watch: Watch) -> dict:
         compare_info["wall_s"] += c.wall
         compare_info["cpu_s"] += c.cpu
         compare_info["points"] += len(res)
-        # instrumentation, excluded from the run's time: the other implementation on the same traces
-        t0 = time.perf_counter()
-        other_impl = real_compare if args.proposals else fast_compare.fast_compare_case
-        with watch.stage("instrumentation"), Clock() as c2:
-            other = other_impl(ct, thresholds, numeric)
-        compare_info["other_impl"] = {"name": "compare_case" if args.proposals else "fast_compare_case",
-                                      "wall_s": c2.wall, "cpu_s": c2.cpu,
-                                      **fast_compare.max_disagreement(res, other)}
-        instr["s"] += time.perf_counter() - t0
         return res
 
     pipeline.compare_case = compare_case
@@ -462,10 +356,7 @@ def child_parity(args, watch: Watch) -> dict:
     memwatch.reset_peak()
     with Clock() as c:
         report = pipeline.run_parity(opts)
-    if base_tap_ctx is not None:
-        base_tap_ctx.__exit__(None, None, None)
     out["run"] = c.result()
-    out["instrumentation_s"] = instr["s"]
     out["status"] = report.status
     out["first_divergence"] = str(report.first_divergence) if report.first_divergence else None
     out["findings"] = [f"{f.severity}:{f.cause}:{f.check}" for f in report.findings][:20]
@@ -566,67 +457,43 @@ def compute(results: dict, layers: int) -> dict:
     ratios: dict = {}
 
     plain, cap = _min(s, "reference_fp32"), _min(s, "capture_fp32")
-    tap = _min(s, "capture_fp32_base_tap")
     ratios["capture_overhead"] = {
         "value": _ratio(cap, plain), "cpu_value": _ratio(_min(s, "capture_fp32", "cpu_s"), _min(s, "reference_fp32", "cpu_s")),
-        "numbers": {"capture_fp32_s": cap, "reference_fp32_s": plain, "capture_base_tap_s": tap,
-                    "capture_all_proposals_s": _min(s, "capture_fp32_proposals"),
-                    "with_all_proposals": _ratio(_min(s, "capture_fp32_proposals"), plain),
-                    "with_all_proposals_cpu": _ratio(_min(s, "capture_fp32_proposals", "cpu_s"),
-                                                     _min(s, "reference_fp32", "cpu_s")),
-                    "with_base_tap_cpu": _ratio(_min(s, "capture_fp32_base_tap", "cpu_s"),
-                                                _min(s, "reference_fp32", "cpu_s")),
-                    "proposals_values_identical": fw.get("capture_proposals_values_identical"),
-                    "with_base_tap": _ratio(tap, plain), "trace_bytes_fp32": fw.get("trace_bytes_fp32"),
-                    "base_tap_bit_identical": fw.get("base_tap_bit_identical"),
-                    "base_tap_adopted": fw.get("base_tap_adopted")}}
+        "numbers": {"capture_fp32_s": cap, "reference_fp32_s": plain, "trace_bytes_fp32": fw.get("trace_bytes_fp32")}}
 
-    rep = _min(s, "replay_fp32")
+    rep, loc, pair = _min(s, "replay_fp32"), _min(s, "replay_local_fp32"), _min(s, "replay_pair_fp32")
     ratios["replay_vs_reference"] = {
         "value": _ratio(rep, plain), "cpu_value": _ratio(_min(s, "replay_fp32", "cpu_s"), _min(s, "reference_fp32", "cpu_s")),
-        "numbers": {"replay_fp32_s": rep, "reference_fp32_s": plain,
-                    "replay_local_fp32_s": _min(s, "replay_local_fp32"),
+        "numbers": {"replay_fp32_s": rep, "reference_fp32_s": plain, "replay_local_fp32_s": loc,
+                    "replay_pair_fp32_s": pair, "pair_vs_two_runs": _ratio(pair, (rep or 0) + (loc or 0)),
                     "replay_traced_s": _min(s, "replay_fp32_traced"), "capture_fp32_s": cap,
-                    "traced_replay_vs_capture": _ratio(_min(s, "replay_fp32_traced"), cap)}}
+                    "traced_replay_vs_capture": _ratio(_min(s, "replay_fp32_traced"), cap),
+                    "trace_bytes_engine": fw.get("trace_bytes_engine")}}
 
     cmp = pL.get("compare", {})
     bw = pL.get("memcpy", {}).get("bytes_per_s")
     thr = (cmp.get("bytes", 0) / cmp["wall_s"]) if cmp.get("wall_s") else None
-    other = cmp.get("other_impl", {})
-    fast_thr = (cmp.get("bytes", 0) / other["wall_s"]) if other.get("wall_s") else None
     thr_cpu = (cmp.get("bytes", 0) / cmp["cpu_s"]) if cmp.get("cpu_s") else None
     ratios["compare_vs_memcpy"] = {
         "value": _ratio(thr, bw), "cpu_value": _ratio(thr_cpu, bw),
         "numbers": {"compare_bytes": cmp.get("bytes"), "compare_s": cmp.get("wall_s"), "compare_bytes_per_s": thr,
-                    "memcpy_bytes_per_s": bw, "points": cmp.get("points"),
-                    "fast_compare_s": other.get("wall_s"), "fast_compare_vs_memcpy": _ratio(fast_thr, bw),
-                    "fast_compare_agrees": other,
+                    "read_s": cmp.get("read_s"), "memcpy_bytes_per_s": bw, "points": cmp.get("points"),
                     "trace_bytes_on_disk": cmp.get("trace_bytes_on_disk")}}
 
+    # what run_parity must compute in replay mode: the fp32 reference, the float64 teacher-forced floor, and
+    # the engine end to end and teacher-forced
     f64 = _min(s, "reference_fp64")
-    needed = None
-    if None not in (plain, f64, rep, _min(s, "replay_local_fp32")):
-        needed = plain + 2 * f64 + rep + _min(s, "replay_local_fp32")
-    run_wall = pL.get("run", {}).get("wall_s")
-    run_net = (run_wall - pL.get("instrumentation_s", 0.0)) if run_wall else None
+    needed = plain + f64 + rep + loc if None not in (plain, f64, rep, loc) else None
     needed_cpu = None
-    if s.get("reference_fp64"):
-        needed_cpu = (_min(s, "reference_fp32", "cpu_s") + 2 * _min(s, "reference_fp64", "cpu_s")
-                      + _min(s, "replay_fp32", "cpu_s") + _min(s, "replay_local_fp32", "cpu_s"))
-    run_cpu = pL.get("run", {}).get("cpu_s")
-    pP = results.get("parity_L_proposals") or {}
-    run_p = (pP["run"]["wall_s"] - pP.get("instrumentation_s", 0.0)) if pP.get("run") else None
-    run_p_cpu = (pP["run"]["cpu_s"] - pP.get("instrumentation_s", 0.0)) if pP.get("run") else None
+    if needed is not None:
+        needed_cpu = sum(_min(s, n, "cpu_s") for n in ("reference_fp32", "reference_fp64", "replay_fp32",
+                                                      "replay_local_fp32"))
+    run_wall, run_cpu = pL.get("run", {}).get("wall_s"), pL.get("run", {}).get("cpu_s")
     ratios["run_vs_forwards"] = {
-        "value": _ratio(run_net, needed),
-        "cpu_value": _ratio((run_cpu - pL.get("instrumentation_s", 0.0)) if run_cpu else None, needed_cpu),
-        "numbers": {"run_parity_s": run_net, "forwards_needed_s": needed,
-                    "reference_fp32_s": plain, "reference_fp64_s": f64, "replay_e2e_s": rep,
-                    "replay_local_s": _min(s, "replay_local_fp32"),
+        "value": _ratio(run_wall, needed), "cpu_value": _ratio(run_cpu, needed_cpu),
+        "numbers": {"run_parity_s": run_wall, "forwards_needed_s": needed,
+                    "reference_fp32_s": plain, "reference_fp64_s": f64, "replay_e2e_s": rep, "replay_local_s": loc,
                     "stages": {k: round(v["wall_s"], 2) for k, v in pL.get("stages", {}).items()},
-                    "with_proposals_s": run_p, "with_proposals": _ratio(run_p, needed),
-                    "with_proposals_cpu": _ratio(run_p_cpu, needed_cpu),
-                    "stages_with_proposals": {k: round(v["wall_s"], 2) for k, v in pP.get("stages", {}).items()},
                     "status": pL.get("status")}}
 
     def extra(p):
@@ -670,8 +537,7 @@ def projection(results: dict, layers: int, full_layers: int = 32) -> dict | None
     names = sorted(set(pL["stages"]) | set(p2L["stages"]))
     for n in names:
         out["stages"][n] = fit(_stage(pL, n), _stage(p2L, n))
-    net = lambda p: p["run"]["wall_s"] - p.get("instrumentation_s", 0.0)  # noqa: E731
-    out["run_parity_s"] = fit(net(pL), net(p2L))
+    out["run_parity_s"] = fit(pL["run"]["wall_s"], p2L["run"]["wall_s"])
     out["peak_rss_bytes"] = fit(pL["memory"]["peak_rss_bytes"], p2L["memory"]["peak_rss_bytes"])
     out["resident_weight_bytes"] = fit(pL["resident_weight_bytes"], p2L["resident_weight_bytes"])
     tb = [p.get("compare", {}).get("trace_bytes_on_disk") for p in (pL, p2L)]
@@ -702,29 +568,22 @@ def render(summary: dict) -> None:
     rows = []
     c = r["capture_overhead"]["numbers"]
     rows.append(("capture overhead", r["capture_overhead"],
-                 f"capture {s_(c['capture_fp32_s'])} / forward {s_(c['reference_fp32_s'])}; " + ("base tap already in capture.py; " if c.get("base_tap_adopted") else
-                                          f"base-tap {s_(c['capture_base_tap_s'])} -> {f(c['with_base_tap'])} "
-                                          f"(bit-identical: {c['base_tap_bit_identical']}); ") + "+ async/no-copy trace "
-                 f"I/O {s_(c['capture_all_proposals_s'])} -> {f(c['with_all_proposals'])} (cpu "
-                 f"{f(c['with_all_proposals_cpu'])}, same values: {c['proposals_values_identical']}); trace "
+                 f"capture {s_(c['capture_fp32_s'])} / forward {s_(c['reference_fp32_s'])}; trace "
                  f"{gb(c['trace_bytes_fp32'])}"))
     c = r["replay_vs_reference"]["numbers"]
     rows.append(("replay / reference (fp32)", r["replay_vs_reference"],
-                 f"replay {s_(c['replay_fp32_s'])} / reference {s_(c['reference_fp32_s'])}; traced replay / capture "
-                 f"{f(c['traced_replay_vs_capture'])}"))
+                 f"replay {s_(c['replay_fp32_s'])} / reference {s_(c['reference_fp32_s'])}; e2e + local in one pass "
+                 f"{s_(c['replay_pair_fp32_s'])} = {f(c['pair_vs_two_runs'])} x two runs"))
     c = r["compare_vs_memcpy"]["numbers"]
     rows.append(("compare / memcpy", r["compare_vs_memcpy"],
                  f"{gb(c['compare_bytes'])} in {s_(c['compare_s'])} = "
                  f"{(c['compare_bytes_per_s'] or 0) / GIB:.2f} GiB/s vs memcpy "
-                 f"{(c['memcpy_bytes_per_s'] or 0) / GIB:.2f} GiB/s; one-pass proposal "
-                 f"{s_(c['fast_compare_s'])} -> {f(c['fast_compare_vs_memcpy'])}"))
+                 f"{(c['memcpy_bytes_per_s'] or 0) / GIB:.2f} GiB/s"))
     c = r["run_vs_forwards"]["numbers"]
     rows.append(("run_parity / forwards", r["run_vs_forwards"],
                  f"run {s_(c['run_parity_s'])} / forwards {s_(c['forwards_needed_s'])} (fp32 {s_(c['reference_fp32_s'])}"
-                 f" + 2 x fp64 {s_(c['reference_fp64_s'])} + replay {s_(c['replay_e2e_s'])} + local "
-                 f"{s_(c['replay_local_s'])})" + (f"; with proposals {s_(c['with_proposals_s'])} -> "
-                                                    f"{f(c['with_proposals'])} (cpu {f(c['with_proposals_cpu'])})"
-                                                    if c.get("with_proposals_s") else "")))
+                 f" + fp64 {s_(c['reference_fp64_s'])} + replay {s_(c['replay_e2e_s'])} + local "
+                 f"{s_(c['replay_local_s'])})"))
     c = r["memory_2L_vs_L"]["numbers"]
     ex = c["extra_bytes"]
     rows.append((f"memory {c['layers'][1]}L / {c['layers'][0]}L", r["memory_2L_vs_L"],
@@ -776,7 +635,6 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=2, help="timed repeats of the key forwards (min is used)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (smoke test), not 7B")
     ap.add_argument("--no-memory", action="store_true", help="skip the 2L run (memory ratio, projection)")
-    ap.add_argument("--proposals", action="store_true", help="also run run_parity with benchmarks/proposals applied")
     ap.add_argument("--memory-only", action="store_true",
                     help="only run_parity at --layers (peak RSS; e.g. --layers 8 for the 8-layer claim)")
     ap.add_argument("--profile", action="store_true", help="cProfile one capture and one traced replay")
@@ -836,9 +694,6 @@ def main(argv=None) -> int:
     res = summary["results"]
     if args.memory_only:
         res["parity_L"] = spawn(args, "parity", models[L], workspaces[L], f"parity-L{L}")
-        if args.proposals:
-            res["parity_L_proposals"] = spawn(args, "parity", models[L], workspaces[L], f"parity-L{L}-proposals",
-                                              ["--proposals"])
         summary["memory_only"] = {k: {"peak_rss_bytes": v.get("memory", {}).get("peak_rss_bytes", v.get("peak_rss_bytes")),
                                       "aborted": v.get("aborted", False), "reason": v.get("reason"),
                                       "stage": v.get("stage"), "run": v.get("run"),
@@ -853,9 +708,6 @@ def main(argv=None) -> int:
     res["parity_L"] = spawn(args, "parity", models[L], workspaces[L], f"parity-L{L}")
     if 2 * L in models:
         res["parity_2L"] = spawn(args, "parity", models[2 * L], workspaces[2 * L], f"parity-L{2 * L}")
-    if args.proposals:
-        res["parity_L_proposals"] = spawn(args, "parity", models[L], workspaces[L], f"parity-L{L}-proposals",
-                                          ["--proposals"])
     summary["ratios"] = compute(res, L)
     summary["projection"] = projection(res, L)
     summary["machine"]["loadavg_end"] = os.getloadavg()

@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=None,
                    help="keep reference weights in the checkpoint dtype and upcast one layer at a time "
                         "(identical results; default: automatic when float32 weights would not fit)")
+    r.add_argument("--jobs", "-j", type=int, default=1, metavar="N",
+                   help="run the cases in N worker processes (each loads its own reference model; clamped to the "
+                        "number of cases; default 1)")
     r.add_argument("--out", type=Path, default=Path("reports/latest"))
     r.add_argument("--cache-dir", type=Path, default=Path(".cache"))
     r.add_argument("--keep-traces", type=Path, help="copy the raw traces (safetensors) here")
@@ -81,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(a: argparse.Namespace) -> int:
     from .compare.thresholds import load_thresholds
-    from .pipeline import RunOptions, run_parity
+    from .parallel import run_parallel
+    from .pipeline import RunOptions
     from .report import write_reports
     from .report.terminal import print_summary
 
@@ -99,7 +103,7 @@ def _run(a: argparse.Namespace) -> int:
         low_memory=a.low_memory,
         live={"session_len": a.session_len} if a.session_len else {},
     )
-    report = run_parity(opts)
+    report = run_parallel(opts, a.jobs)  # --jobs 1: pipeline.run_parity(opts) in this process
     paths = write_reports(report, a.out)
     print_summary(report, Console(highlight=False), paths={k: str(v) for k, v in paths.items()})
     return 0 if report.status == "pass" else 1

@@ -103,7 +103,8 @@ class LayerTarget:
         from .compare.align import row_classes
 
         floor_dtype = floor_dtype or (torch.float64 if numeric == "fp32" else torch.bfloat16)
-        ref, floor_e2e, _ = session.traces(hcall, prepared.name, floor_dtype)
+        ref = session.reference(hcall, prepared.name)
+        floor_e2e = session.floor_e2e(hcall, prepared.name, floor_dtype)
         return cls(case=prepared.name, reference=ref, floor=floor_e2e, final_norm=session.ref.anatomy.final_norm,
                    floor_norm=session.floor_model(floor_dtype).anatomy.final_norm, classes=row_classes(prepared),
                    numeric=numeric, thresholds=thresholds or Thresholds())
@@ -403,7 +404,8 @@ class PloraTarget:
     def from_session(cls, session, hcall: HFCall, target: LayerTarget,
                      floor_dtype: torch.dtype | None = None) -> "PloraTarget":
         floor_dtype = floor_dtype or (torch.float64 if target.numeric == "fp32" else torch.bfloat16)
-        ref_no, floor_no, _ = session.traces(no_lora_call(hcall), f"{target.case}-nolora", floor_dtype)
+        call, case = no_lora_call(hcall), f"{target.case}-nolora"
+        ref_no, floor_no = session.reference(call, case), session.floor_e2e(call, case, floor_dtype)
         return cls.from_traces(target, ref_no, floor_no)
 
 

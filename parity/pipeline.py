@@ -28,12 +28,15 @@ from .compare.align import CaseTraces, compare_case
 from .compare.thresholds import Thresholds
 from .errors import EngineRefused, ParityInputError
 from .inputs import default_cases, engine_call, engine_rows, hf_call, load_cases, prepare
+from .points import PLORA_PARTS
 from .records import CanonicalInput, CaseSummary, Finding, PreparedInput, Report
 from .reference.loader import ReferenceModel
 from .reference.session import ReferenceSession
 from .verdict import decide, sort_findings
 
 DEFAULT_CACHE = Path(".cache")
+_UNREAD_PARTS = frozenset({"input", "base"})
+_PLORA_PARTS = frozenset(PLORA_PARTS)
 
 
 @dataclass
@@ -154,7 +157,8 @@ def run_parity(opts: RunOptions) -> Report:
         if not ok:
             raise unavailable_error(reason)
     cases = _cases(opts)  # a bad inputs file fails before any model is loaded
-    session = opts.session or ReferenceSession(opts.model, opts.trust_remote_code, low_memory=opts.low_memory)
+    session = opts.session or ReferenceSession(opts.model, opts.trust_remote_code, low_memory=opts.low_memory,
+                                               all_parts=opts.keep_traces is not None)
     try:
         return _run_in_session(opts, session, semantics, cases, live, t0, timings)
     finally:
@@ -169,6 +173,10 @@ def _run_in_session(opts: RunOptions, session: ReferenceSession, semantics, case
     from .trace import TraceMeta, TraceWriter
 
     ref = session.ref
+    # The PLoRA parts no check reads are not written (all are kept with --keep-traces, for debugging): the
+    # checks read the parts of the teacher-forced run (the end-to-end run's only where there is no other), and
+    # emulate mode judges the engine's LoRA delta on the engine's own input, so it keeps ":input"
+    local_skip = frozenset({"base"}) if (opts.numeric == "emulate" and not live) else _UNREAD_PARTS
     timings["load_reference"] = time.perf_counter() - t0
 
     t = time.perf_counter()
@@ -201,25 +209,30 @@ def _run_in_session(opts: RunOptions, session: ReferenceSession, semantics, case
             if opts.mutate_engine_call:
                 ecall = opts.mutate_engine_call(case.name, ecall)
             t = time.perf_counter()
-            reference, floor_e2e, floor_local = session.traces(hcall, case.name, floor_dtype)
+            reference = session.reference(hcall, case.name)
+            # live: the engine's values are end to end, so their floor is the end-to-end floor (as values);
+            # replay: only the teacher-forced floor's error statistics are needed
+            floor_e2e = session.floor_e2e(hcall, case.name, floor_dtype) if live else None
+            floor_local = floor_e2e if live else session.floor_local(hcall, case.name, floor_dtype)
             timings["reference"] = timings.get("reference", 0.0) + time.perf_counter() - t
             t = time.perf_counter()
             d = work / case.name
-            traces = {}
+
+            def writer(name: str, skip: frozenset[str]) -> TraceWriter:
+                return TraceWriter(d / name, TraceMeta(side=opts.engine, case=case.name,
+                                                       num_layers=ws.model.num_layer, dtype=str(ws.dtype)),
+                                   skip_parts=frozenset() if opts.keep_traces else skip)
             try:
                 # Teacher forcing needs the same rows on both sides; with different rows (a BOS policy or
                 # range mismatch) only the engine's own run exists and the inputs check names the difference.
+                # A live TurboMind cannot be teacher-forced: end to end only.
                 same_rows = len(ecall.input_ids) == hf_p.image_rows.numel()
-                # a live TurboMind cannot be teacher-forced: end to end only
-                runs = (("engine", None), ("engine_local", reference)) if same_rows and not live else (("engine", None),)
-                for name, teacher in runs:
-                    w = TraceWriter(d / name, TraceMeta(side=opts.engine, case=case.name,
-                                                        num_layers=ws.model.num_layer, dtype=str(ws.dtype)))
-                    info = engine.run(ecall, w, teacher=teacher) or {}
-                    w.meta.extras.setdefault("content_hash", ecall.content_hash)
-                    traces[name] = w.close()
-                    if teacher is None:
-                        engine_info = info
+                if same_rows and not live:  # both runs in one layer-major pass over the weights
+                    engine_info, local_info = engine.run_pair(
+                        ecall, writer("engine", _PLORA_PARTS), writer("engine_local", local_skip), reference)
+                else:
+                    engine_info = local_info = engine.run(ecall, writer("engine", _UNREAD_PARTS))
+                engine_trace, local_trace = engine_info["trace"], local_info["trace"]
             except EngineRefused as e:  # TurboMind refuses such a workspace at load time (LoRA byte sizes)
                 findings.append(_engine_refused(e, case.name))
                 continue
@@ -230,10 +243,9 @@ def _run_in_session(opts: RunOptions, session: ReferenceSession, semantics, case
                 from .layerwise import PipelineCase
 
                 live_cases.append(PipelineCase(hf_p, hcall, ecall, reference, floor_e2e,
-                                               traces["engine"].get(None, "norm")))
-            # live: the engine's values are end-to-end, so their floor is the end-to-end floor
-            ct = CaseTraces(hf_p, reference, floor_e2e, floor_e2e if live else floor_local, traces["engine"],
-                            traces.get("engine_local", traces["engine"]), engine_info, asked_rows, asked_mask)
+                                               engine_trace.get(None, "norm")))
+            ct = CaseTraces(hf_p, reference, floor_e2e, floor_local, engine_trace, local_trace,
+                            engine_info, asked_rows, asked_mask)
             case_traces.append(ct)
             summaries.append(_summary(hf_p, hcall.content_hash, ecall.content_hash,
                                       {k: v.tolist() for k, v in mask_check.masks_for(ct).items()}))

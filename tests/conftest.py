@@ -30,3 +30,24 @@ def fixture_models() -> dict[str, Path]:
     from parity.fixtures import ensure
 
     return ensure(FIXTURE_CACHE)
+
+
+@pytest.fixture(scope="module")
+def ref(fixture_models):
+    """The tiny XComposer2 reference (float32), loaded once per module."""
+    from parity.reference.loader import load_reference
+
+    return load_reference(fixture_models["xcomposer2-tiny"], trust_remote_code=True)
+
+
+@pytest.fixture(scope="module")
+def prepared(ref):
+    """A text-image-text case prepared for `ref`."""
+    from parity.fixtures import IMAGES_DIR
+    from parity.inputs import prepare
+    from parity.records import CanonicalInput, Segment
+
+    img = sorted(IMAGES_DIR.glob("*.png"))[0]
+    case = CanonicalInput("t", (Segment("text", text="Hello there."), Segment("image", image=img),
+                                Segment("text", text="What is it?")))
+    return prepare(case, ref.tokenize, ref.embed_tokens, ref.encode_image, ref.bos_id, ref.decode)

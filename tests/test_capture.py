@@ -11,24 +11,9 @@ from parity.reference.capture import capture_reference
 from parity.reference.loader import load_reference
 
 
-@pytest.fixture(scope="module")
-def ref(fixture_models):
-    return load_reference(fixture_models["xcomposer2-tiny"], trust_remote_code=True)
-
-
-@pytest.fixture(scope="module")
-def prepared(ref):
-    from parity.fixtures import IMAGES_DIR
-
-    img = sorted(IMAGES_DIR.glob("*.png"))[0]
-    case = CanonicalInput("t", (Segment("text", text="Hello there."), Segment("image", image=img),
-                                Segment("text", text="What is it?")))
-    return prepare(case, ref.tokenize, ref.embed_tokens, ref.encode_image, ref.bos_id, ref.decode)
-
-
 def test_capture_is_complete_and_plora_is_partial(ref, prepared, tmp_path):
     call = hf_call(prepared)
-    trace = capture_reference(ref, call, tmp_path / "ref", "t")
+    trace = capture_reference(ref, call, tmp_path / "ref", "t", parts=PLORA_PARTS)
     assert trace.num_layers == ref.anatomy.num_layers >= 3
     image = prepared.image_rows
     assert image.any() and (~image).any()
@@ -156,3 +141,79 @@ def test_low_memory_loading_is_bit_identical(fixture_models, ref, prepared, tmp_
             assert torch.equal(value, b.get(i, key)), (i, key)
     assert torch.equal(a.get(None, "output"), b.get(None, "output"))
     assert next(low.model.parameters()).dtype == torch.bfloat16       # and still stored so afterwards
+
+
+def test_default_parts_record_delta_and_mask_only_bit_identical_to_all_parts(ref, prepared, tmp_path):
+    """The pipeline reads no reference `:input`/`:base`; by default they are neither copied nor written, and
+    what is recorded is bit for bit what a capture of every part records."""
+    from parity.reference.capture import DEFAULT_PARTS
+
+    assert DEFAULT_PARTS == ("delta", "mask")
+    call = hf_call(prepared)
+    full = capture_reference(ref, call, tmp_path / "full", "t", parts=PLORA_PARTS)
+    default = capture_reference(ref, call, tmp_path / "default", "t")
+    for i in range(full.num_layers):
+        a, b = full.layer(i), default.layer(i)
+        assert set(b) == set(LAYER_POINTS) | {plora_key(lin, p) for lin in PLORA_LINEARS for p in DEFAULT_PARTS}
+        for k, v in b.items():
+            assert v.dtype == a[k].dtype and torch.equal(v, a[k]), (i, k)
+        assert torch.equal(a["attention"], a[plora_key("attention.wo", "input")])
+    for point in ("embeddings", "norm", "output"):
+        assert torch.equal(full.get(None, point), default.get(None, point))
+    only_mask = capture_reference(ref, call, tmp_path / "mask", "t", parts=("mask",))
+    assert set(only_mask.layer(0)) == set(LAYER_POINTS) | {plora_key(lin, "mask") for lin in PLORA_LINEARS}
+    with pytest.raises(ValueError, match="Unknown PLoRA part"):
+        capture_reference(ref, call, tmp_path / "x", "t", parts=("delta", "weights"))
+
+
+def test_capture_into_a_given_writer(ref, prepared, tmp_path):
+    """Any object with the TraceWriter protocol receives the values; its close() result is returned."""
+    from parity.trace import TraceMeta
+
+    class Recording:
+        def __init__(self):
+            self.meta = TraceMeta(side="stats", case="t", num_layers=ref.anatomy.num_layers, dtype="float32")
+            self.pre_points, self.post_points, self.layers = {}, {}, {}
+
+        def pre(self, name, value):
+            self.pre_points[name] = value
+
+        def post(self, name, value):
+            self.post_points[name] = value
+
+        def layer(self, index, values):
+            self.layers[index] = values
+
+        def close(self):
+            return "closed"
+
+    call = hf_call(prepared)
+    w = Recording()
+    assert capture_reference(ref, call, None, "t", writer=w) == "closed"
+    assert sorted(w.layers) == list(range(ref.anatomy.num_layers))
+    assert set(w.pre_points) == {"embeddings"} and set(w.post_points) == {"norm", "output"}
+    assert w.meta.side == "stats" and w.meta.extras["content_hash"] == call.content_hash
+    assert w.meta.plora["0"]["attention.wqkv"]["rank"] == ref.anatomy.linears[0]["attention.wqkv"].rank
+    plain = capture_reference(ref, call, tmp_path / "p", "t")
+    for k, v in w.layers[0].items():
+        assert torch.equal(v, plain.get(0, k)), k
+
+
+def test_two_images_delta_is_zero_between_them(ref, tmp_path):
+    """Mask rows in two runs (the general, indexed path of the delta)."""
+    from parity.fixtures import IMAGES_DIR
+
+    img = sorted(IMAGES_DIR.glob("*.png"))[0]
+    case = CanonicalInput("t2", (Segment("text", text="A"), Segment("image", image=img), Segment("text", text="and"),
+                                 Segment("image", image=img), Segment("text", text="?")))
+    p = prepare(case, ref.tokenize, ref.embed_tokens, ref.encode_image, ref.bos_id, ref.decode)
+    image = p.image_rows
+    trace = capture_reference(ref, hf_call(p), tmp_path / "two", "t2", parts=PLORA_PARTS)
+    for lin in PLORA_LINEARS:
+        vals = trace.layer(0)
+        delta, x = vals[plora_key(lin, "delta")], vals[plora_key(lin, "input")]
+        assert torch.equal(vals[plora_key(lin, "mask")].bool(), image)
+        assert torch.count_nonzero(delta[~image]) == 0 and delta[image].abs().sum() > 0
+        m = ref.anatomy.linears[0][lin]
+        expect = m.module.Plora_B(m.module.Plora_A(x[image])) * m.scale
+        assert torch.allclose(delta[image], expect, rtol=1e-5, atol=1e-6)

@@ -86,7 +86,7 @@ def test_pytest_plugin_fixture(pytester, fixture_models):
                                 cache_dir={str(CACHE)!r})
             parity_assert(report)
     """)
-    pytester.runpytest().assert_outcomes(passed=1)
+    pytester.runpytest_subprocess().assert_outcomes(passed=1)
 
 
 def test_cli_clean_run_exit_0(fixture_models, tmp_path, capsys):

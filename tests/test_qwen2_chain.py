@@ -80,8 +80,8 @@ def test_qwen2_capture_aligns_to_the_canonical_points(sessions, chain, tmp_path)
     case = default_cases(sorted(IMAGES_DIR.glob("*.png"))[0])[0]
     p = prepare(case, ref.tokenize, ref.embed_tokens, ref.encode_image, ref.bos_id, ref.decode)
     call = hf_call(p)
-    a = capture_reference(ref, call, tmp_path / "qwen2", "c")
-    b = capture_reference(fake, call, tmp_path / "xc2", "c")
+    a = capture_reference(ref, call, tmp_path / "qwen2", "c", parts=PLORA_PARTS)  # input and base too
+    b = capture_reference(fake, call, tmp_path / "xc2", "c", parts=PLORA_PARTS)
     image = p.image_rows
     for i in range(a.num_layers):
         va, vb = a.layer(i), b.layer(i)

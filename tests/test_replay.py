@@ -704,3 +704,106 @@ def test_dynamic_ntk_only_past_max_position(standin):
     # one row past max_position_embeddings: base * (2 * 20/19 - 1) ** (D / (D - 2))
     D = CFG["head_dim"]
     assert eng._rope_theta(ROWS + 1) == pytest.approx(CFG["rope_theta"] * (2 * (ROWS + 1) / ROWS - 1) ** (D / (D - 2)))
+
+
+# ------------------------------------------------------------------------------------------- run_pair
+
+
+def _trace_values(tr: Trace) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(Path(tr.root).glob("*.safetensors")):
+        from safetensors import safe_open
+
+        with safe_open(str(f), "pt") as fh:
+            for k in fh.keys():
+                out[f"{f.name}/{k}"] = fh.get_tensor(k)
+    return out
+
+
+def _assert_same_trace(a: Trace, b: Trace):
+    va, vb = _trace_values(a), _trace_values(b)
+    assert sorted(va) == sorted(vb)
+    for k in va:
+        assert va[k].dtype == vb[k].dtype and torch.equal(va[k], vb[k]), k
+    assert a.meta == b.meta
+
+
+class _CountingWorkspace:
+    """Proxy of a workspace that counts tensor reads."""
+
+    def __init__(self, ws):
+        self._ws, self.reads = ws, {}
+
+    def tensor(self, name, *a, **k):
+        self.reads[name] = self.reads.get(name, 0) + 1
+        return self._ws.tensor(name, *a, **k)
+
+    def __getattr__(self, name):
+        return getattr(self._ws, name)
+
+
+@pytest.mark.parametrize("numeric", ["fp32", "emulate"])
+def test_run_pair_is_bit_identical_to_two_runs(setup, numeric):
+    s = setup
+    ws = _CountingWorkspace(s.ws)
+    eng = _engine(s, ws=ws, numeric=numeric)
+    info_e, tr_e = _run(s, f"pair-ref-e2e-{numeric}", eng)
+    info_l, tr_l = _run(s, f"pair-ref-local-{numeric}", eng, teacher=s.ref32)
+    ws.reads.clear()
+    mk = lambda n: TraceWriter(s.tmp / n, TraceMeta(side="replay", case="t", num_layers=CFG["layers"], dtype=""))  # noqa: E731
+    pe, pl = eng.run_pair(s.call, mk(f"pair-e2e-{numeric}"), mk(f"pair-local-{numeric}"), s.ref32)
+    _assert_same_trace(pe["trace"], tr_e)
+    _assert_same_trace(pl["trace"], tr_l)
+    drop = lambda i: {k: v for k, v in i.items() if k != "trace"}  # noqa: E731
+    assert drop(pe) == drop(info_e) and drop(pl) == drop(info_l)
+    assert pe["mode"] == "e2e" and pl["mode"] == "local"
+    # one pass over the weights: every workspace tensor read once
+    assert ws.reads and max(ws.reads.values()) == 1, {k: v for k, v in ws.reads.items() if v > 1}
+    assert "layers.0.attention.w_qkv.weight" in ws.reads and "output.weight" in ws.reads
+
+
+class _KeepingWriter(TraceWriter):
+    """Keeps every value it is given, uncopied (as a writer that does not clone does), and a copy of it."""
+
+    def __init__(self, root):
+        super().__init__(root, TraceMeta(side="replay", case="t", num_layers=CFG["layers"], dtype=""))
+        self.kept: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        self.shared: list = []
+
+    def _keep(self, name, value):
+        self.kept.append((name, value, value.clone()))
+
+    def pre(self, name, value):
+        self._keep(name, value)
+        super().pre(name, value)
+
+    def post(self, name, value):
+        self._keep(name, value)
+        super().post(name, value)
+
+    def layer(self, index, values):
+        ptrs = {}
+        for k, v in values.items():
+            self._keep(f"{index}:{k}", v)
+            p = v.untyped_storage().data_ptr()
+            if p in ptrs:
+                self.shared.append((index, ptrs[p], k))
+            ptrs[p] = k
+        super().layer(index, values)
+
+
+@pytest.mark.parametrize("numeric", ["fp32", "emulate"])
+def test_values_handed_to_writers_are_fresh(standin, numeric, tmp_path):
+    """A writer may keep what it is given without copying: no two values of a layer share memory (safetensors
+    refuses to save that) and the engine never changes a value after handing it over."""
+    s = standin
+    for sem in (SEM_071, SEM_072):  # with and without LoRA (a linear without LoRA returns its base)
+        eng = _engine(s, numeric=numeric, semantics=sem)
+        we, wl = _KeepingWriter(tmp_path / f"e-{sem.version}"), _KeepingWriter(tmp_path / f"l-{sem.version}")
+        eng.run_pair(s.call, we, wl, s.ref32)
+        w1 = _KeepingWriter(tmp_path / f"r-{sem.version}")
+        eng.run(s.call, w1)
+        for w in (we, wl, w1):
+            assert not w.shared, w.shared
+            for name, v, copy in w.kept:
+                assert torch.equal(v, copy), name

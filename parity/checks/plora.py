@@ -7,7 +7,8 @@ import math
 
 import torch
 
-from ..compare.metrics import compare
+from ..compare.align import floor_stats
+from ..compare.rowstats import RowStats, row_stats
 from ..deploy.layout import tm_qkv_cols_to_hf
 from ..points import PLORA_LINEARS, TM_LINEAR_NAMES, plora_key
 from ..records import Finding
@@ -29,16 +30,20 @@ def run(ctx: CheckContext) -> CheckOutput:
                 eng = ct.engine_local.get(layer, key)
                 if ref is None or eng is None or ref.shape != eng.shape:
                     continue
-                fl = ct.floor_local.get(layer, key)
                 r_meta = ct.reference.plora(layer, linear)
                 e_meta = ct.engine.plora(layer, linear)
                 row = {"case": ct.prepared.name, "layer": layer, "linear": linear,
                        "rank_ref": r_meta.get("rank"), "scale_ref": r_meta.get("scale"),
                        "rank_eng": e_meta.get("rank"), "scale_eng": e_meta.get("scale")}
-                text_max = float(eng[text].abs().max()) if bool(text.any()) else 0.0
+                expected = None
+                if bool(image.any()) and ctx.numeric != "fp32":
+                    expected = _faithful_lowp_delta(ctx, ct, layer, linear, image)
+                # one pass over the pair: the image-row comparison and the text rows' max |delta|
+                st = row_stats(ref, eng) if expected is None or bool(text.any()) else None
+                text_max = float(st.max_e[text].max()) if bool(text.any()) else 0.0
                 row["text_max_abs"] = text_max
                 if text_max > 0 or not math.isfinite(text_max):
-                    rows = torch.nonzero((eng[text].abs().amax(dim=1) > 0)).flatten()
+                    rows = torch.nonzero(st.max_e[text] > 0).flatten()
                     text_idx = torch.nonzero(text).flatten()[rows].tolist()
                     out.findings.append(Finding(
                         check="plora", severity="error", cause="lora_outside_mask", layer=layer, module=linear,
@@ -50,22 +55,23 @@ def run(ctx: CheckContext) -> CheckOutput:
                 if not bool(image.any()):
                     out.table.append(row)
                     continue
-                expected = _faithful_lowp_delta(ctx, ct, layer, linear, image) if ctx.numeric != "fp32" else None
                 if expected is not None:
                     # In the deployment dtype a tiny delta is dominated by how its *input* was rounded, which
                     # the reference's own floor does not share; so the engine's delta is judged against a
                     # faithful low-precision LoRA on the engine's own input, from the HF weights and scale.
-                    r, e = expected, eng[image]
+                    e_img = eng[image]
+                    sti, sel = row_stats(expected, e_img), None
                     floor = 0.0
+                    raw = lambda: (expected, e_img)  # noqa: E731
                 else:
-                    r, e = ref[image], eng[image]
-                    floor = compare(r, fl[image])["rel_l2"] if fl is not None else 0.0
-                m = compare(r, e)
+                    sti, sel = st, image
+                    fst = floor_stats(ct.floor_local, layer, key, ref)
+                    floor = fst.metrics(image)["rel_l2"] if fst is not None else 0.0
+                    raw = lambda: (ref[image], eng[image])  # noqa: E731
+                m = sti.metrics(sel)
                 limit = t.threshold(floor, ctx.numeric)
-                rr = r.double().reshape(-1)
-                ee = e.double().reshape(-1)
-                denom = float(rr @ rr)
-                factor = float(ee @ rr) / denom if denom > 0 else (0.0 if float(ee @ ee) == 0 else math.inf)
+                denom, cross, eng_sq = _dots(sti, sel, m, raw)
+                factor = cross / denom if denom > 0 else (0.0 if eng_sq == 0 else math.inf)
                 row.update({"delta_rel_l2": m["rel_l2"], "delta_cosine": m["cosine"], "factor": factor,
                             "floor": floor, "threshold": limit})
                 ok = math.isfinite(m["rel_l2"]) and m["rel_l2"] <= limit
@@ -74,7 +80,7 @@ def run(ctx: CheckContext) -> CheckOutput:
                 if ok:
                     continue
                 ref_norm = math.sqrt(denom)
-                eng_norm = float(torch.linalg.vector_norm(ee))
+                eng_norm = math.sqrt(eng_sq)
                 if ref_norm > 0 and eng_norm == 0:
                     cause, why = "lora_not_applied", "the engine added no LoRA delta at all on image rows"
                 elif (math.isfinite(m["cosine"]) and m["cosine"] > t.delta_cosine
@@ -91,6 +97,21 @@ def run(ctx: CheckContext) -> CheckOutput:
                     message=f"PLoRA delta of {linear} on image rows: relative error {m['rel_l2']:.3g} > {limit:.3g}; {why}.",
                     metrics={"rel_l2": m["rel_l2"], "cosine": m["cosine"], "factor": factor, "floor": floor}))
     return out
+
+
+def _dots(st: RowStats, rows: torch.Tensor | None, m: dict, raw) -> tuple[float, float, float]:
+    """(r.r, e.r, e.e) over the compared rows, float64. From the row sums, which cover the entries finite on
+    both sides; with a non-finite entry, the dot products of the raw values `raw()` (they propagate it)."""
+    if m["nonfinite_ref"] or m["nonfinite_eng"]:
+        r, e = raw()
+        rr = r.double().reshape(-1)
+        ee = e.double().reshape(-1)
+        return float(rr @ rr), float(ee @ rr), float(ee @ ee)
+
+    def total(t: torch.Tensor) -> float:
+        return float((t if rows is None else t[rows]).sum())
+
+    return total(st.sr2), total(st.sre), total(st.se2)
 
 
 def _faithful_lowp_delta(ctx: CheckContext, ct, layer: int, linear: str, image: torch.Tensor) -> torch.Tensor | None:

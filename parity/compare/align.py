@@ -18,7 +18,8 @@ from ..deploy.layout import tm_qkv_cols_to_hf
 from ..points import execution_order
 from ..records import PointResult, PreparedInput
 from ..trace import Trace
-from .metrics import by_class, compare, row_errors
+from .rowstats import RowStats, row_stats_multi
+from .stream import StatsTrace
 from .thresholds import Thresholds
 
 # Points whose per-row error the report draws as a heatmap.
@@ -27,12 +28,14 @@ ROW_ERROR_POINTS = {"layer", "embeddings", "norm"}
 
 @dataclass
 class CaseTraces:
-    """Everything captured for one case. `floor_*` are the reference at the other precision."""
+    """Everything captured for one case. `floor_*` are the reference at the other precision: `floor_local`
+    as per-row statistics against the reference (`StatsTrace`) or as values (the live path passes the
+    end-to-end floor there), `floor_e2e` as values, only where something reads it (the live path)."""
 
     prepared: PreparedInput
     reference: Trace
-    floor_e2e: Trace
-    floor_local: Trace
+    floor_e2e: Trace | None
+    floor_local: Trace | StatsTrace | None
     engine: Trace
     engine_local: Trace
     engine_info: dict[str, Any] = field(default_factory=dict)
@@ -58,9 +61,9 @@ def undo_layout(trace: Trace, point: str, value: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unknown layout {tag!r} for point {point}")
 
 
-def _metrics(ref: torch.Tensor, eng: torch.Tensor, classes: dict[str, torch.Tensor]) -> dict[str, Any]:
-    m = compare(ref, eng)
-    m["by_class"] = by_class(ref, eng, classes)
+def _metrics(st: RowStats, classes: dict[str, torch.Tensor]) -> dict[str, Any]:
+    m = st.metrics()
+    m["by_class"] = st.by_class(classes)
     return m
 
 
@@ -68,9 +71,22 @@ def _bad(x: float) -> bool:
     return not math.isfinite(x)
 
 
+def floor_stats(floor: Trace | StatsTrace | None, layer: int | None, point: str,
+                ref: torch.Tensor) -> RowStats | None:
+    """The floor's row statistics against `ref` at one point, from statistics or from values."""
+    if floor is None:
+        return None
+    if isinstance(floor, StatsTrace):
+        st = floor.stats(layer, point)
+        return st if st is not None and st.rows == (ref.shape[0] if ref.dim() else 1) else None
+    value = floor.get(layer, point)
+    return row_stats_multi(ref, [value])[0] if value is not None else None
+
+
 def compare_case(ct: CaseTraces, thresholds: Thresholds, numeric: str) -> list[PointResult]:
     classes = row_classes(ct.prepared)
     rows = int(ct.prepared.image_rows.numel())
+    floor_values = isinstance(ct.floor_local, Trace)  # values (live path) rather than statistics
     results: list[PointResult] = []
     for layer, point in execution_order(ct.reference.num_layers):
         ref = ct.reference.get(layer, point)
@@ -80,14 +96,29 @@ def compare_case(ct: CaseTraces, thresholds: Thresholds, numeric: str) -> list[P
         eng = undo_layout(ct.engine, point, eng)
         if ref.shape != eng.shape or ref.shape[0] != rows:
             continue  # the input check reports row-count mismatches; nothing here is comparable
-        loc = ct.engine_local.get(layer, point)
-        loc = undo_layout(ct.engine_local, point, loc) if loc is not None else eng
-        fl = ct.floor_local.get(layer, point)
-        fe = ct.floor_e2e.get(layer, point)
-        e2e = _metrics(ref, eng, classes)
-        local = _metrics(ref, loc, classes)
-        floor_local = _metrics(ref, fl, classes) if fl is not None else {"rel_l2": 0.0, "by_class": {}}
-        floor_e2e = compare(ref, fe)["rel_l2"] if fe is not None else 0.0
+        # every value compared with the reference at this point, in one pass over the reference
+        others: dict[str, torch.Tensor] = {"e2e": eng}
+        if ct.engine_local is not ct.engine:
+            loc = ct.engine_local.get(layer, point)
+            if loc is not None:
+                others["local"] = undo_layout(ct.engine_local, point, loc)
+        if floor_values:
+            fl = ct.floor_local.get(layer, point)
+            if fl is not None:
+                others["floor_local"] = fl
+        if ct.floor_e2e is not None and ct.floor_e2e is not ct.floor_local:
+            fe = ct.floor_e2e.get(layer, point)
+            if fe is not None:
+                others["floor_e2e"] = fe
+        st: dict[str, RowStats | None] = dict(zip(others, row_stats_multi(ref, list(others.values()))))
+        if ct.floor_local is not None and not floor_values:
+            st["floor_local"] = floor_stats(ct.floor_local, layer, point, ref)
+        if ct.floor_e2e is not None and ct.floor_e2e is ct.floor_local:
+            st["floor_e2e"] = st.get("floor_local")
+        e2e = _metrics(st["e2e"], classes)
+        local = _metrics(st.get("local", st["e2e"]), classes)  # no teacher-forced value: local = e2e
+        fls = st.get("floor_local")
+        floor_local = _metrics(fls, classes) if fls is not None else {"rel_l2": 0.0, "by_class": {}}
         threshold = thresholds.threshold(floor_local["rel_l2"], numeric)
         exceeded = _bad(local["rel_l2"]) or local["rel_l2"] > threshold
         for cls, cm in local["by_class"].items():
@@ -96,7 +127,9 @@ def compare_case(ct: CaseTraces, thresholds: Thresholds, numeric: str) -> list[P
             cm["threshold"] = thresholds.threshold(cf, numeric)
             cm["exceeded"] = _bad(cm["rel_l2"]) or cm["rel_l2"] > cm["threshold"]
             exceeded = exceeded or cm["exceeded"]
-        local["floor_e2e"] = floor_e2e
+        if ct.floor_e2e is not None:  # only the live path reads it
+            fes = st.get("floor_e2e")
+            local["floor_e2e"] = fes.metrics()["rel_l2"] if fes is not None else 0.0
         results.append(
             PointResult(
                 case=ct.prepared.name,
@@ -106,7 +139,7 @@ def compare_case(ct: CaseTraces, thresholds: Thresholds, numeric: str) -> list[P
                 local=local,
                 floor=floor_local["rel_l2"],
                 threshold=threshold,
-                row_err=row_errors(ref, eng).tolist() if point in ROW_ERROR_POINTS else [],
+                row_err=st["e2e"].row_errors().tolist() if point in ROW_ERROR_POINTS else [],
                 exceeded=bool(exceeded),
             )
         )

@@ -18,7 +18,10 @@ machine without CUDA. It:
   workspace at `out_dir`); `parity-conversion.json` (the ConversionRecord) is written before the rename.
 
 `convert_cached(model_dir, cache_root)` converts into `cache_root/<key>` only when that folder is absent; the
-key hashes the model folder's file names, sizes and mtimes, tp, lora_config and the lmdeploy version.
+key hashes the model folder's file names, sizes and mtimes, tp, lora_config and the lmdeploy version. Several
+processes may ask for the same entry at once (pytest-xdist workers, `parity run --jobs` workers, two users of
+one cache): an exclusive lock on `cache_root/.<entry>.lock` (fcntl.flock, released by the kernel when its
+holder exits, even by a crash) lets one of them convert while the others wait and then use its result.
 """
 
 from __future__ import annotations
@@ -545,14 +548,49 @@ def convert_cached(model_dir: str | Path, cache_root: str | Path, tp: int = 1, l
     prefix = f"{model_dir.name}-{_short_hash(str(model_dir))}-tp{tp}-{_short_hash(lora_config)}-"
     root = Path(cache_root).resolve()
     dest = root / f"{prefix}{key}"
-    if (dest / RECORD_NAME).is_file() and (dest / "triton_models" / "weights" / CONFIG_NAME).is_file():
+    if _cached(dest):
         return dest
-    convert(model_dir, dest, tp=tp, lora_config=lora_config)
-    if prune:
-        for old in root.glob(f"{glob_escape(prefix)}*"):
-            if old != dest and old.is_dir() and (old / RECORD_NAME).is_file():
-                shutil.rmtree(old, ignore_errors=True)
+    _make_parent(dest)
+    # One converter per entry: the others wait here, then find the winner's workspace. convert() itself
+    # builds in a temp sibling and renames, so a reader that skips the lock (the check above) never sees
+    # a half workspace.
+    with entry_lock(root / f".{dest.name}.lock"):
+        if _cached(dest):
+            return dest
+        convert(model_dir, dest, tp=tp, lora_config=lora_config)
+        if prune:
+            for old in root.glob(f"{glob_escape(prefix)}*"):
+                if old != dest and old.is_dir() and (old / RECORD_NAME).is_file():
+                    shutil.rmtree(old, ignore_errors=True)
+                    (root / f".{old.name}.lock").unlink(missing_ok=True)
     return dest
+
+
+def _cached(dest: Path) -> bool:
+    return (dest / RECORD_NAME).is_file() and (dest / "triton_models" / "weights" / CONFIG_NAME).is_file()
+
+
+@contextlib.contextmanager
+def entry_lock(path: Path) -> Iterator[None]:
+    """Exclusive lock on `path` across processes (blocks until free): one process fills a cache entry, the others wait and reuse it. Without fcntl (not POSIX) there is no
+    lock: two processes may then both convert, and the atomic rename keeps the entry whole either way."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise ParityInputError(
+            f"Cannot create the conversion lock {path} ({e.strerror or e}); expected a writable cache folder "
+            "(for `parity run`, --cache-dir)."
+        ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def glob_escape(text: str) -> str:

@@ -35,11 +35,18 @@ class ExpectedTensors(Mapping):
             self._groups.setdefault(int(m.group(1)) if m else -1, []).append(k)
         self._cached: tuple[int, dict[str, torch.Tensor]] | None = None
         self._where: dict[str, int] = {}
-        self.fingerprints: dict[str, tuple] = {}
-        for group in sorted(self._groups):
-            for name, t in self._layer(group).items():
+        self._fingerprints: dict[str, tuple] | None = None
+        for group in sorted(self._groups):  # names and shapes only: the transform on meta tensors costs nothing
+            subset = {k: self._state[k].to("meta") for k in self._groups[group]}
+            for name in hf_to_tm(subset, self._shape, reader_head_dim=None):
                 self._where[name] = group
-                self.fingerprints[name] = fingerprint(t)
+
+    @property
+    def fingerprints(self) -> dict[str, tuple]:
+        """(shape, sum, |sum|) of every expected tensor: computed once, when a mismatch needs a hint."""
+        if self._fingerprints is None:
+            self._fingerprints = {name: fingerprint(self[name]) for name in sorted(self._where, key=self._where.get)}
+        return self._fingerprints
 
     def _layer(self, group: int) -> dict[str, torch.Tensor]:
         if self._cached is None or self._cached[0] != group:

@@ -34,7 +34,8 @@ TurboMind does. Not emulated (fast-math intrinsics, tile order): see `UNEMULATED
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
+import mmap
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import torch
@@ -148,6 +149,141 @@ def validate_ranges(
     return out
 
 
+# ------------------------------------------------------------------------------------------------ run state
+
+
+class _Pool:
+    """Scratch buffers reused within one run.
+
+    A fresh multi-megabyte tensor costs more in first-touch page faults than the copy into it (bf16 -> fp32 of
+    a 7B `w1`: 0.18 s into a new tensor, 0.02 s into a touched one), so each linear's upcast weights and the
+    float64 LoRA temporaries reuse memory the previous linear or layer gave back. Only the engine's own
+    scratch goes through the pool, never a value handed to a writer.
+    """
+
+    def __init__(self):
+        self._free: list[torch.Tensor] = []
+
+    def take(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        n = math.prod(shape)
+        fits = [b for b in self._free if b.dtype == dtype and b.numel() >= n]
+        if fits:
+            buf = min(fits, key=lambda b: b.numel())
+            self._free = [b for b in self._free if b is not buf]
+        else:
+            buf = _empty_huge(n, dtype)
+        return buf[:n].view(*shape)
+
+    def give(self, t: torch.Tensor) -> None:
+        self._free.append(t._base if t._base is not None else t)
+
+
+def _empty_huge(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """torch.empty(n), on transparent huge pages where the kernel offers them (Linux, THP "madvise" or
+    "always"): first-touch faults then come per 2 MiB instead of per 4 KiB (bf16 -> fp32 of a 7B `w1` into a
+    new buffer: 0.30 s -> 0.07 s measured). Small buffers, and systems without madvise, get torch.empty."""
+    nbytes = n * torch.empty((), dtype=dtype).element_size()
+    if nbytes < (8 << 20) or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(n, dtype=dtype)
+    try:
+        mem = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        mem.madvise(mmap.MADV_HUGEPAGE)
+    except (OSError, ValueError, AttributeError):
+        return torch.empty(n, dtype=dtype)
+    return torch.frombuffer(mem, dtype=dtype)  # the tensor keeps `mem` alive; unmapped with it
+
+
+@dataclass
+class _Rows:
+    """The LoRA mask (uint8 [rows]) and its runs of 1s: the rows a PLoRA branch is computed on."""
+
+    mask: torch.Tensor
+    runs: list[tuple[int, int]]
+    gaps: list[tuple[int, int]]  # the runs of 0s
+    count: int
+
+    @classmethod
+    def of(cls, mask: torch.Tensor) -> "_Rows":
+        runs: list[tuple[int, int]] = []
+        gaps: list[tuple[int, int]] = []
+        start, prev = 0, None
+        for j, v in enumerate(mask.tolist() + [None]):
+            if v != prev and j > 0:
+                (runs if prev else gaps).append((start, j))
+                start = j
+            prev = v
+        return cls(mask, runs, gaps, sum(e - b for b, e in runs))
+
+
+@dataclass
+class _Prepared:
+    """What one engine call gives every stream of a run: embeddings, masks, rotary tables."""
+
+    L: int
+    x: torch.Tensor
+    rows: _Rows
+    rc: dict[str, Any]
+    warning: str | None
+    image_rows: torch.Tensor
+    rope_theta: float
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+@dataclass
+class _Stream:
+    """One pass through the layers: end to end (teacher None) or teacher-forced, with its own writer."""
+
+    writer: TraceWriter
+    teacher: Trace | None
+    x: torch.Tensor | None = None  # the hidden state the stream's next layer starts from (end to end)
+
+
+class _LayerWeights:
+    """One layer's weights, read once from the workspace; each linear is upcast on first use (into pooled
+    buffers) and handed back to the pool when every stream of the run has used it: a single run holds one
+    upcast linear at a time, `run_pair` shares each layer's upcast weights between its two streams."""
+
+    def __init__(self, engine: "ReplayEngine", layer: int, notes: list[str], pool: _Pool, users: int):
+        self.engine, self.pool, self.users = engine, pool, users
+        self.raw = {p: engine._load_linear(layer, p, notes) for p in PLORA_LINEARS}
+        self.meta = {p: {"rank": r["rank"], "scale": r["scale"], "applied": r["apply"]} for p, r in self.raw.items()}
+        self.attention_norm = engine._w(f"layers.{layer}.attention_norm.weight")
+        self.ffn_norm = engine._w(f"layers.{layer}.ffn_norm.weight")
+        self._ready: dict[str, dict[str, Any]] = {}
+        self._owned: dict[str, list[torch.Tensor]] = {}
+        self._uses: dict[str, int] = {}
+
+    def _up(self, point: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if t.dtype == dtype:
+            return t
+        buf = self.pool.take(t.shape, dtype)
+        buf.copy_(t)  # exact: a 16-bit float widens without rounding
+        self._owned[point].append(buf)
+        return buf
+
+    def get(self, point: str) -> dict[str, Any]:
+        lin = self._ready.get(point)
+        if lin is None:
+            lin = dict(self.raw[point])
+            self._owned[point] = []
+            lin["W"] = self._up(point, lin["W"], torch.float32)
+            if lin["apply"]:
+                # fp32 mode computes the LoRA branch in float64 (see ReplayEngine._linear)
+                dt = torch.float64 if self.engine.numeric == "fp32" else torch.float32
+                lin["A"], lin["B"] = self._up(point, lin["A"], dt), self._up(point, lin["B"], dt)
+            self._ready[point] = lin
+        return lin
+
+    def done(self, point: str) -> None:
+        self._uses[point] = self._uses.get(point, 0) + 1
+        if self._uses[point] >= self.users:
+            self._ready.pop(point, None)
+            self.raw.pop(point, None)
+            for buf in self._owned.pop(point, []):
+                self.pool.give(buf)
+
+
 # ------------------------------------------------------------------------------------------------ engine
 
 
@@ -230,29 +366,52 @@ class ReplayEngine:
             return x * inv * w
         return self.rnd(self.rnd(x * inv) * w)
 
-    def _linear(self, x: torch.Tensor, lin: dict[str, Any], mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _linear(self, x: torch.Tensor, lin: dict[str, Any], rows: _Rows, pool: _Pool) -> dict[str, torch.Tensor]:
+        """One linear with its PLoRA branch. The branch is computed on the masked rows only (`rows.runs`) and
+        scattered into a zero delta: the values TurboMind adds on masked rows, exact zeros elsewhere."""
         acc = x @ lin["W"]
-        rows = x.shape[0]
-        if lin["apply"] and self.numeric == "fp32":
-            # fp32 mode judges conversions, not summation order: a low-rank product's rounding can exceed a
-            # tiny delta's own floor, so the LoRA branch (cheap) is computed in float64
-            t = x.double() @ lin["A"].double()
-            l = (lin["scale"] * (t @ lin["B"].double())).float()
-        elif lin["apply"]:
-            t = self.rnd(x @ lin["A"])
-            l = self.rnd(lin["scale"] * (t @ lin["B"]))
+        y = None
         if lin["apply"]:
-            l = torch.where(mask.bool()[:, None], l, torch.zeros((), dtype=l.dtype))
+            l = torch.empty_like(acc)  # every row written once: zeros on the gaps, the branch on the runs
+            for b, e in rows.gaps:
+                l[b:e].zero_()
+            if rows.count:
+                if len(rows.runs) == 1:
+                    xm = x[rows.runs[0][0]: rows.runs[0][1]]
+                else:
+                    xm = torch.cat([x[b:e] for b, e in rows.runs])
+                if self.numeric == "fp32":
+                    # fp32 mode judges conversions, not summation order: a low-rank product's rounding can exceed a
+                    # tiny delta's own floor, so the LoRA branch (cheap) is computed in float64
+                    x64 = pool.take(xm.shape, torch.float64)
+                    x64.copy_(xm)
+                    t = x64 @ lin["A"]
+                    pool.give(x64)
+                    u = torch.mm(t, lin["B"], out=pool.take((t.shape[0], acc.shape[1]), torch.float64))
+                    off = 0
+                    for b, e in rows.runs:  # scale * u in float64, rounded to fp32 as it is stored
+                        torch.mul(u[off: off + e - b], lin["scale"], out=l[b:e])
+                        off += e - b
+                    pool.give(u)
+                else:
+                    t = self.rnd(xm @ lin["A"])
+                    u = self.rnd(lin["scale"] * (t @ lin["B"]))
+                    off = 0
+                    for b, e in rows.runs:
+                        l[b:e].copy_(u[off: off + e - b])
+                        off += e - b
             y = self.rnd(acc + l)
-            used_mask = mask.to(torch.uint8)
+            used_mask = rows.mask.clone()
         else:
-            l = torch.zeros(rows, acc.shape[1])
-            y = self.rnd(acc)
-            used_mask = torch.zeros(rows, dtype=torch.uint8)
+            l = torch.zeros_like(acc)
+            used_mask = torch.zeros(acc.shape[0], dtype=torch.uint8)
         base = self.rnd(acc)
         if lin.get("b") is not None:
-            y = self.rnd(y + lin["b"])
             base = self.rnd(base + lin["b"])
+            if y is not None:
+                y = self.rnd(y + lin["b"])
+        if y is None:  # no LoRA: the output is the base (the same tensor; `_fresh` parts them for a writer)
+            y = base
         return {"y": y, "base": base, "delta": l, "mask": used_mask}
 
     def _rope_theta(self, context_len: int) -> float:
@@ -291,29 +450,46 @@ class ReplayEngine:
         rot = torch.stack([y0, y1], dim=-1).reshape(*x.shape[:-1], r)
         return torch.cat([rot, x[..., r:]], dim=-1) if r < x.shape[-1] else rot
 
-    def _attention(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """qkv: [rows, (H+2KV)*D] TurboMind layout (bias already added). Returns [rows, H*D]."""
+    def _attention(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pool: _Pool) -> torch.Tensor:
+        """qkv: [rows, (H+2KV)*D] TurboMind layout (bias already added). Returns [rows, H*D].
+
+        Each kv head serves its H/KV query heads without copies. fp32 mode: torch's fused causal attention
+        (fp32 scores, softmax and P@V; no L x L mask or score matrix). emulate mode: the explicit graph, since
+        TurboMind rounds the unnormalised P to T before P@V.
+        """
         H, KV, D = self.H, self.KV, self.D
         L = qkv.shape[0]
         q, k, v = torch.split(qkv, [H * D, KV * D, KV * D], dim=-1)
         q = self._rope(q.reshape(L, H, D), cos, sin)
         k = self._rope(k.reshape(L, KV, D), cos, sin)
         v = v.reshape(L, KV, D)
+        if not self.emulating:
+            o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                               v.transpose(0, 1)[None], is_causal=True, scale=self.qk_scale,
+                                               enable_gqa=True)
+            return o[0].transpose(0, 1).reshape(L, H * D)
         gs = H // KV
-        k = k.repeat_interleave(gs, dim=1)
-        v = v.repeat_interleave(gs, dim=1)
-        q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # [H, L, D]
-        s = (q @ k.transpose(1, 2)) * self.qk_scale
-        causal = torch.ones(L, L, dtype=torch.bool).tril()
-        s = s.masked_fill(~causal, float("-inf"))
-        m = s.amax(-1, keepdim=True)
-        p = torch.exp(s - m)
+        qg = q.reshape(L, KV, gs, D).permute(1, 2, 0, 3).reshape(KV, gs * L, D)  # head h = kv * gs + g
+        s = torch.bmm(qg, k.permute(1, 2, 0), out=pool.take((KV, gs * L, L), torch.float32))
+        s.mul_(self.qk_scale)
+        p = s.view(KV, gs, L, L)
+        p.masked_fill_(torch.ones(L, L, dtype=torch.bool).triu_(1), float("-inf"))
+        m = p.amax(-1, keepdim=True)
+        p.sub_(m).exp_()
         denom = p.sum(-1, keepdim=True)
-        if self.emulating:
-            o = self.rnd((self.rnd(p) @ v) / denom)
-        else:
-            o = (p @ v) / denom
-        return o.transpose(0, 1).reshape(L, H * D)
+        p.copy_(p.to(self.T))  # unnormalised P rounded to T for P@V; the row sum above is of the fp32 P
+        o = torch.bmm(s, v.transpose(0, 1)).view(KV, gs, L, D)
+        pool.give(s)
+        o = self.rnd(o / denom)
+        return o.permute(2, 0, 1, 3).reshape(L, H * D)
+
+    def _qkv_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Column permutations of the fused qkv: TurboMind [q|k|v] (pair order) -> HF grouped, and back."""
+        if getattr(self, "_qkv_idx", None) is None:
+            H, KV, D = self.H, self.KV, self.D
+            cols = torch.arange((H + 2 * KV) * D)
+            self._qkv_idx = (tm_qkv_cols_to_hf(cols, H, KV, D), hf_qkv_cols_to_tm(cols, H, KV, D))
+        return self._qkv_idx
 
     # ---------------------------------------------------------------- weights
 
@@ -324,8 +500,10 @@ class ReplayEngine:
         return rank, float(scale), self.lora_active and rank > 0
 
     def _load_linear(self, layer: int, point: str, notes: list[str]) -> dict[str, Any]:
+        """A linear's tensors in the workspace dtype (W [in, out], A, B when applied; bias in fp32), checked as
+        TurboMind checks them at load time. `_LayerWeights.get` upcasts them."""
         prefix = f"layers.{layer}.{_LINEAR_TENSORS[point]}"
-        lin: dict[str, Any] = {"W": self._w(f"{prefix}.weight"), "b": None}
+        lin: dict[str, Any] = {"W": self.ws.tensor(f"{prefix}.weight").detach(), "b": None}
         if point == "attention.wqkv" and int(getattr(self.ws.model, "attn_bias", 0) or 0):
             if self.ws.has(f"{prefix}.bias"):
                 lin["b"] = self._w(f"{prefix}.bias")
@@ -354,7 +532,8 @@ class ReplayEngine:
                     f"{prefix}.lora_a file holds rank {disk_rank}; TurboMind fails at load on this byte-size "
                     "mismatch."
                 )
-            A, B = self._w(f"{prefix}.lora_a.weight"), self._w(f"{prefix}.lora_b.weight")
+            A = self.ws.tensor(f"{prefix}.lora_a.weight").detach()
+            B = self.ws.tensor(f"{prefix}.lora_b.weight").detach()
             if A.shape != (in_dim, rank) or B.shape != (rank, out_dim):
                 raise EngineRefused(
                     f"LoRA rank mismatch at layers.{layer}.{tm}: the LoRA config resolves rank {rank} "
@@ -373,7 +552,22 @@ class ReplayEngine:
 
     @torch.no_grad()
     def run(self, call: EngineCall, writer: TraceWriter, teacher: Trace | None = None) -> dict[str, Any]:
-        H, KV, D = self.H, self.KV, self.D
+        """One prefill of `call`: end to end, or teacher-forced (every module fed `teacher`'s own input).
+        Streams the trace to `writer`; returns the run's info (ranges, masks, rope, ...; "trace": the Trace)."""
+        return self._run(call, [_Stream(writer, teacher)])[0]
+
+    @torch.no_grad()
+    def run_pair(self, call: EngineCall, writer_e2e: TraceWriter, writer_local: TraceWriter,
+                 teacher: Trace) -> tuple[dict[str, Any], dict[str, Any]]:
+        """`run(call, writer_e2e)` and `run(call, writer_local, teacher=teacher)` in one layer-major pass: each
+        layer's weights are read and upcast once and both states advance through the layer. The traces are
+        bit-identical to the two separate runs'. Returns (info_e2e, info_local)."""
+        if teacher is None:
+            raise ValueError("run_pair needs the teacher trace for its teacher-forced run.")
+        e2e, local = self._run(call, [_Stream(writer_e2e, None), _Stream(writer_local, teacher)])
+        return e2e, local
+
+    def _prepare(self, call: EngineCall) -> _Prepared:
         ids = [int(t) for t in call.input_ids]
         L = len(ids)
         if L == 0:
@@ -399,116 +593,140 @@ class ReplayEngine:
         image_rows = torch.zeros(L, dtype=torch.uint8)
         for b, e in rc["ranges"]:
             image_rows[b:e] = 1
-        writer.pre("embeddings", x.clone())
-
         rope_theta = self._rope_theta(L)
         cos, sin = self._cos_sin(L, rope_theta)
+        return _Prepared(L, x, _Rows.of(mask), rc, warning, image_rows, rope_theta, cos, sin)
+
+    def _tget(self, teacher: Trace, layer: int | None, point: str, L: int) -> torch.Tensor:
+        v = teacher.get(layer, point)
+        if v is None:
+            raise ValueError(f"Teacher trace {teacher.root} lacks point {point!r} (layer {layer}).")
+        v = v.float()
+        if v.dim() != 2 or v.shape[0] != L:
+            raise ValueError(f"Teacher point {point!r} (layer {layer}) has shape {tuple(v.shape)}; the engine "
+                             f"call has {L} rows. Teacher and engine must run the same input.")
+        return self.rnd(v)
+
+    def _run(self, call: EngineCall, streams: list[_Stream]) -> list[dict[str, Any]]:
+        prep = self._prepare(call)
+        for s in streams:
+            s.writer.pre("embeddings", prep.x)  # never modified afterwards
+            s.x = prep.x
         notes: list[str] = []
         plora_meta: dict[str, dict[str, dict[str, Any]]] = {}
+        pool = _Pool()
+        for i in range(self.num_layers):
+            lw = _LayerWeights(self, i, notes, pool, users=len(streams))
+            plora_meta[str(i)] = lw.meta
+            for s in streams:
+                vals = self._layer(i, lw, prep, pool, s)
+                missing = [p for p in LAYER_POINTS if p not in vals]
+                assert not missing, missing
+                s.x = vals["layer"]
+                s.writer.layer(i, _fresh(vals, s.writer))
+                del vals
+            del lw
+        self._head(streams, prep, pool)
+        del pool
+        return [self._finish(call, s, prep, notes, plora_meta) for s in streams]
+
+    def _layer(self, i: int, lw: _LayerWeights, prep: _Prepared, pool: _Pool, s: _Stream) -> dict[str, torch.Tensor]:
+        """Decoder layer `i` for one stream: its points, in execution order. Teacher-forced, every module's
+        input is the teacher's value of the point before it (the module's own output is still recorded)."""
+        teacher, L = s.teacher, prep.L
+        forced = teacher is not None
+        vals: dict[str, torch.Tensor] = {}
 
         def tget(layer: int | None, point: str) -> torch.Tensor:
-            v = teacher.get(layer, point)
-            if v is None:
-                raise ValueError(f"Teacher trace {teacher.root} lacks point {point!r} (layer {layer}).")
-            v = v.float()
-            if v.dim() != 2 or v.shape[0] != L:
-                raise ValueError(f"Teacher point {point!r} (layer {layer}) has shape {tuple(v.shape)}; the engine "
-                                 f"call has {L} rows. Teacher and engine must run the same input.")
-            return self.rnd(v)
+            return self._tget(teacher, layer, point, L)
 
-        for i in range(self.num_layers):
-            vals: dict[str, torch.Tensor] = {}
-            lins = {p: self._load_linear(i, p, notes) for p in PLORA_LINEARS}
-            plora_meta[str(i)] = {p: {"rank": lins[p]["rank"], "scale": lins[p]["scale"], "applied": lins[p]["apply"]}
-                                  for p in PLORA_LINEARS}
-            attn_norm_w = self._w(f"layers.{i}.attention_norm.weight")
-            ffn_norm_w = self._w(f"layers.{i}.ffn_norm.weight")
-
-            def put_linear(point: str, inp: torch.Tensor, r: dict[str, torch.Tensor], hf_cols: bool = False):
-                y, base, delta = r["y"], r["base"], r["delta"]
-                if hf_cols:
-                    y, base, delta = (tm_qkv_cols_to_hf(t, H, KV, D) for t in (y, base, delta))
+        def linear(point: str, inp: torch.Tensor) -> torch.Tensor:
+            r = self._linear(inp, lw.get(point), prep.rows, pool)
+            lw.done(point)
+            y, base, delta = r["y"], r["base"], r["delta"]
+            if point == "attention.wqkv":  # recorded in the HF grouped layout; y stays TurboMind's for attention
+                to_hf = self._qkv_index()[0]
+                vals[point] = y.index_select(-1, to_hf)
+                base, delta = base.index_select(-1, to_hf), delta.index_select(-1, to_hf)
+            else:
                 vals[point] = y
-                vals[plora_key(point, "input")] = inp
-                vals[plora_key(point, "base")] = base
-                vals[plora_key(point, "delta")] = delta
-                vals[plora_key(point, "mask")] = r["mask"]
+            vals[plora_key(point, "input")] = inp
+            vals[plora_key(point, "base")] = base
+            vals[plora_key(point, "delta")] = delta
+            vals[plora_key(point, "mask")] = r["mask"]
+            return y
 
-            if teacher is not None:
-                layer_in = tget(None, "embeddings") if i == 0 else tget(i - 1, "layer")
-            else:
-                layer_in = x
+        layer_in = ((tget(None, "embeddings") if i == 0 else tget(i - 1, "layer")) if forced else s.x)
 
-            # attention block
-            a_in = self._rmsnorm(layer_in, attn_norm_w)
-            vals["attention_norm"] = a_in
-            q_in = tget(i, "attention_norm") if teacher is not None else a_in
-            r_qkv = self._linear(q_in, lins["attention.wqkv"], mask)
-            put_linear("attention.wqkv", q_in, r_qkv, hf_cols=True)
-            qkv_tm = hf_qkv_cols_to_tm(tget(i, "attention.wqkv"), H, KV, D) if teacher is not None else r_qkv["y"]
-            attn = self._attention(qkv_tm, cos, sin)
-            vals["attention"] = attn
-            wo_in = tget(i, "attention") if teacher is not None else attn
-            r_wo = self._linear(wo_in, lins["attention.wo"], mask)
-            put_linear("attention.wo", wo_in, r_wo)
-            if teacher is not None:
-                h = self.rnd(layer_in + tget(i, "attention.wo"))
-            else:
-                h = self.rnd(layer_in + r_wo["y"])
+        # attention block
+        a_in = self._rmsnorm(layer_in, lw.attention_norm)
+        vals["attention_norm"] = a_in
+        qkv = linear("attention.wqkv", tget(i, "attention_norm") if forced else a_in)
+        if forced:
+            qkv = tget(i, "attention.wqkv").index_select(-1, self._qkv_index()[1])
+        attn = self._attention(qkv, prep.cos, prep.sin, pool)
+        vals["attention"] = attn
+        wo = linear("attention.wo", tget(i, "attention") if forced else attn)
+        h = self.rnd(layer_in + (tget(i, "attention.wo") if forced else wo))
 
-            # FFN block
-            f_in = self._rmsnorm(h, ffn_norm_w)
-            vals["ffn_norm"] = f_in
-            g_in = tget(i, "ffn_norm") if teacher is not None else f_in
-            r_w1 = self._linear(g_in, lins["feed_forward.w1"], mask)
-            put_linear("feed_forward.w1", g_in, r_w1)
-            r_w3 = self._linear(g_in, lins["feed_forward.w3"], mask)
-            put_linear("feed_forward.w3", g_in, r_w3)
-            if teacher is not None:
-                w1v, w3v = tget(i, "feed_forward.w1"), tget(i, "feed_forward.w3")
-            else:
-                w1v, w3v = r_w1["y"], r_w3["y"]
-            act = self.rnd(self.rnd(F.silu(w1v)) * w3v)
-            r_w2 = self._linear(act, lins["feed_forward.w2"], mask)
-            put_linear("feed_forward.w2", act, r_w2)
-            ffn_out = tget(i, "feed_forward.w2") if teacher is not None else r_w2["y"]
-            out = self.rnd(h + ffn_out)
-            vals["layer"] = out
+        # FFN block
+        f_in = self._rmsnorm(h, lw.ffn_norm)
+        vals["ffn_norm"] = f_in
+        g_in = tget(i, "ffn_norm") if forced else f_in
+        w1 = linear("feed_forward.w1", g_in)
+        w3 = linear("feed_forward.w3", g_in)
+        if forced:
+            w1, w3 = tget(i, "feed_forward.w1"), tget(i, "feed_forward.w3")
+        act = self.rnd(self.rnd(F.silu(w1)).mul_(w3))  # silu's output is fresh: multiplied in place
+        w2 = linear("feed_forward.w2", act)
+        vals["layer"] = self.rnd(h + (tget(i, "feed_forward.w2") if forced else w2))
+        return vals
 
-            missing = [p for p in LAYER_POINTS if p not in vals]
-            assert not missing, missing
-            writer.layer(i, {k: (v if v.dtype == torch.uint8 else v.float()) for k, v in vals.items()})
-            x = out
-            del vals, lins, r_qkv, r_wo, r_w1, r_w3, r_w2, attn, act, a_in, f_in, h, qkv_tm
-
-        norm_in = tget(self.num_layers - 1, "layer") if teacher is not None else x
-        norm = self._rmsnorm(norm_in, self._w("norm.weight"))
-        writer.post("norm", norm)
-        head_in = tget(None, "norm") if teacher is not None else norm
+    def _head(self, streams: list[_Stream], prep: _Prepared, pool: _Pool) -> None:
+        """Final RMSNorm and logits for every stream (the LM head upcast once, chunk by chunk)."""
+        last = self.num_layers - 1
+        norm_w = self._w("norm.weight")
+        heads = []
+        for s in streams:
+            norm_in = self._tget(s.teacher, last, "layer", prep.L) if s.teacher is not None else s.x
+            norm = self._rmsnorm(norm_in, norm_w)
+            s.writer.post("norm", norm)
+            heads.append(self._tget(s.teacher, None, "norm", prep.L) if s.teacher is not None else norm)
         out_w = self.ws.tensor("output.weight")
         if out_w.shape[-1] != self.hidden:
             raise ValueError(f"output.weight has shape {tuple(out_w.shape)}; expected [vocab, {self.hidden}] "
                              "(the converter writes the LM head as HF stores it, not transposed).")
         # fp32 output from T inputs, as postDecodeEmbedding; in vocab chunks so a 7B head is never upcast whole
         chunk = 8192
-        logits = torch.cat([head_in @ out_w[j: min(j + chunk, self.vocab)].float().T
-                            for j in range(0, self.vocab, chunk)], dim=-1)
+        parts: list[list[torch.Tensor]] = [[] for _ in streams]
+        for j in range(0, self.vocab, chunk):
+            w = out_w[j: min(j + chunk, self.vocab)]
+            w32 = w if w.dtype == torch.float32 else pool.take(w.shape, torch.float32).copy_(w)
+            for h, p in zip(heads, parts):
+                p.append(h @ w32.T)
+            if w32 is not w:
+                pool.give(w32)
         del out_w
-        writer.post("output", logits)
+        for s, p in zip(streams, parts):
+            s.writer.post("output", p[0] if len(p) == 1 else torch.cat(p, dim=-1))
 
+    def _finish(self, call: EngineCall, s: _Stream, prep: _Prepared, notes: list[str],
+                plora_meta: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
+        rc, teacher, writer = prep.rc, s.teacher, s.writer
+        mask = prep.rows.mask
         info: dict[str, Any] = {
             "ranges_valid": rc["valid"],
-            "warning": warning,
+            "warning": prep.warning,
             "reason": rc["reason"],
             "mask": [int(v) for v in mask],
-            "image_rows": [int(v) for v in image_rows],
+            "image_rows": [int(v) for v in prep.image_rows],
             "accepted_ranges": [list(r) for r in rc["ranges"]],
             "row_count_mismatch": rc["row_count_mismatch"],
             "ranges_ignored_after": rc["ignored_after"],
             "lora_applied": self.lora_active and bool(mask.any()),
             "lora_loaded": self.lora_loaded,
-            "rope_theta": rope_theta,
-            "rows": L,
+            "rope_theta": prep.rope_theta,
+            "rows": prep.L,
             "mode": "local" if teacher is not None else "e2e",
         }
         meta = writer.meta
@@ -516,7 +734,7 @@ class ReplayEngine:
         meta.num_layers = self.num_layers
         meta.dtype = "float32" if not self.emulating else str(self.T).replace("torch.", "")
         meta.layouts = {}  # attention.wqkv (+ base/delta) converted back to the HF grouped layout
-        meta.plora = plora_meta
+        meta.plora = {k: {p: dict(v) for p, v in d.items()} for k, d in plora_meta.items()}
         extras = dict(meta.extras or {})
         extras.update({
             "engine": "replay",
@@ -526,7 +744,7 @@ class ReplayEngine:
             "semantics": self.semantics.version,
             "semantics_detail": asdict(self.semantics),
             "ranges_valid": rc["valid"],
-            "range_warning": warning,
+            "range_warning": prep.warning,
             "range_reason": rc["reason"],
             "row_count_mismatch": rc["row_count_mismatch"],
             "image_mask": info["image_rows"],
@@ -536,13 +754,30 @@ class ReplayEngine:
             "lora_buffers": ("loaded" if self.lora_loaded else
                              "uninitialised: the C++ workspace loader never reads lora_a/lora_b "
                              "(replayed as LoRA absent)"),
-            "rope_theta": rope_theta,
+            "rope_theta": prep.rope_theta,
             "mode": info["mode"],
             "teacher": str(teacher.root) if teacher is not None else None,
             "content_hash": call.content_hash,
-            "notes": notes,
+            "notes": list(notes),
             "unemulated": list(UNEMULATED) if self.emulating else [],
         })
         meta.extras = extras
         info["trace"] = writer.close()
         return info
+
+
+def _fresh(vals: dict[str, torch.Tensor], writer: TraceWriter) -> dict[str, torch.Tensor]:
+    """The layer's values for `writer.layer()`: no two share memory (safetensors refuses to save that, and a
+    writer keeps what it is given). A value that is an earlier one (a linear's input is the norm's output, w1
+    and w3 share theirs, a linear without LoRA returns its base) is cloned, unless the writer drops that part."""
+    skip = getattr(writer, "skip_parts", None) or ()
+    seen: set[int] = set()
+    out: dict[str, torch.Tensor] = {}
+    for k, v in vals.items():
+        ptr = v.untyped_storage().data_ptr()
+        if ptr and ptr in seen and not (":" in k and k.split(":", 1)[1] in skip):
+            v = v.clone()
+            ptr = v.untyped_storage().data_ptr()
+        seen.add(ptr)
+        out[k] = v
+    return out

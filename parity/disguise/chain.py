@@ -25,19 +25,18 @@ def disguised_workspace(model_dir: str | Path, cache_root: str | Path, *, tp: in
     parity_lora_config.json as the lora_config -- what lmdeploy writes when `register_lora_config()` is
     active in the converting/serving process.
     """
-    from ..deploy.convert import cache_key, convert_cached
+    from ..deploy.convert import cache_key, convert_cached, entry_lock
 
     model_dir = Path(model_dir).resolve()
     key = hashlib.sha256(f"{cache_key(model_dir)}/{DISGUISE_VERSION}".encode()).hexdigest()[:16]
     dst = Path(cache_root).resolve() / "disguises" / f"{model_dir.name}-{key}"
     record_path = dst / DISGUISE_RECORD
-    if record_path.is_file():
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with entry_lock(dst.parent / f".{dst.name}.lock"):  # several processes (pytest -n, --jobs) may ask at once
         try:
             record = DisguiseRecord(**json.loads(record_path.read_text()))
         except (OSError, ValueError, TypeError):
             record = disguise(model_dir, dst, trust_remote_code=trust_remote_code, overwrite=True, quiet=True)
-    else:
-        record = disguise(model_dir, dst, trust_remote_code=trust_remote_code, overwrite=True, quiet=True)
     lora = read_lora_config(dst)
     if lora is None:  # pragma: no cover - disguise always writes it
         raise ParityInputError(f"{dst} has no parity_lora_config.json; delete the folder and run again.")

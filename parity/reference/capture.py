@@ -1,9 +1,11 @@
 """Capture the HF reference at canonical points with forward hooks, streaming one layer at a time.
 
-Values are cloned at capture time (an in-place op later in the forward must not change what was
-recorded). For each PLoRA linear the hook records its input, the base output `x @ W.T (+ b)`, the LoRA
-delta exactly as the model added it (taken from `Plora_B`'s output times the scaling, placed on the rows
-of the mask it received) and that mask.
+Every recorded value is copied once at capture time (an in-place op later in the forward must not change
+what was recorded); that copy is handed to the trace writer, which owns it from then on. For each PLoRA
+linear the hook records its output and, as `parts` asks (`parity.points.PLORA_PARTS`): its input, the base
+output `x @ W.T (+ b)` (taken from the linear's own `F.linear` call), the LoRA delta exactly as the model
+added it (`Plora_B`'s output times the scaling, placed on the rows of the mask it received) and that mask.
+Parts that are not recorded cost nothing: no copy, and no hook or torch-function mode that only they need.
 
 Separate q/k/v projections (Qwen2 PLoRA models; the anatomy's `FusedQKV`) are hooked one by one; when the
 third has run, their outputs, bases and deltas are joined into XComposer2's grouped `attention.wqkv`
@@ -15,31 +17,58 @@ conversion writes them).
 from __future__ import annotations
 
 from contextlib import ExitStack
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..deploy.layout import join_grouped_qkv
-from ..points import plora_key
+from ..points import PLORA_PARTS, plora_key
 from ..records import HFCall
 from ..trace import Trace, TraceMeta, TraceWriter
 from .loader import ReferenceModel
 from .precision import compute_dtype
+
+# What the pipeline reads of the reference's PLoRA linears: the delta actually added and the mask used
+# (`:input` and `:base` are read by nothing downstream; ask for them with parts=PLORA_PARTS).
+DEFAULT_PARTS: tuple[str, ...] = ("delta", "mask")
 
 
 def _first(x: Any) -> torch.Tensor:
     return x[0] if isinstance(x, (tuple, list)) else x
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().reshape(-1, t.shape[-1]).clone()
+def _take(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`t` as [rows, features] in `dtype` (default: its own), in memory nothing else references: one copy."""
+    t = t.detach()
+    r = t.reshape(-1, t.shape[-1])
+    if dtype is not None and r.dtype != dtype:
+        return r.to(dtype)
+    if r.untyped_storage().data_ptr() != t.untyped_storage().data_ptr():
+        return r  # reshape already copied
+    return r.clone()
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors keep no version counter
+        return None
+
+
+def _mask_run(flat_mask: torch.Tensor, n: int) -> int | None:
+    """Start of the mask's rows when they are exactly one contiguous run of `n` rows (one image), else None."""
+    if n == 0 or int(flat_mask.sum()) != n:
+        return None
+    start = int(flat_mask.to(torch.uint8).argmax())
+    return start if bool(flat_mask[start:start + n].all()) else None
 
 
 class _BaseTap(TorchFunctionMode):
     """Keeps what each PLoRA linear's own `F.linear` call returned (its base output `x @ W.T (+ b)`), so the
-    capture need not compute it a second time. Cloned at once: PLoRA then adds the LoRA term in place."""
+    capture need not compute it a second time. Cloned at once: PLoRA then adds the LoRA term in place.
+    Installed only when the base is recorded."""
 
     def __init__(self, weights):
         super().__init__()
@@ -59,22 +88,30 @@ class _BaseTap(TorchFunctionMode):
 class _Recorder:
     """Holds the current layer's values until the layer finishes, then hands them to the writer."""
 
-    def __init__(self, ref: ReferenceModel, writer: TraceWriter, store_dtype: torch.dtype, teacher: Trace | None):
+    def __init__(self, ref: ReferenceModel, writer, store_dtype: torch.dtype, teacher: Trace | None,
+                 parts: Iterable[str] = DEFAULT_PARTS):
         self.ref = ref
         self.writer = writer
         self.store = store_dtype
         self.teacher = teacher
+        self.parts = frozenset(parts)
         self.tap: _BaseTap | None = None
         self.current: dict[str, torch.Tensor] = {}
-        self.b_out: dict[tuple[int, str], torch.Tensor] = {}
+        self.b_out: dict[tuple[int, str], tuple[torch.Tensor, int | None]] = {}
         self.plora: dict[str, dict[str, dict[str, float]]] = {}
         self.pending: dict[tuple[int, str], dict[str, tuple]] = {}  # fused linears: part -> recorded values
 
     def put(self, key: str, value: torch.Tensor) -> None:
-        self.current[key] = _rows(value).to(self.store)
+        """Record a value the model still owns (copied)."""
+        self.current[key] = _take(value, self.store)
+
+    def own(self, key: str, value: torch.Tensor) -> None:
+        """Record a value this recorder made (no copy unless the stored dtype differs)."""
+        self.current[key] = value if value.dtype == self.store or value.dtype == torch.uint8 else value.to(self.store)
 
     def install(self, stack: ExitStack) -> None:
         a = self.ref.anatomy
+        want_b = "delta" in self.parts
         hooks = []
         for i, layer in enumerate(a.layers):
             hooks.append(layer.register_forward_hook(self._layer_done(i)))
@@ -86,14 +123,16 @@ class _Recorder:
                 if getattr(lin, "fused", False):
                     for part, mod in lin.module.parts.items():
                         key = f"{point}/{part}"
-                        hooks.append(mod.Plora_B.register_forward_hook(self._b_output(i, key)))
+                        if want_b:
+                            hooks.append(mod.Plora_B.register_forward_hook(self._b_output(i, key)))
                         hooks.append(mod.register_forward_hook(self._part(i, point, part, lin), with_kwargs=True))
                 else:
-                    hooks.append(lin.module.Plora_B.register_forward_hook(self._b_output(i, point)))
+                    if want_b:
+                        hooks.append(lin.module.Plora_B.register_forward_hook(self._b_output(i, point)))
                     hooks.append(lin.module.register_forward_hook(self._linear(i, point, lin), with_kwargs=True))
                 self.plora.setdefault(str(i), {})[point] = {"rank": lin.rank, "scale": lin.scale}
-        hooks.append(a.final_norm.register_forward_hook(lambda m, i, o: self.writer.post("norm", _rows(o).to(self.store))))
-        hooks.append(a.lm_head.register_forward_hook(lambda m, i, o: self.writer.post("output", _rows(o).to(self.store))))
+        hooks.append(a.final_norm.register_forward_hook(lambda m, i, o: self.writer.post("norm", _take(o, self.store))))
+        hooks.append(a.lm_head.register_forward_hook(lambda m, i, o: self.writer.post("output", _take(o, self.store))))
         for h in hooks:
             stack.callback(h.remove)
 
@@ -103,42 +142,75 @@ class _Recorder:
         return hook
 
     def _b_output(self, layer: int, point: str):
+        # Not copied: PLoRA multiplies B's output by its scaling into a new tensor and never touches it
+        # again; the version counter proves it when the linear's hook reads it.
         def hook(module, args, output):
-            self.b_out[(layer, point)] = output.detach().reshape(-1, output.shape[-1]).clone()
+            out = output.detach()
+            self.b_out[(layer, point)] = (out.reshape(-1, out.shape[-1]), _version(out))
         return hook
 
+    def _delta(self, b_entry, scale, mask, out: torch.Tensor) -> torch.Tensor:
+        """The LoRA term the model added, [rows, cols] in `out`'s dtype, zero where it added nothing."""
+        rows, cols = out.shape
+        if mask is None or b_entry is None:
+            return torch.zeros(rows, cols, dtype=out.dtype)
+        b, version = b_entry
+        if version is not None and _version(b) != version:
+            raise RuntimeError("A PLoRA linear modified its Plora_B output in place; parity cannot recover the "
+                               "LoRA delta it added.")
+        n = b.shape[0]
+        start = _mask_run(mask, n)
+        if start is not None:
+            delta = torch.empty(rows, cols, dtype=out.dtype)
+            delta[:start].zero_()
+            delta[start + n:].zero_()
+            torch.mul(b, scale, out=delta[start:start + n])  # the model's own `B(A(x)) * scaling`
+            return delta
+        delta = torch.zeros(rows, cols, dtype=out.dtype)
+        if n and bool(mask.any()):
+            delta[mask] = b * scale
+        elif n:  # upstream's all-False branch: one row of B(A(x)) * 0 added to row 0
+            delta[0] = b[0] * 0
+        return delta
+
     def _values(self, module, args, kwargs, output, b_key, scale):
-        """(input rows, output rows, base rows, delta rows, flat mask) of one PLoRA call."""
+        """(input rows, output rows, base rows, delta rows, flat mask) of one PLoRA call; parts that are
+        not recorded are None. Every tensor returned is the recorder's own, in the compute dtype."""
         x = args[0]
         mask = args[1] if len(args) > 1 else kwargs.get("im_mask")
-        rows = _rows(x)
-        tapped = self.tap.pop(module.weight) if self.tap is not None else None
-        base = _rows(tapped if tapped is not None else F.linear(x, module.weight, module.bias))
-        out = _rows(output)
-        delta = torch.zeros_like(out)
-        flat_mask = torch.zeros(rows.shape[0], dtype=torch.bool)
+        out = _take(output)
+        rows = _take(x) if "input" in self.parts else None
+        base = None
+        if "base" in self.parts:
+            tapped = self.tap.pop(module.weight) if self.tap is not None else None
+            base = tapped.reshape(-1, tapped.shape[-1]) if tapped is not None else \
+                _take(F.linear(x, module.weight, module.bias))
+        flat_mask = mask.reshape(-1).bool().cpu() if mask is not None else None
         b = self.b_out.pop(b_key, None)
-        if mask is not None:
-            flat_mask = mask.reshape(-1).bool().cpu()
-            if b is not None:
-                if flat_mask.any():
-                    delta[flat_mask] = b * scale
-                else:  # upstream's all-False branch: one row of B(A(x)) * 0 added to row 0
-                    delta[0] = b[0] * 0
+        delta = self._delta(b, scale, flat_mask, out) if "delta" in self.parts else None
+        if flat_mask is None:
+            flat_mask = torch.zeros(out.shape[0], dtype=torch.bool)
         return rows, out, base, delta, flat_mask
 
     def _record(self, point: str, rows, out, base, delta, flat_mask) -> None:
-        self.put(point, out)
-        self.put(plora_key(point, "input"), rows)
-        self.put(plora_key(point, "base"), base)
-        self.put(plora_key(point, "delta"), delta)
-        self.current[plora_key(point, "mask")] = flat_mask.to(torch.uint8)
+        self.own(point, out)
+        if rows is not None:
+            self.own(plora_key(point, "input"), rows)
+        if base is not None:
+            self.own(plora_key(point, "base"), base)
+        if delta is not None:
+            self.own(plora_key(point, "delta"), delta)
+        if "mask" in self.parts:
+            self.current[plora_key(point, "mask")] = flat_mask.to(torch.uint8)
 
     def _linear(self, layer: int, point: str, lin):
         def hook(module, args, kwargs, output):
             rows, out, base, delta, flat_mask = self._values(module, args, kwargs, output, (layer, point), lin.scale)
             if point == "attention.wo":
-                self.put("attention", args[0])
+                if rows is not None:  # the same values: one copy, stored under both names
+                    self.own("attention", rows)
+                else:
+                    self.put("attention", args[0])
             self._record(point, rows, out, base, delta, flat_mask)
         return hook
 
@@ -156,6 +228,8 @@ class _Recorder:
             shape = lin.module.shape
 
             def join(j):
+                if q[j] is None:
+                    return None
                 return join_grouped_qkv(q[j], k[j], v[j], shape.heads, shape.kv_heads, shape.head_dim)
 
             self._record(point, q[0], join(1), join(2), join(3), q[4])
@@ -177,8 +251,8 @@ class _Recorder:
     def _layer_done(self, index: int):
         def hook(module, args, output):
             self.put("layer", _first(output))
-            self.writer.layer(index, self.current)
-            self.current = {}
+            values, self.current = self.current, {}
+            self.writer.layer(index, values)
         return hook
 
 
@@ -191,22 +265,37 @@ def capture_reference(
     side: str = "reference",
     teacher: Trace | None = None,
     store_dtype: torch.dtype | None = None,
-) -> Trace:
-    """Run the reference once on `call` and stream its trace to `writer_root`.
+    writer=None,
+    parts: Iterable[str] = DEFAULT_PARTS,
+):
+    """Run the reference once on `call` and stream its trace to `writer_root`; returns the `Trace`.
 
     With `teacher`, every decoder layer is fed the teacher's input for that layer (layer-level local run),
     which is how the noise floor of local errors is measured.
+
+    `writer`: anything with TraceWriter's protocol (`meta`, `pre`, `post`, `layer`, `close`) to use instead
+    of a TraceWriter at `writer_root` (which may then be None); its `meta.plora` and `meta.extras` are set
+    here and what its `close()` returns is returned. It owns every tensor handed to it (the recorder's own
+    copies). `parts`: which of `PLORA_PARTS` are recorded for every PLoRA linear (the output always is).
     """
+    parts = tuple(parts)
+    unknown = [p for p in parts if p not in PLORA_PARTS]
+    if unknown:
+        raise ValueError(f"Unknown PLoRA part(s) {unknown}; choose from {PLORA_PARTS}.")
     store = store_dtype or (torch.float64 if ref.dtype == torch.float64 else torch.float32)
-    meta = TraceMeta(side=side, case=case, num_layers=ref.anatomy.num_layers, dtype=str(ref.dtype).replace("torch.", ""))
-    writer = TraceWriter(writer_root, meta)
+    if writer is None:
+        meta = TraceMeta(side=side, case=case, num_layers=ref.anatomy.num_layers,
+                         dtype=str(ref.dtype).replace("torch.", ""))
+        writer = TraceWriter(writer_root, meta)
+    meta = writer.meta
     embeds = call.inputs_embeds.to(ref.dtype)
-    writer.pre("embeddings", embeds.to(store))
-    rec = _Recorder(ref, writer, store, teacher)
+    writer.pre("embeddings", _take(embeds, store))
+    rec = _Recorder(ref, writer, store, teacher, parts)
     with ExitStack() as stack:
         rec.install(stack)
-        stack.enter_context(compute_dtype(ref.model, ref.anatomy.layers, ref.dtype))
-        rec.tap = stack.enter_context(_BaseTap(m.weight for m in ref.model.modules() if hasattr(m, "Plora_A")))
+        stack.enter_context(compute_dtype(ref.model, ref.anatomy.layers, ref.dtype, outside="run"))
+        if "base" in rec.parts:
+            rec.tap = stack.enter_context(_BaseTap(m.weight for m in ref.model.modules() if hasattr(m, "Plora_A")))
         ref.model(inputs_embeds=embeds, im_mask=call.im_mask, use_cache=False)
     meta.plora = rec.plora
     meta.extras = {"content_hash": call.content_hash, "teacher": str(teacher.root) if teacher else None}

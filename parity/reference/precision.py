@@ -2,9 +2,19 @@
 
 The noise floor needs the reference in float64 (or the deployment dtype). A cast copy of a 7B model would
 cost 56 GB; instead each decoder layer's parameters and buffers are cast just before the layer runs and the
-originals put back right after, so only one layer at a time exists in the compute dtype. Everything outside
-the decoder layers (final norm, LM head) is cast once for the duration of the forward. Restoring swaps the
-original tensors back, so a down-cast (float32 storage, bfloat16 compute) loses nothing.
+originals put back right after, so only one layer at a time exists in the compute dtype. Outside the
+decoder layers, `outside` chooses:
+
+* "run": a module is cast only while its own forward runs (forward pre-hook swaps, forward hook restores,
+  also when the forward raises). A forward from `inputs_embeds` then casts the final norm and the LM head
+  and never the token embedding (3 GB in float64 at a 92,544 vocabulary) or the vision tower. A module
+  whose subtree holds a decoder layer (the model, its decoder stack) casts only its own direct tensors.
+* "all" (default): every module is cast once for the whole block. Entry points other than `forward` need
+  it: XComposer2's `encode_img` reads the model's dtype from its first parameter (the token embedding)
+  before any hooked module runs.
+
+Restoring swaps the original tensors back, so a down-cast (float32 storage, bfloat16 compute) loses nothing,
+and the model is left exactly as it was (the same tensors, not re-cast copies).
 """
 
 from __future__ import annotations
@@ -15,8 +25,10 @@ from typing import Iterator
 import torch
 from torch import nn
 
+_Saved = list[tuple[object, str, torch.Tensor]]
 
-def _swap(module: nn.Module, dtype: torch.dtype, recurse: bool = True) -> list[tuple[object, str, torch.Tensor]]:
+
+def _swap(module: nn.Module, dtype: torch.dtype, recurse: bool = True) -> _Saved:
     saved = []
     for p in module.parameters(recurse=recurse):
         if p.is_floating_point() and p.dtype != dtype:
@@ -31,7 +43,7 @@ def _swap(module: nn.Module, dtype: torch.dtype, recurse: bool = True) -> list[t
     return saved
 
 
-def _restore(saved: list[tuple[object, str, torch.Tensor]]) -> None:
+def _restore(saved: _Saved) -> None:
     for owner, name, t in reversed(saved):
         if name == "data":
             owner.data = t
@@ -39,38 +51,84 @@ def _restore(saved: list[tuple[object, str, torch.Tensor]]) -> None:
             owner._buffers[name] = t
 
 
+def _needs(module: nn.Module, dtype: torch.dtype, recurse: bool) -> bool:
+    tensors = list(module.parameters(recurse=recurse)) + list(module.buffers(recurse=recurse))
+    return any(t is not None and t.is_floating_point() and t.dtype != dtype for t in tensors)
+
+
+def _outside_modules(model: nn.Module, layers: list[nn.Module]) -> tuple[list[nn.Module], list[nn.Module]]:
+    """(containers, others): the modules outside the decoder layers, split by whether their subtree holds a
+    decoder layer."""
+    layer_ids = {id(layer) for layer in layers}
+    inside = {id(m) for layer in layers for m in layer.modules()}
+    containers: list[nn.Module] = []
+    others: list[nn.Module] = []
+    seen: set[int] = set()
+
+    def walk(m: nn.Module) -> bool:
+        if id(m) in layer_ids:
+            return True
+        if id(m) in inside or id(m) in seen:
+            return False
+        seen.add(id(m))
+        holds = False
+        for child in m.children():
+            holds = walk(child) or holds
+        (containers if holds else others).append(m)
+        return holds
+
+    walk(model)
+    return containers, others
+
+
 @contextmanager
-def compute_dtype(model: nn.Module, layers: list[nn.Module], dtype: torch.dtype) -> Iterator[None]:
-    """Within the block, `model` computes in `dtype`, one decoder layer at a time."""
+def compute_dtype(model: nn.Module, layers: list[nn.Module], dtype: torch.dtype,
+                  outside: str = "all") -> Iterator[None]:
+    """Within the block, `model` computes in `dtype`, one decoder layer at a time; `outside` ("all" or
+    "run") says how the modules outside the decoder layers are cast (see the module docstring)."""
+    if outside not in ("all", "run"):
+        raise ValueError(f"outside must be 'all' or 'run', not {outside!r}")
     storage = next(model.parameters()).dtype
     if storage == dtype:
         yield
         return
-    layer_ids = {id(m) for layer in layers for m in layer.modules()}
-    rest: list[tuple[object, str, torch.Tensor]] = []
-    for m in model.modules():  # everything outside the decoder layers, once
-        if id(m) not in layer_ids:
-            rest += _swap(m, dtype, recurse=False)
-    pending: dict[int, list] = {}
+    rest: _Saved = []
+    pending: dict[int, list[_Saved]] = {}
 
-    def before(i):
-        def hook(module, args, kwargs):
-            pending[i] = _swap(module, dtype)
+    def before(key, module: nn.Module, recurse: bool):
+        def hook(mod, args, kwargs):
+            pending.setdefault(key, []).append(_swap(module, dtype, recurse))
         return hook
 
-    def after(i):
-        def hook(module, args, output):
-            _restore(pending.pop(i, []))
+    def after(key):
+        def hook(mod, args, output):
+            stack = pending.get(key)
+            if stack:
+                _restore(stack.pop())
         return hook
 
     with ExitStack() as stack:
-        for i, layer in enumerate(layers):
-            stack.callback(layer.register_forward_pre_hook(before(i), with_kwargs=True).remove)
-            # registered first: it must restore after every capture hook has read the layer's output
-            stack.callback(layer.register_forward_hook(after(i), prepend=False).remove)
         try:
+            if outside == "all":
+                layer_ids = {id(m) for layer in layers for m in layer.modules()}
+                for m in model.modules():  # everything outside the decoder layers, once
+                    if id(m) not in layer_ids:
+                        rest += _swap(m, dtype, recurse=False)
+            else:
+                containers, others = _outside_modules(model, layers)
+                hooked = [(m, False) for m in containers if _needs(m, dtype, recurse=False)]
+                hooked += [(m, True) for m in others if _needs(m, dtype, recurse=True)]
+                for m, recurse in hooked:
+                    key = ("outside", id(m))
+                    stack.callback(m.register_forward_pre_hook(before(key, m, recurse), with_kwargs=True).remove)
+                    stack.callback(m.register_forward_hook(after(key), always_call=True).remove)
+            for i, layer in enumerate(layers):
+                stack.callback(layer.register_forward_pre_hook(before(i, layer, True), with_kwargs=True).remove)
+                # registered after the capture's hooks: it must restore once they have read the layer's output
+                stack.callback(layer.register_forward_hook(after(i), prepend=False).remove)
             yield
         finally:
             for saved in pending.values():
-                _restore(saved)
+                while saved:
+                    _restore(saved.pop())
             _restore(rest)

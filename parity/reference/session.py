@@ -2,6 +2,14 @@
 
 The reference never depends on the deployment, so its captures are keyed only by what it received (the
 HF call's content hash) and the precision; every run against another workspace or runtime reuses them.
+
+Three captures exist, and a run asks only for those it uses:
+- `reference`: the fp32 forward, every point streamed to disk (the engine is compared with it);
+- `floor_local`: the reference re-run at the engine's precision, each layer fed the reference's input. Only
+  its *error against the reference* is ever used (the noise floor of local errors), so it is compared as it
+  runs and stored as per-row statistics (`parity.compare.stream.StatsTrace`), never as values;
+- `floor_e2e`: the same precision end to end, stored as values; only the live engine's path (whose values are
+  end to end) and the layer-wise runs need it.
 """
 
 from __future__ import annotations
@@ -12,39 +20,60 @@ from pathlib import Path
 
 import torch
 
+from ..points import PLORA_PARTS
 from ..records import HFCall
-from ..trace import Trace
+from ..trace import Trace, TraceMeta
 from .capture import capture_reference
 from .loader import ReferenceModel, load_reference
 
 
 class ReferenceSession:
     def __init__(self, model: Path, trust_remote_code: bool, root: Path | None = None,
-                 low_memory: bool | None = None):
+                 low_memory: bool | None = None, all_parts: bool = False):
+        """`all_parts`: record every PLoRA part (also the linears' inputs and base outputs, which no check
+        reads) for someone who keeps the traces to debug with."""
         self.model = Path(model)
+        self._parts = {"parts": PLORA_PARTS} if all_parts else {}
         self.ref: ReferenceModel = load_reference(self.model, trust_remote_code, torch.float32, low_memory)
         self._floors: dict[torch.dtype, ReferenceModel] = {}
         self._own_root = root is None
         self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="parity-ref-"))
-        self._traces: dict[tuple[str, str, str], Trace] = {}
+        self._traces: dict[tuple[str, str, str], object] = {}
 
     def floor_model(self, dtype: torch.dtype) -> ReferenceModel:
         if dtype not in self._floors:
             self._floors[dtype] = self.ref.with_dtype(dtype)
         return self._floors[dtype]
 
-    def traces(self, call: HFCall, case: str, floor_dtype: torch.dtype) -> tuple[Trace, Trace, Trace]:
-        """(reference fp32, floor end-to-end, floor layer-local) for this exact input."""
-        key = call.content_hash
-        fname = str(floor_dtype).replace("torch.", "")
-        d = self.root / f"{case}-{key}"
-        ref = self._get((key, "reference", ""), lambda: capture_reference(self.ref, call, d / "reference", case))
-        model = self.floor_model(floor_dtype)
-        e2e = self._get((key, "floor", fname), lambda: capture_reference(
-            model, call, d / f"floor-{fname}", case, side="floor"))
-        local = self._get((key, "floor-local", fname), lambda: capture_reference(
-            model, call, d / f"floor-local-{fname}", case, side="floor-local", teacher=ref))
-        return ref, e2e, local
+    def _dir(self, call: HFCall, case: str) -> Path:
+        return self.root / f"{case}-{call.content_hash}"
+
+    def reference(self, call: HFCall, case: str) -> Trace:
+        """The fp32 reference trace for this exact input."""
+        return self._get((call.content_hash, "reference", ""), lambda: capture_reference(
+            self.ref, call, self._dir(call, case) / "reference", case, **self._parts))
+
+    def floor_local(self, call: HFCall, case: str, dtype: torch.dtype):
+        """Per-row error statistics of the teacher-forced reference at `dtype` against the fp32 reference."""
+        from ..compare.stream import StatsWriter
+
+        ref = self.reference(call, case)
+        fname = str(dtype).replace("torch.", "")
+        root = self._dir(call, case) / f"floor-local-{fname}"
+
+        def make():
+            model = self.floor_model(dtype)
+            meta = TraceMeta(side="floor-local", case=case, num_layers=model.anatomy.num_layers, dtype=fname)
+            return capture_reference(model, call, root, case, side="floor-local", teacher=ref,
+                                     writer=StatsWriter(root, meta, against=ref))
+        return self._get((call.content_hash, "floor-local", fname), make)
+
+    def floor_e2e(self, call: HFCall, case: str, dtype: torch.dtype) -> Trace:
+        """The reference at `dtype`, end to end, as values."""
+        fname = str(dtype).replace("torch.", "")
+        return self._get((call.content_hash, "floor", fname), lambda: capture_reference(
+            self.floor_model(dtype), call, self._dir(call, case) / f"floor-{fname}", case, side="floor",
+            **self._parts))
 
     def _get(self, key, make):
         if key not in self._traces:

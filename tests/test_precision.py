@@ -1,0 +1,101 @@
+"""compute_dtype: outside the decoder layers, "run" casts only the modules that run, while they run, with
+results bit-identical to casting everything for the whole forward ("all"), and restores the originals."""
+
+import pytest
+import torch
+
+from parity.inputs import hf_call
+from parity.reference.precision import compute_dtype
+
+
+@pytest.fixture(scope="module")
+def call(prepared):
+    return hf_call(prepared)
+
+
+def _state(model):
+    return {k: (v, v.data_ptr(), v.dtype) for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def _assert_restored(model, before):
+    after = _state(model)
+    assert after.keys() == before.keys()
+    for k, (v, ptr, dtype) in before.items():
+        assert after[k][1] == ptr and after[k][2] == dtype, k   # the very same tensors, not re-cast copies
+
+
+@torch.no_grad()
+def _forward(ref, call, dtype, outside, seen=None):
+    a = ref.anatomy
+    got = {}
+    hooks = [a.final_norm.register_forward_hook(lambda m, i, o: got.__setitem__("norm", o.clone())),
+             a.lm_head.register_forward_hook(lambda m, i, o: got.__setitem__("output", o.clone()))]
+    if seen is not None:
+        def look(m, i, o):  # what is cast while the LM head runs
+            seen["lm_head"] = a.lm_head.weight.dtype
+            seen["tok_embeddings"] = a.embed_tokens.weight.dtype
+            seen["vit"] = {p.dtype for p in ref.model.vit.parameters()}
+            seen["vision_proj"] = {p.dtype for p in ref.model.vision_proj.parameters()}
+        hooks.append(a.lm_head.register_forward_hook(look))
+        hooks.append(a.final_norm.register_forward_hook(
+            lambda m, i, o: seen.__setitem__("final_norm", a.final_norm.weight.dtype)))
+    try:
+        with compute_dtype(ref.model, a.layers, dtype, outside=outside):
+            logits = ref.model(inputs_embeds=call.inputs_embeds.to(dtype), im_mask=call.im_mask,
+                               use_cache=False).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    return got["norm"], got["output"], logits
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_casting_only_what_runs_is_bit_identical(ref, call, dtype):
+    before = _state(ref.model)
+    n_all, o_all, l_all = _forward(ref, call, dtype, "all")
+    _assert_restored(ref.model, before)
+    seen = {}
+    n_run, o_run, l_run = _forward(ref, call, dtype, "run", seen)
+    _assert_restored(ref.model, before)
+    assert n_all.dtype == n_run.dtype == dtype
+    assert torch.equal(n_all, n_run) and torch.equal(o_all, o_run) and torch.equal(l_all, l_run)
+    # the final norm and the LM head ran cast; the token embedding and the vision tower were never cast
+    assert seen["final_norm"] == dtype and seen["lm_head"] == dtype
+    assert seen["tok_embeddings"] == torch.float32
+    assert seen["vit"] == {torch.float32} and seen["vision_proj"] == {torch.float32}
+
+
+def test_run_mode_restores_the_originals_when_the_forward_fails(ref, call):
+    before = _state(ref.model)
+
+    def boom(m, i, o):
+        raise RuntimeError("stop")
+
+    for target in (ref.anatomy.lm_head, ref.anatomy.layers[1]):
+        h = target.register_forward_hook(boom)
+        try:
+            with pytest.raises(RuntimeError, match="stop"):
+                _forward(ref, call, torch.float64, "run")
+        finally:
+            h.remove()
+        _assert_restored(ref.model, before)
+
+
+def test_run_mode_casts_the_vision_tower_when_it_runs(ref):
+    """A module outside the layers that runs is cast, whole, for its forward, whatever the entry point."""
+    vit, vp = ref.model.vit, ref.model.vision_proj
+    size = vit.vision_config.image_size
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    before = _state(ref.model)
+    out = {}
+    for mode in ("run", "all"):
+        with torch.no_grad(), compute_dtype(ref.model, ref.anatomy.layers, torch.float64, outside=mode):
+            out[mode] = vp(vit(pixels))
+        _assert_restored(ref.model, before)
+    assert out["run"].dtype == torch.float64 and torch.equal(out["run"], out["all"])
+
+
+def test_unknown_mode_is_refused(ref):
+    with pytest.raises(ValueError, match="outside"):
+        with compute_dtype(ref.model, ref.anatomy.layers, torch.float64, outside="some"):
+            pass
