@@ -117,6 +117,31 @@ def test_open_and_read(ws1, which):
     assert ws.conversion_record() is None
 
 
+def _mapping_of(ptr: int) -> str | None:
+    """The file /proc/self/maps says holds address `ptr` ("" for anonymous memory), None if unmapped."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        if lo <= ptr < hi:
+            return fields[5] if len(fields) > 5 else ""
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux /proc")
+def test_tensors_are_memory_mapped_copy_on_write(ws1):
+    """A 7B layer is read from the page cache, not copied into the process; writing to a tensor never
+    reaches the file."""
+    ws = Workspace.open(ws1)
+    name = "layers.0.attention.w_qkv.weight"
+    path = ws.file_path(name, 0)
+    before = path.read_bytes()
+    t = ws.tensor(name)
+    assert _mapping_of(t.data_ptr()) == str(path.resolve())
+    t.view(torch.int16).add_(1)
+    assert path.read_bytes() == before
+    assert not torch.equal(Workspace.open(ws1).tensor(name), t)
+
+
 def test_tp2_merges_to_tp1(ws1, ws2):
     a, b = Workspace.open(ws1), Workspace.open(ws2)
     assert b.model.tp == 2

@@ -293,7 +293,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 def merge_shards(spec: TensorSpec, shards: list[torch.Tensor], *, check_copies: bool = True) -> torch.Tensor:
     """Per-rank tensors (file shapes) -> the merged tensor (what tp=1 writes)."""
     rule = spec.rule
-    if rule == RULE_NONE or spec.tp == 1 and rule in (RULE_COPY,):
+    if rule == RULE_NONE or len(shards) == 1:  # one file holds the whole tensor: no copy
         out = shards[0]
     elif rule == RULE_COPY:
         out = shards[0]

@@ -448,12 +448,10 @@ class Workspace:
         n = spec.numel()
         if n == 0:
             return torch.empty(spec.shard_shape, dtype=self.dtype)
-        mm = np.memmap(path, dtype=_dtype_np(self.dtype), mode="r", shape=(n,))
-        try:
-            arr = np.array(mm, copy=True)
-        finally:
-            del mm
-        return torch.from_numpy(arr).view(self.dtype).reshape(spec.shard_shape)
+        # Memory-mapped, copy-on-write: pages are read when used and shared with the page cache; a caller
+        # that writes to the tensor changes its private copy, never the file. The file's size was checked.
+        mm = np.memmap(path, dtype=_dtype_np(self.dtype), mode="c", shape=(n,))
+        return torch.from_numpy(mm).view(self.dtype).reshape(spec.shard_shape)
 
     def shards(self, name: str, rank: int | None = None) -> list[torch.Tensor]:
         """The per-rank files of `name`, each in its config.yaml shape."""
