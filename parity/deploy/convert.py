@@ -572,8 +572,9 @@ def _cached(dest: Path) -> bool:
 
 @contextlib.contextmanager
 def entry_lock(path: Path) -> Iterator[None]:
-    """Exclusive lock on `path` across processes (blocks until free): one process fills a cache entry, the others wait and reuse it. Without fcntl (not POSIX) there is no
-    lock: two processes may then both convert, and the atomic rename keeps the entry whole either way."""
+    """Exclusive lock on `path` across processes (blocks until free): one process fills a cache entry, the
+    others wait and reuse it. Without fcntl (not POSIX) there is no lock: two processes may then both
+    convert, and the atomic rename keeps the entry whole either way."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
