@@ -18,7 +18,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 
@@ -264,11 +263,6 @@ def _parse_config(cfg_path: Path, tp_files: set[int] | None = None) -> tuple[dic
 # ------------------------------------------------------------------------------------------ workspace
 
 
-def _dtype_np(dtype: torch.dtype) -> np.dtype:
-    size = torch.empty((), dtype=dtype).element_size()
-    return np.dtype({2: "<i2", 4: "<i4", 8: "<i8"}[size])
-
-
 def _dtype_bits(dtype: torch.dtype) -> torch.dtype:
     size = torch.empty((), dtype=dtype).element_size()
     return {2: torch.int16, 4: torch.int32, 8: torch.int64}[size]
@@ -448,10 +442,10 @@ class Workspace:
         n = spec.numel()
         if n == 0:
             return torch.empty(spec.shard_shape, dtype=self.dtype)
-        # Memory-mapped, copy-on-write: pages are read when used and shared with the page cache; a caller
-        # that writes to the tensor changes its private copy, never the file. The file's size was checked.
-        mm = np.memmap(path, dtype=_dtype_np(self.dtype), mode="c", shape=(n,))
-        return torch.from_numpy(mm).view(self.dtype).reshape(spec.shard_shape)
+        # Memory-mapped, copy-on-write (a private mapping): pages are read when used and shared with the page
+        # cache; a caller that writes to the tensor changes its own copy, never the file. No file descriptor
+        # stays open per tensor (np.memmap would keep one). The file's size was checked.
+        return torch.from_file(str(path), shared=False, size=n, dtype=self.dtype).reshape(spec.shard_shape)
 
     def shards(self, name: str, rank: int | None = None) -> list[torch.Tensor]:
         """The per-rank files of `name`, each in its config.yaml shape."""
