@@ -8,8 +8,8 @@ A trace is a folder:
 Every tensor is 2-D [rows, features] (batch squeezed), except PLoRA masks (1-D uint8 [rows]).
 Writers write each file atomically (temp name, then rename) so a crash never leaves a half file that a
 reader would trust, and only `close()` writes meta.json, so a trace that did not finish cannot be opened.
-Files are plain safetensors, written by `safetensors.torch.save_file` straight from each tensor's memory
-(no serialised copy of the file). Readers memory-map
+Files are plain safetensors (8-byte little-endian header length, JSON header, raw little-endian bytes),
+written straight from each tensor's memory (no serialised copy of the file). Readers memory-map
 (`safe_open(...).get_tensor` returns a copy-on-write view of the file's pages, no copy), so a 7B trace
 never sits in memory at once.
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,7 +27,6 @@ from typing import Any, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .errors import ParityInputError
 
@@ -44,24 +44,47 @@ class TraceMeta:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
-def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`tensors` ready for `save_file`: contiguous, on the CPU, and no two sharing memory (safetensors refuses
-    that; a capture may store one value under two names). Only a later sharer is copied."""
-    seen: set[int] = set()
-    out: dict[str, torch.Tensor] = {}
+# safetensors dtype codes (https://huggingface.co/docs/safetensors: "Format").
+_CODES: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path | str) -> int:
+    """Write `tensors` as one safetensors file, each tensor's bytes straight from its memory.
+
+    Unlike `safetensors.torch.save_file` this accepts tensors that share memory (each is written in full)
+    and never builds the file in memory. Data are ordered by decreasing element size, then name, so every
+    tensor starts at a multiple of its element size (the header is padded to 8 bytes). Returns the size.
+    """
+    if sys.byteorder != "little":  # safetensors data is little-endian
+        raise RuntimeError("parity writes safetensors from memory and needs a little-endian host")
+    items = []
     for k, t in tensors.items():
         t = t.detach()
         if t.device.type != "cpu":
             t = t.cpu()
-        if not t.is_contiguous():
-            t = t.contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        if ptr and ptr in seen:
-            t = t.clone()
-            ptr = t.untyped_storage().data_ptr()
-        seen.add(ptr)
-        out[k] = t
-    return out
+        items.append((k, t if t.is_contiguous() else t.contiguous()))
+    items.sort(key=lambda kv: (-kv[1].element_size(), kv[0]))
+    header: dict[str, Any] = {}
+    offset = 0
+    for k, t in items:
+        if t.dtype not in _CODES:
+            raise TypeError(f"Trace value {k!r} has dtype {t.dtype}, which safetensors cannot store.")
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": _CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for _, t in items:
+            if t.numel():
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return 8 + len(head) + offset
 
 
 def atomic_text(text: str, path: Path) -> None:
@@ -95,8 +118,7 @@ def read_meta(root: Path, what: str = "Trace folder") -> TraceMeta:
 def atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
-        # safetensors >= 0.8 writes each tensor straight from its memory (no serialised copy of the file)
-        save_file(_unshared(tensors), str(tmp))
+        write_safetensors(tensors, tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
