@@ -77,8 +77,9 @@ def run_parallel(opts: "RunOptions", jobs: int = 1) -> "Report":
     if opts.session is not None:
         raise ParityInputError("jobs > 1 cannot share a ReferenceSession across processes; pass session=None or "
                                "jobs=1.")
-    _precheck(opts)
-    from .pipeline import _cases
+    from .pipeline import _cases, runtime_semantics
+
+    runtime_semantics(opts)  # what run_parity refuses before loading anything, refused before spawning
 
     cases = _cases(opts)  # a bad inputs file fails here, before any conversion or worker
     chunks = split_cases(cases, jobs)
@@ -99,36 +100,19 @@ def run_parallel(opts: "RunOptions", jobs: int = 1) -> "Report":
                          wall=time.perf_counter() - t0, extra={"convert": convert_s})
 
 
-def _precheck(opts: "RunOptions") -> None:
-    """What run_parity refuses before loading anything, refused here before converting or spawning."""
-    from .deploy.compat import installed_lmdeploy_version
-    from .deploy.versions import semantics_for_run
-
-    version = opts.lmdeploy_version or installed_lmdeploy_version()
-    if version is None:
-        raise ParityInputError("lmdeploy is not installed and no --lmdeploy-version was given; run `make setup`.")
-    semantics_for_run(version)
-    if opts.numeric not in ("fp32", "emulate"):
-        raise ParityInputError(f"--numeric must be 'fp32' or 'emulate', got {opts.numeric!r}.")
-
-
 def _convert_first(opts: "RunOptions") -> Path | None:
     """The workspace the workers would convert (pipeline's choice), converted once here. None when the
     workers will refuse the model before converting anything (their message then names the problem)."""
     from .hfconfig import read_hf_config
     from .reference.loader import model_family
 
+    from .pipeline import workspace_path
+
     cfg = read_hf_config(opts.model)
     family = model_family(cfg)
     if family is None or (cfg.get("auto_map") and not opts.trust_remote_code):
         return None
-    if family == "qwen2-plora":  # the original of a disguise: its workspace is the disguise's conversion
-        from .disguise import disguised_workspace
-
-        return disguised_workspace(opts.model, opts.cache_dir, trust_remote_code=opts.trust_remote_code)[0]
-    from .deploy.convert import convert_cached
-
-    return convert_cached(opts.model, opts.cache_dir / "workspaces")
+    return workspace_path(opts, family)
 
 
 def _num_layers(opts: "RunOptions", reports: Sequence["Report"]) -> int:

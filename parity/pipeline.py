@@ -28,14 +28,14 @@ from .compare.align import CaseTraces, compare_case
 from .compare.thresholds import Thresholds
 from .errors import EngineRefused, ParityInputError
 from .inputs import default_cases, engine_call, engine_rows, hf_call, load_cases, prepare
-from .points import PLORA_PARTS
+from .points import PLORA_PARTS, UNCHECKED_PARTS
 from .records import CanonicalInput, CaseSummary, Finding, PreparedInput, Report
 from .reference.loader import ReferenceModel
 from .reference.session import ReferenceSession
 from .verdict import decide, sort_findings
 
 DEFAULT_CACHE = Path(".cache")
-_UNREAD_PARTS = frozenset({"input", "base"})
+_UNREAD_PARTS = frozenset(UNCHECKED_PARTS)
 _PLORA_PARTS = frozenset(PLORA_PARTS)
 
 
@@ -132,10 +132,8 @@ def _engine_refused(e: Exception, case: str) -> Finding:
                    message=f"The engine refused to load the workspace, as TurboMind would at start-up: {e}")
 
 
-def run_parity(opts: RunOptions) -> Report:
-    """One parity run. With `opts.session`, reference captures are reused across runs."""
-    t0 = time.perf_counter()
-    timings: dict[str, float] = {}
+def runtime_semantics(opts: RunOptions):
+    """The runtime semantics the run replays, after the option checks that need no model (exit 2 early)."""
     from .deploy.compat import installed_lmdeploy_version
     from .deploy.versions import semantics_for_run
 
@@ -145,6 +143,28 @@ def run_parity(opts: RunOptions) -> Report:
     semantics = semantics_for_run(version)  # 0.9.2-0.13.0 cannot deploy PLoRA: exit 2, nothing to compare
     if opts.numeric not in ("fp32", "emulate"):
         raise ParityInputError(f"--numeric must be 'fp32' or 'emulate', got {opts.numeric!r}.")
+    return semantics
+
+
+def workspace_path(opts: RunOptions, family: str | None) -> Path:
+    """The workspace the run compares against: the given one, else the cached conversion of the model (for a
+    Qwen2 PLoRA original, of its XComposer2 disguise)."""
+    if opts.workspace is not None:
+        return opts.workspace
+    if family == "qwen2-plora":
+        from .disguise import disguised_workspace
+
+        return disguised_workspace(opts.model, opts.cache_dir, trust_remote_code=opts.trust_remote_code)[0]
+    from .deploy.convert import convert_cached
+
+    return convert_cached(opts.model, opts.cache_dir / "workspaces")
+
+
+def run_parity(opts: RunOptions) -> Report:
+    """One parity run. With `opts.session`, reference captures are reused across runs."""
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    semantics = runtime_semantics(opts)
     live = opts.engine == "turbomind"
     if opts.layers not in (None, "every", "bisect"):
         raise ParityInputError(f"--layers must be 'every' or 'bisect', got {opts.layers!r}.")
@@ -168,7 +188,6 @@ def run_parity(opts: RunOptions) -> Report:
 
 def _run_in_session(opts: RunOptions, session: ReferenceSession, semantics, cases: list[CanonicalInput],
                     live: bool, t0: float, timings: dict[str, float]) -> Report:
-    from .deploy.convert import convert_cached
     from .deploy.workspace import Workspace
     from .trace import TraceMeta, TraceWriter
 
@@ -180,13 +199,7 @@ def _run_in_session(opts: RunOptions, session: ReferenceSession, semantics, case
     timings["load_reference"] = time.perf_counter() - t0
 
     t = time.perf_counter()
-    if opts.workspace is None and ref.family == "qwen2-plora":  # the original of a disguise: convert the disguise
-        from .disguise import disguised_workspace
-
-        ws_path = disguised_workspace(opts.model, opts.cache_dir, trust_remote_code=opts.trust_remote_code)[0]
-    else:
-        ws_path = opts.workspace or convert_cached(opts.model, opts.cache_dir / "workspaces")
-    ws = Workspace.open(ws_path)
+    ws = Workspace.open(workspace_path(opts, ref.family))
     timings["convert"] = time.perf_counter() - t
     engine = _engine(opts, ws, semantics)
     # the live engine computes in its weight dtype: judge it at that precision (floor = reference in that dtype)

@@ -36,6 +36,10 @@ PLORA_LINEARS: tuple[str, ...] = (
 #   input: the linear's input rows; base: x @ W.T (+ b); delta: the LoRA term actually added (zero rows
 #   where it was not added); mask: the bool row mask the linear used (1-D, stored as uint8).
 PLORA_PARTS: tuple[str, ...] = ("input", "base", "delta", "mask")
+# The parts the checks read (the delta actually added and the mask used); the others are recorded only for
+# someone who keeps the traces to debug with (`--keep-traces`).
+CHECKED_PARTS: tuple[str, ...] = ("delta", "mask")
+UNCHECKED_PARTS: tuple[str, ...] = tuple(p for p in PLORA_PARTS if p not in CHECKED_PARTS)
 
 # Points outside the layers. "embeddings" are the input rows of layer 0 (token embeddings with image
 # features spliced in); "norm" is the final RMSNorm output; "output" the logits.

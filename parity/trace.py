@@ -178,22 +178,16 @@ class TraceWriter:
 
     def pre(self, name: str, value: torch.Tensor) -> None:
         self._check(wait=False)
-        self._pre[name] = _squeeze(value)
+        self._pre[name] = stored_form(value)
 
     def post(self, name: str, value: torch.Tensor) -> None:
         self._check(wait=False)
-        self._post[name] = _squeeze(value)
+        self._post[name] = stored_form(value)
 
     def layer(self, index: int, values: dict[str, torch.Tensor]) -> None:
         self._check(wait=True)
-        kept = {k: _squeeze(v) for k, v in values.items() if not self._skipped(k)}
+        kept = {k: stored_form(v) for k, v in values.items() if not is_skipped_part(k, self.skip_parts)}
         self._submit(kept, self.root / f"layer_{index:03d}.safetensors")
-
-    def _skipped(self, key: str) -> bool:
-        if not self.skip_parts:
-            return False
-        _, sep, part = key.rpartition(":")
-        return bool(sep) and part in self.skip_parts
 
     def close(self) -> "Trace":
         try:
@@ -211,7 +205,13 @@ class TraceWriter:
         return Trace(self.root)
 
 
-def _squeeze(t: torch.Tensor) -> torch.Tensor:
+def is_skipped_part(key: str, skip_parts: frozenset[str] | tuple[str, ...]) -> bool:
+    """Whether `key` is a PLoRA part ("linear:part") whose part is in `skip_parts`."""
+    _, sep, part = key.rpartition(":")
+    return bool(sep) and part in skip_parts
+
+
+def stored_form(t: torch.Tensor) -> torch.Tensor:
     """The stored form: batch dimension dropped, bool as uint8. No copy unless the layout needs one."""
     t = t.detach()
     if t.dim() == 3 and t.shape[0] == 1:

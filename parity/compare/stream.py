@@ -25,18 +25,11 @@ import torch
 from safetensors import safe_open
 
 from ..errors import ParityInputError
-from ..trace import Trace, TraceMeta, atomic_save, atomic_text, read_meta, trace_file, write_meta
+from ..trace import (Trace, TraceMeta, atomic_save, atomic_text, is_skipped_part, read_meta, stored_form,
+                     trace_file, write_meta)
 from .rowstats import RowStats, row_stats
 
 FORMAT = "rowstats-1"
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """A trace's shape for a value (batch of one squeezed), without the writer's copy."""
-    t = t.detach()
-    if t.dim() == 3 and t.shape[0] == 1:
-        t = t[0]
-    return t
 
 
 class StatsWriter:
@@ -56,9 +49,9 @@ class StatsWriter:
         self._post: dict[str, torch.Tensor] = {}
 
     def _stats(self, layer: int | None, key: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
-        if ":" in key and key.rsplit(":", 1)[1] in self.skip_parts:
+        if is_skipped_part(key, self.skip_parts):
             return {}
-        value = _rows(value)
+        value = stored_form(value)  # the shape the `against` trace stored it in
         if value.dtype in (torch.uint8, torch.bool) or not value.is_floating_point():
             return {}
         ref = self.against.get(layer, key)

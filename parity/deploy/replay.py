@@ -45,7 +45,7 @@ from ..errors import EngineRefused, ParityInputError
 
 from ..points import LAYER_POINTS, PLORA_LINEARS, TM_LINEAR_NAMES, plora_key
 from ..records import EngineCall, RuntimeSemantics
-from ..trace import Trace, TraceWriter
+from ..trace import Trace, TraceWriter, is_skipped_part
 from .layout import hf_qkv_cols_to_tm, tm_qkv_cols_to_hf
 
 WARNING_TEXT = "[ImageFeature] Skip invalid input embeddings"
@@ -214,6 +214,23 @@ class _Rows:
             prev = v
         return cls(mask, runs, gaps, sum(e - b for b, e in runs))
 
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """x's masked rows, in order ([count, ...]; a view when they are one run)."""
+        if len(self.runs) == 1:
+            return x[self.runs[0][0]: self.runs[0][1]]
+        return torch.cat([x[b:e] for b, e in self.runs])
+
+    def scatter(self, src: torch.Tensor, dst: torch.Tensor, scale: float | None = None) -> None:
+        """dst[masked rows] = src (or scale * src, computed in src's dtype and rounded into dst's): the
+        inverse of `gather`."""
+        off = 0
+        for b, e in self.runs:
+            if scale is None:
+                dst[b:e].copy_(src[off: off + e - b])
+            else:
+                torch.mul(src[off: off + e - b], scale, out=dst[b:e])
+            off += e - b
+
 
 @dataclass
 class _Prepared:
@@ -376,10 +393,7 @@ class ReplayEngine:
             for b, e in rows.gaps:
                 l[b:e].zero_()
             if rows.count:
-                if len(rows.runs) == 1:
-                    xm = x[rows.runs[0][0]: rows.runs[0][1]]
-                else:
-                    xm = torch.cat([x[b:e] for b, e in rows.runs])
+                xm = rows.gather(x)
                 if self.numeric == "fp32":
                     # fp32 mode judges conversions, not summation order: a low-rank product's rounding can exceed a
                     # tiny delta's own floor, so the LoRA branch (cheap) is computed in float64
@@ -388,18 +402,11 @@ class ReplayEngine:
                     t = x64 @ lin["A"]
                     pool.give(x64)
                     u = torch.mm(t, lin["B"], out=pool.take((t.shape[0], acc.shape[1]), torch.float64))
-                    off = 0
-                    for b, e in rows.runs:  # scale * u in float64, rounded to fp32 as it is stored
-                        torch.mul(u[off: off + e - b], lin["scale"], out=l[b:e])
-                        off += e - b
+                    rows.scatter(u, l, lin["scale"])  # scale * u in float64, rounded to fp32 as it is stored
                     pool.give(u)
                 else:
                     t = self.rnd(xm @ lin["A"])
-                    u = self.rnd(lin["scale"] * (t @ lin["B"]))
-                    off = 0
-                    for b, e in rows.runs:
-                        l[b:e].copy_(u[off: off + e - b])
-                        off += e - b
+                    rows.scatter(self.rnd(lin["scale"] * (t @ lin["B"])), l)
             y = self.rnd(acc + l)
             used_mask = rows.mask.clone()
         else:
@@ -767,15 +774,16 @@ class ReplayEngine:
 
 
 def _fresh(vals: dict[str, torch.Tensor], writer: TraceWriter) -> dict[str, torch.Tensor]:
-    """The layer's values for `writer.layer()`: no two share memory (safetensors refuses to save that, and a
-    writer keeps what it is given). A value that is an earlier one (a linear's input is the norm's output, w1
-    and w3 share theirs, a linear without LoRA returns its base) is cloned, unless the writer drops that part."""
-    skip = getattr(writer, "skip_parts", None) or ()
+    """The layer's values for `writer.layer()`: no two share memory (a writer keeps what it is given, and may
+    hand it to safetensors' `save_file`, which refuses shared memory). A value that is an earlier one (a
+    linear's input is the norm's output, w1 and w3 share theirs, a linear without LoRA returns its base) is
+    cloned, unless the writer drops that part."""
+    skip = getattr(writer, "skip_parts", None) or frozenset()
     seen: set[int] = set()
     out: dict[str, torch.Tensor] = {}
     for k, v in vals.items():
         ptr = v.untyped_storage().data_ptr()
-        if ptr and ptr in seen and not (":" in k and k.split(":", 1)[1] in skip):
+        if ptr and ptr in seen and not is_skipped_part(k, skip):
             v = v.clone()
             ptr = v.untyped_storage().data_ptr()
         seen.add(ptr)

@@ -24,15 +24,14 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..deploy.layout import join_grouped_qkv
-from ..points import PLORA_PARTS, plora_key
+from ..points import CHECKED_PARTS, PLORA_PARTS, plora_key
 from ..records import HFCall
 from ..trace import Trace, TraceMeta, TraceWriter
 from .loader import ReferenceModel
 from .precision import compute_dtype
 
-# What the pipeline reads of the reference's PLoRA linears: the delta actually added and the mask used
-# (`:input` and `:base` are read by nothing downstream; ask for them with parts=PLORA_PARTS).
-DEFAULT_PARTS: tuple[str, ...] = ("delta", "mask")
+# What the pipeline reads of the reference's PLoRA linears; ask for every part with parts=PLORA_PARTS.
+DEFAULT_PARTS: tuple[str, ...] = CHECKED_PARTS
 
 
 def _first(x: Any) -> torch.Tensor:
