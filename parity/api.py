@@ -27,7 +27,7 @@ def assert_parity(report: Report, top: int = 5) -> None:
 
 
 def run(model: str | Path, *, out: str | Path | None = None, jobs: int = 1, **options: Any) -> Report:
-    """Run parity from Python; options are `RunOptions` fields (workspace, inputs, numeric, ...).
+    """Run parity from Python; options are `RunOptions` fields (workspace, inputs, numeric, device, ...).
 
     `jobs` > 1 spreads the cases over that many worker processes (`parity.parallel`; clamped to the number
     of cases) and returns the same report as one process would, timings apart. Workers are spawned, so a

@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=None,
                    help="keep reference weights in the checkpoint dtype and upcast one layer at a time "
                         "(identical results; default: automatic when float32 weights would not fit)")
+    r.add_argument("--device", default="cpu", metavar="DEVICE",
+                   help="where the reference, its noise floor and the replay compute: cpu (default), cuda, cuda:N "
+                        "or auto (a GPU when there is one); float32 stays float32 there (TF32 off)")
     r.add_argument("--jobs", "-j", type=int, default=1, metavar="N",
                    help="run the cases in N worker processes (each loads its own reference model; clamped to the "
                         "number of cases; default 1)")
@@ -100,7 +103,7 @@ def _run(a: argparse.Namespace) -> int:
         model=a.model, workspace=a.workspace, engine=a.engine, lmdeploy_version=a.lmdeploy_version,
         inputs=a.inputs, numeric=a.numeric, serve_from=a.serve_from, trust_remote_code=a.trust_remote_code,
         thresholds=thresholds, cache_dir=a.cache_dir, keep_traces=a.keep_traces, layers=a.layers,
-        low_memory=a.low_memory,
+        low_memory=a.low_memory, device=a.device,
         live={"session_len": a.session_len} if a.session_len else {},
     )
     report = run_parallel(opts, a.jobs)  # --jobs 1: pipeline.run_parity(opts) in this process

@@ -26,6 +26,7 @@ from .checks import weights as weights_check
 from .checks.base import CheckContext
 from .compare.align import CaseTraces, compare_case
 from .compare.thresholds import Thresholds
+from .device import Placement, judged_precision, resolve_device, supports_float64
 from .errors import EngineRefused, ParityInputError
 from .inputs import default_cases, engine_call, engine_rows, hf_call, load_cases, prepare
 from .points import PLORA_PARTS, UNCHECKED_PARTS
@@ -57,22 +58,31 @@ class RunOptions:
     low_memory: bool | None = None                   # weights in the checkpoint dtype (default: when fp32 won't fit)
     layers: str | None = None                        # "every" | "bisect": per-layer values from the live engine
     live: dict[str, Any] = field(default_factory=dict)  # LiveTurboMind options (session_len, dtype, ...)
+    device: str = "cpu"                              # cpu | cuda | cuda:N | auto (parity.device)
     # Hooks for the fault catalogue: mutate what a stage hands to the next (never used by plain runs).
     mutate_engine_call: Callable[[str, Any], Any] | None = None
     mutate_hf_prepared: Callable[[PreparedInput], PreparedInput] | None = None
     mutate_engine_prepared: Callable[[PreparedInput], PreparedInput] | None = None
 
 
-def _engine(opts: RunOptions, ws, semantics):
+def _engine(opts: RunOptions, ws, semantics, device: torch.device):
     if opts.engine == "replay":
         from .deploy.replay import ReplayEngine
 
-        return ReplayEngine(ws, semantics, numeric=opts.numeric, serve_from=opts.serve_from)
+        return ReplayEngine(ws, semantics, numeric=opts.numeric, serve_from=opts.serve_from, device=device)
     if opts.engine == "turbomind":
         from .deploy.live import LiveTurboMind  # raises EngineUnavailable (exit 2) without CUDA/TurboMind
 
         return LiveTurboMind(ws.root if opts.serve_from == "workspace" else opts.model, **opts.live)
     raise ParityInputError(f"Unknown engine {opts.engine!r}; expected 'replay' or 'turbomind'.")
+
+
+def _float64_floor(placement: Placement) -> torch.dtype:
+    """The fp32 mode's noise floor runs in float64; a device without it cannot judge float32 (exit 2)."""
+    if not supports_float64(placement.device):
+        raise ParityInputError(f"--device {placement.spec}: {placement.device.type} has no float64, which the "
+                               "fp32 mode's noise floor needs; use --device cpu or a CUDA GPU.")
+    return torch.float64
 
 
 def _hf_plora(ref: ReferenceModel) -> dict[int, dict[str, dict[str, Any]]]:
@@ -176,11 +186,13 @@ def run_parity(opts: RunOptions) -> Report:
         ok, reason = available()
         if not ok:
             raise unavailable_error(reason)
+    placement = resolve_device(opts.device)  # exit 2 for --device cuda without CUDA, before any work
     cases = _cases(opts)  # a bad inputs file fails before any model is loaded
     session = opts.session or ReferenceSession(opts.model, opts.trust_remote_code, low_memory=opts.low_memory,
-                                               all_parts=opts.keep_traces is not None)
+                                               all_parts=opts.keep_traces is not None, placement=placement)
     try:
-        return _run_in_session(opts, session, semantics, cases, live, t0, timings)
+        with judged_precision():  # judged float32 is float32 on a GPU too (TF32 off; parity.device)
+            return _run_in_session(opts, session, semantics, cases, live, t0, timings)
     finally:
         if opts.session is None:
             session.close()
@@ -201,10 +213,10 @@ def _run_in_session(opts: RunOptions, session: ReferenceSession, semantics, case
     t = time.perf_counter()
     ws = Workspace.open(workspace_path(opts, ref.family))
     timings["convert"] = time.perf_counter() - t
-    engine = _engine(opts, ws, semantics)
+    engine = _engine(opts, ws, semantics, session.placement.device)
     # the live engine computes in its weight dtype: judge it at that precision (floor = reference in that dtype)
     numeric = "emulate" if live else opts.numeric
-    floor_dtype = torch.float64 if numeric == "fp32" else (
+    floor_dtype = _float64_floor(session.placement) if numeric == "fp32" else (
         {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(engine.weight_type, ws.dtype) if live else ws.dtype)
     live_cases = []
     engine_section: dict[str, Any] = {}
@@ -308,7 +320,8 @@ def _run_in_session(opts: RunOptions, session: ReferenceSession, semantics, case
                    "serve_from": opts.serve_from, "semantics": semantics.__dict__,
                    "weight_type": ws.model.weight_type, "sub_type": record.sub_type if record else None,
                    "reference_storage": str(next(ref.model.parameters()).dtype).replace("torch.", ""),
-                   "conversion_warnings": record.warnings if record else []}
+                   "conversion_warnings": record.warnings if record else [],
+                   "device": session.placement.describe()}
     if live:
         engine_dict.update(engine_section)  # lmdeploy version, GPU, dtype, lora_config as loaded
         if layerwise_section is not None:

@@ -45,13 +45,22 @@ def pytest_unconfigure(config):
             del os.environ[_MODULES_ENV]
 
 
+def pytest_addoption(parser):
+    parser.getgroup("parity").addoption(
+        "--parity-device", default=None, metavar="DEVICE",
+        help="device for parity_run: cpu (default), cuda, cuda:N or auto (parity.device)")
+
+
 @pytest.fixture
-def parity_run(tmp_path):
+def parity_run(tmp_path, request):
     """`parity_run(model, **options)` -> Report; the reports land in the test's tmp folder. Options are
-    `parity.run`'s (RunOptions fields, `out`, `jobs`)."""
+    `parity.run`'s (RunOptions fields, `out`, `jobs`); `device` defaults to `--parity-device`."""
+    device = request.config.getoption("--parity-device")
 
     def _run(model, **options):
         options.setdefault("out", tmp_path / "parity-report")
+        if device is not None:
+            options.setdefault("device", device)
         return run(model, **options)
 
     return _run

@@ -57,7 +57,8 @@ class StatsWriter:
         ref = self.against.get(layer, key)
         if ref is None or tuple(ref.shape) != tuple(value.shape) or ref.dim() == 0:
             return {}
-        return row_stats(ref, value).to_tensors(key)
+        # on the device the value was computed on (the trace on disk is host memory)
+        return row_stats(ref.to(value.device), value).to_tensors(key)
 
     def pre(self, name: str, value: torch.Tensor) -> None:
         self._pre.update(self._stats(None, name, value))

@@ -1,6 +1,6 @@
 """REPLAY engine: TurboMind's (lmdeploy 0.7.1) prefill math, executed on CPU from a converted workspace.
 
-No GPU is needed. Every number comes from the workspace tensors (never from the HF checkpoint), so a
+No GPU is needed (`device` may name one: the memory-mapped weights are copied to it a layer at a time). Every number comes from the workspace tensors (never from the HF checkpoint), so a
 conversion fault (wrong split, wrong LoRA config, dropped bias, ...) shows up exactly as it would in a
 live TurboMind. What is replayed, with the C++ it mirrors (tag v0.7.1):
 
@@ -161,8 +161,9 @@ class _Pool:
     scratch goes through the pool, never a value handed to a writer.
     """
 
-    def __init__(self):
+    def __init__(self, device: torch.device = torch.device("cpu")):
         self._free: list[torch.Tensor] = []
+        self.device = device
 
     def take(self, shape, dtype: torch.dtype) -> torch.Tensor:
         n = math.prod(shape)
@@ -171,7 +172,7 @@ class _Pool:
             buf = min(fits, key=lambda b: b.numel())
             self._free = [b for b in self._free if b is not buf]
         else:
-            buf = _empty_huge(n, dtype)
+            buf = _empty_huge(n, dtype) if self.device.type == "cpu" else torch.empty(n, dtype=dtype, device=self.device)
         return buf[:n].view(*shape)
 
     def give(self, t: torch.Tensor) -> None:
@@ -272,10 +273,10 @@ class _LayerWeights:
         self._uses: dict[str, int] = {}
 
     def _up(self, point: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        if t.dtype == dtype:
+        if t.dtype == dtype and t.device == self.pool.device:
             return t
         buf = self.pool.take(t.shape, dtype)
-        buf.copy_(t)  # exact: a 16-bit float widens without rounding
+        buf.copy_(t)  # exact: a 16-bit float widens without rounding (and lands on the run's device)
         self._owned[point].append(buf)
         return buf
 
@@ -305,7 +306,7 @@ class _LayerWeights:
 
 
 class ReplayEngine:
-    """TurboMind prefill, replayed on CPU from a converted workspace (see module docstring)."""
+    """TurboMind prefill, replayed from a converted workspace on `device` (CPU by default; module docstring)."""
 
     side = "replay"
 
@@ -316,12 +317,15 @@ class ReplayEngine:
         numeric: str = "fp32",
         serve_from: str = "hf",
         resolve: Callable[[Any, int, str], tuple[int, float]] | None = None,
+        device: torch.device | str = "cpu",
     ):
         if numeric not in NUMERIC_MODES:
             raise ValueError(f"numeric must be one of {NUMERIC_MODES}, got {numeric!r}")
         if serve_from not in SERVE_FROM:
             raise ValueError(f"serve_from must be one of {SERVE_FROM}, got {serve_from!r}")
         self.ws = workspace
+        # the compute device: weights stay memory-mapped on the host and are copied over one layer at a time
+        self.device = torch.device(device)
         self.semantics = semantics
         self.numeric = numeric
         self.serve_from = serve_from
@@ -375,7 +379,7 @@ class ReplayEngine:
         return x.to(self.T).float()
 
     def _w(self, name: str) -> torch.Tensor:
-        return self.ws.tensor(name).detach().float()
+        return self.ws.tensor(name).detach().float().to(self.device)
 
     def _rmsnorm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         inv = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -480,7 +484,7 @@ class ReplayEngine:
         s = torch.bmm(qg, k.permute(1, 2, 0), out=pool.take((KV, gs * L, L), torch.float32))
         s.mul_(self.qk_scale)
         p = s.view(KV, gs, L, L)
-        p.masked_fill_(torch.ones(L, L, dtype=torch.bool).triu_(1), float("-inf"))
+        p.masked_fill_(torch.ones(L, L, dtype=torch.bool, device=p.device).triu_(1), float("-inf"))
         m = p.amax(-1, keepdim=True)
         p.sub_(m).exp_()
         denom = p.sum(-1, keepdim=True)
@@ -495,7 +499,8 @@ class ReplayEngine:
         if getattr(self, "_qkv_idx", None) is None:
             H, KV, D = self.H, self.KV, self.D
             cols = torch.arange((H + 2 * KV) * D)
-            self._qkv_idx = (tm_qkv_cols_to_hf(cols, H, KV, D), hf_qkv_cols_to_tm(cols, H, KV, D))
+            self._qkv_idx = (tm_qkv_cols_to_hf(cols, H, KV, D).to(self.device),
+                             hf_qkv_cols_to_tm(cols, H, KV, D).to(self.device))
         return self._qkv_idx
 
     # ---------------------------------------------------------------- weights
@@ -582,7 +587,7 @@ class ReplayEngine:
         table = self.ws.tensor("tok_embeddings.weight")
         if max(ids) >= table.shape[0] or min(ids) < 0:
             raise ValueError(f"input_ids contain ids outside the embedding table (0..{table.shape[0] - 1}).")
-        x = table[torch.tensor(ids)].float()
+        x = table[torch.tensor(ids)].float().to(self.device)
         del table
         x = self.rnd(x)
 
@@ -592,7 +597,7 @@ class ReplayEngine:
         warning = None
         if rc["valid"]:
             for (b, e), rows in zip(rc["ranges"], rc["rows"]):
-                x[b:e] = rows.float()
+                x[b:e] = rows.float().to(self.device)
                 if self.plora_policy:
                     mask[b:e] = 1
         else:
@@ -601,14 +606,14 @@ class ReplayEngine:
         for b, e in rc["ranges"]:
             image_rows[b:e] = 1
         rope_theta = self._rope_theta(L)
-        cos, sin = self._cos_sin(L, rope_theta)
+        cos, sin = (t.to(self.device) for t in self._cos_sin(L, rope_theta))
         return _Prepared(L, x, _Rows.of(mask), rc, warning, image_rows, rope_theta, cos, sin)
 
     def _tget(self, teacher: Trace, layer: int | None, point: str, L: int) -> torch.Tensor:
         v = teacher.get(layer, point)
         if v is None:
             raise ValueError(f"Teacher trace {teacher.root} lacks point {point!r} (layer {layer}).")
-        v = v.float()
+        v = v.float().to(self.device)
         if v.dim() != 2 or v.shape[0] != L:
             raise ValueError(f"Teacher point {point!r} (layer {layer}) has shape {tuple(v.shape)}; the engine "
                              f"call has {L} rows. Teacher and engine must run the same input.")
@@ -621,7 +626,7 @@ class ReplayEngine:
             s.x = prep.x
         notes: list[str] = []
         plora_meta: dict[str, dict[str, dict[str, Any]]] = {}
-        pool = _Pool()
+        pool = _Pool(self.device)
         for i in range(self.num_layers):
             lw = _LayerWeights(self, i, notes, pool, users=len(streams))
             plora_meta[str(i)] = lw.meta
@@ -708,7 +713,8 @@ class ReplayEngine:
         parts: list[list[torch.Tensor]] = [[] for _ in streams]
         for j in range(0, self.vocab, chunk):
             w = out_w[j: min(j + chunk, self.vocab)]
-            w32 = w if w.dtype == torch.float32 else pool.take(w.shape, torch.float32).copy_(w)
+            w32 = w if w.dtype == torch.float32 and w.device == self.device else \
+                pool.take(w.shape, torch.float32).copy_(w)
             for h, p in zip(heads, parts):
                 p.append(h @ w32.T)
             if w32 is not w:

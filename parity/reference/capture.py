@@ -152,7 +152,7 @@ class _Recorder:
         """The LoRA term the model added, [rows, cols] in `out`'s dtype, zero where it added nothing."""
         rows, cols = out.shape
         if mask is None or b_entry is None:
-            return torch.zeros(rows, cols, dtype=out.dtype)
+            return torch.zeros(rows, cols, dtype=out.dtype, device=out.device)
         b, version = b_entry
         if version is not None and _version(b) != version:
             raise RuntimeError("A PLoRA linear modified its Plora_B output in place; parity cannot recover the "
@@ -160,12 +160,12 @@ class _Recorder:
         n = b.shape[0]
         start = _mask_run(mask, n)
         if start is not None:
-            delta = torch.empty(rows, cols, dtype=out.dtype)
+            delta = torch.empty(rows, cols, dtype=out.dtype, device=out.device)
             delta[:start].zero_()
             delta[start + n:].zero_()
             torch.mul(b, scale, out=delta[start:start + n])  # the model's own `B(A(x)) * scaling`
             return delta
-        delta = torch.zeros(rows, cols, dtype=out.dtype)
+        delta = torch.zeros(rows, cols, dtype=out.dtype, device=out.device)
         if n and bool(mask.any()):
             delta[mask] = b * scale
         elif n:  # upstream's all-False branch: one row of B(A(x)) * 0 added to row 0
@@ -240,10 +240,10 @@ class _Recorder:
             src = self.teacher.get(None, "embeddings") if layer == 0 else self.teacher.get(layer - 1, "layer")
             if args:
                 h = args[0]
-                new = src.to(h.dtype).reshape(h.shape)
+                new = src.to(h.device, h.dtype).reshape(h.shape)
                 return (new, *args[1:]), kwargs
             h = kwargs["hidden_states"]
-            kwargs["hidden_states"] = src.to(h.dtype).reshape(h.shape)
+            kwargs["hidden_states"] = src.to(h.device, h.dtype).reshape(h.shape)
             return args, kwargs
         return hook
 
@@ -287,7 +287,9 @@ def capture_reference(
                          dtype=str(ref.dtype).replace("torch.", ""))
         writer = TraceWriter(writer_root, meta)
     meta = writer.meta
-    embeds = call.inputs_embeds.to(ref.dtype)
+    device = ref.device  # the reference's placement (parity.device); the writers copy to host memory
+    embeds = call.inputs_embeds.to(device, ref.dtype)
+    im_mask = call.im_mask.to(device) if isinstance(call.im_mask, torch.Tensor) else call.im_mask
     writer.pre("embeddings", _take(embeds, store))
     rec = _Recorder(ref, writer, store, teacher, parts)
     with ExitStack() as stack:
@@ -295,7 +297,7 @@ def capture_reference(
         stack.enter_context(compute_dtype(ref.model, ref.anatomy.layers, ref.dtype, outside="run"))
         if "base" in rec.parts:
             rec.tap = stack.enter_context(_BaseTap(m.weight for m in ref.model.modules() if hasattr(m, "Plora_A")))
-        ref.model(inputs_embeds=embeds, im_mask=call.im_mask, use_cache=False)
+        ref.model(inputs_embeds=embeds, im_mask=im_mask, use_cache=False)
     meta.plora = rec.plora
     meta.extras = {"content_hash": call.content_hash, "teacher": str(teacher.root) if teacher else None}
     return writer.close()

@@ -67,9 +67,16 @@ class ReferenceModel:
     def decode(self, token_id: int) -> str:
         return self.tokenizer.convert_ids_to_tokens(int(token_id))
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's inputs go (the token embedding's device; `parity.device.place_reference`)."""
+        from ..device import module_device
+
+        return module_device(self.anatomy.embed_tokens)
+
     @torch.no_grad()
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.anatomy.embed_tokens(ids).float()
+        return self.anatomy.embed_tokens(ids.to(self.device)).float().cpu()
 
     @torch.no_grad()
     def encode_image(self, image: Path) -> torch.Tensor:
@@ -83,7 +90,7 @@ class ReferenceModel:
 
         with compute_dtype(self.model, self.anatomy.layers, self.dtype):
             feats = self.model.encode_img(str(image))
-        return feats.float().reshape(-1, feats.shape[-1])
+        return feats.float().reshape(-1, feats.shape[-1]).cpu()
 
     def xcomposer2_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights under XComposer2 names, as a faithful conversion sees them (the weights audit's input).

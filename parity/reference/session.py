@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..device import Placement, place_reference, resolve_device
 from ..points import PLORA_PARTS
 from ..records import HFCall
 from ..trace import Trace, TraceMeta
@@ -29,12 +30,15 @@ from .loader import ReferenceModel, load_reference
 
 class ReferenceSession:
     def __init__(self, model: Path, trust_remote_code: bool, root: Path | None = None,
-                 low_memory: bool | None = None, all_parts: bool = False):
+                 low_memory: bool | None = None, all_parts: bool = False, placement: Placement | None = None):
         """`all_parts`: record every PLoRA part (also the linears' inputs and base outputs, which no check
-        reads) for someone who keeps the traces to debug with."""
+        reads) for someone who keeps the traces to debug with. `placement`: the device the reference computes
+        on (default CPU; `parity.device`)."""
         self.model = Path(model)
         self._parts = {"parts": PLORA_PARTS} if all_parts else {}
+        self.placement = placement or resolve_device("cpu")
         self.ref: ReferenceModel = load_reference(self.model, trust_remote_code, torch.float32, low_memory)
+        self.ref.model = place_reference(self.ref.model, self.ref.anatomy.layers, self.placement)
         self._floors: dict[torch.dtype, ReferenceModel] = {}
         self._own_root = root is None
         self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="parity-ref-"))
