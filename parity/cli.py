@@ -10,49 +10,62 @@ from pathlib import Path
 
 from rich.console import Console
 
-from .errors import ParityInputError
+from .errors import ParityInputError, followable
 
 err = Console(stderr=True, highlight=False)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors in parity's one-paragraph form (exit 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        err.print(f"[bold red]parity: error:[/] {message} (see `{self.prog} --help`).", soft_wrap=True)
+        raise SystemExit(2)
+
+
+def user_path(text: str) -> Path:
+    """A path argument; one that cannot be looked up (a symlink loop) is bad input before any work."""
+    return followable(text, "Path")
+
+
 def _common_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", type=Path, help="HF model folder (XComposer2 remote-code layout)")
+    p.add_argument("model", type=user_path, help="HF model folder (XComposer2 remote-code layout)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow running the model's own modeling code (required for XComposer2 checkpoints)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="parity", description=__doc__)
+    ap = _Parser(prog="parity", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
 
     f = sub.add_parser("fixtures", help="generate the built-in tiny fixture models")
-    f.add_argument("--out", type=Path, default=Path(".cache/fixtures"))
+    f.add_argument("--out", type=user_path, default=Path(".cache/fixtures"))
 
     c = sub.add_parser("convert", help="convert a model with lmdeploy's own converter (on CPU)")
-    c.add_argument("model", type=Path)
-    c.add_argument("--out", type=Path, required=True, help="workspace folder to write")
+    c.add_argument("model", type=user_path)
+    c.add_argument("--out", type=user_path, required=True, help="workspace folder to write")
     c.add_argument("--tp", type=int, default=1)
 
     d = sub.add_parser("disguise", help="rewrite a Qwen2-based PLoRA model as an XComposer2 checkpoint for lmdeploy")
-    d.add_argument("src", type=Path, help="HF folder of the Qwen2 PLoRA model")
-    d.add_argument("dst", type=Path, help="new folder for the XComposer2 disguise (must be absent or empty)")
+    d.add_argument("src", type=user_path, help="HF folder of the Qwen2 PLoRA model")
+    d.add_argument("dst", type=user_path, help="new folder for the XComposer2 disguise (must be absent or empty)")
     d.add_argument("--trust-remote-code", action="store_true",
                    help="read the PLoRA scales from the model's code when config.json has no plora_config")
     d.add_argument("--force", action="store_true", help="replace DST if it exists")
 
     au = sub.add_parser("audit", help="what lmdeploy 0.7.1 would pick for a model folder, and whether it fits")
     _common_model(au)
-    au.add_argument("--json", type=Path, help="also write the audit as JSON")
+    au.add_argument("--json", type=user_path, help="also write the audit as JSON")
 
     fl = sub.add_parser("faults", help="run the fault catalogue: every named fault must get its expected verdict")
     fl.add_argument("--numeric", choices=["fp32", "emulate"], default="fp32")
     fl.add_argument("--only", nargs="*", help="fault names to run (default: all)")
-    fl.add_argument("--cache-dir", type=Path, default=Path(".cache"))
-    fl.add_argument("--json", type=Path, help="also write the table as JSON")
+    fl.add_argument("--cache-dir", type=user_path, default=Path(".cache"))
+    fl.add_argument("--json", type=user_path, help="also write the table as JSON")
 
     r = sub.add_parser("run", help="compare the HF reference with the deployment, layer by layer")
     _common_model(r)
-    r.add_argument("--workspace", type=Path, help="converted workspace (default: convert into the cache)")
+    r.add_argument("--workspace", type=user_path, help="converted workspace (default: convert into the cache)")
     r.add_argument("--engine", choices=["replay", "turbomind"], default="replay")
     r.add_argument("--layers", choices=["every", "bisect"],
                    help="with --engine turbomind: per-layer values by deploying copies of the model truncated to k "
@@ -64,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp32 isolates conversion/config faults; emulate rounds like the deployment dtype")
     r.add_argument("--serve-from", choices=["hf", "workspace"], default="hf",
                    help="how the deployment loads weights (a workspace-served TurboMind has no LoRA)")
-    r.add_argument("--inputs", type=Path, help="YAML/JSON file of input cases")
+    r.add_argument("--inputs", type=user_path, help="YAML/JSON file of input cases")
     r.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=None,
                    help="keep reference weights in the checkpoint dtype and upcast one layer at a time "
                         "(identical results; default: automatic when float32 weights would not fit)")
@@ -74,9 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--jobs", "-j", type=int, default=1, metavar="N",
                    help="run the cases in N worker processes (each loads its own reference model; clamped to the "
                         "number of cases; default 1)")
-    r.add_argument("--out", type=Path, default=Path("reports/latest"))
-    r.add_argument("--cache-dir", type=Path, default=Path(".cache"))
-    r.add_argument("--keep-traces", type=Path, help="copy the raw traces (safetensors) here")
+    r.add_argument("--out", type=user_path, default=Path("reports/latest"))
+    r.add_argument("--cache-dir", type=user_path, default=Path(".cache"))
+    r.add_argument("--keep-traces", type=user_path, help="copy the raw traces (safetensors) here")
     r.add_argument("--floor-factor", type=float, help="threshold = factor x noise floor (default 10)")
     r.add_argument("--fp32-min-rel", type=float)
     r.add_argument("--fp32-max-rel", type=float)
@@ -160,8 +173,8 @@ def _check_writable(out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         if args.command == "fixtures":
             from .fixtures import generate
 
@@ -205,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("[red]interrupted[/]")
         return 130
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2, already printed)
+        return e.code if isinstance(e.code, int) else 2
 
 
 if __name__ == "__main__":

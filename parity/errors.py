@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import os
+from pathlib import Path
+
 
 class ParityInputError(Exception):
     """Bad input from the user: a missing/short/corrupt file, a wrong config key, an unusable option.
@@ -21,3 +25,18 @@ class EngineRefused(ValueError):
 
     Not bad user input: it is a finding about the conversion, reported in the verdict.
     """
+
+
+def followable(path: Path | str, what: str = "Path") -> Path:
+    """`path`, after checking it can be looked up: a symlink loop is bad input (Python's own error for it
+    is a RuntimeError from `Path.resolve`, deep inside whichever stage first touches the path)."""
+    path = Path(path)
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ParityInputError(f"{what} {path} is a symlink loop: following its links never reaches a real "
+                                   "file or folder; point at the real one.") from None
+    except ValueError:  # a NUL byte
+        raise ParityInputError(f"{what} {str(path)!r} is not a usable path (it contains a NUL byte).") from None
+    return path

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import typing
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import yaml
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ParityInputError
-from .records import CanonicalInput, EngineCall, HFCall, PreparedInput, Segment
+from .errors import ParityInputError, followable
+from .records import BosPolicy, CanonicalInput, EngineCall, HFCall, PreparedInput, Segment
 
 # lmdeploy puts this id at image rows of `input_ids` (IMAGE_DUMMY_TOKEN_INDEX); the rows are overwritten.
 PLACEHOLDER_ID = 0
@@ -38,8 +41,100 @@ def default_cases(image: Path) -> list[CanonicalInput]:
     ]
 
 
+class _Schema(BaseModel):
+    """Inputs-file records: strict types, and a key no model declares is an error rather than ignored."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class SegmentSpec(_Schema):
+    """One segment: exactly one of `text` (the literal text) or `image` (a path relative to the inputs file)."""
+
+    text: Optional[str] = None
+    image: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "SegmentSpec":
+        if (self.text is None) == (self.image is None):
+            raise ValueError("expected exactly one of `text: str` or `image: path`")
+        if self.image is not None and "\0" in self.image:
+            raise ValueError(f"image path {self.image!r} contains a NUL byte")
+        return self
+
+
+class CaseSpec(_Schema):
+    name: Optional[str] = None
+    bos_policy: BosPolicy = "first"
+    segments: list[SegmentSpec] = Field(min_length=1)
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _number_as_name(cls, v: Any) -> Any:
+        """YAML reads `name: 2024` as a number; a number is a fine case name."""
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+class InputsFile(_Schema):
+    """`cases: [{name?, bos_policy?, segments: [{text} | {image}]}]` (a bare list of cases is accepted too)."""
+
+    cases: list[CaseSpec] = Field(min_length=1)
+
+
+def _where(loc: Sequence[Any]) -> str:
+    """A pydantic location as the user would write it: cases[0].segments[1]."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "the top level"
+
+
+def _model_at(loc: Sequence[Any]) -> type[BaseModel] | None:
+    """The schema model that holds the thing at `loc` (for listing the keys it allows)."""
+    t: Any = InputsFile
+    for part in loc:
+        if isinstance(part, int):
+            t = typing.get_args(t)[0] if typing.get_args(t) else None
+        elif isinstance(t, type) and issubclass(t, BaseModel) and part in t.model_fields:
+            t = t.model_fields[part].annotation
+        else:
+            return None
+    return t if isinstance(t, type) and issubclass(t, BaseModel) else None
+
+
+def _schema_message(path: Path, err: ValidationError) -> str:
+    """The first schema error in one sentence: the key or field, where it is, and what is allowed there."""
+    e = err.errors(include_url=False)[0]
+    loc = tuple(e["loc"])
+    if e["type"] == "extra_forbidden":
+        model = _model_at(loc[:-1])
+        allowed = ", ".join(model.model_fields) if model else "?"
+        return (f"Inputs file {path}: unknown key {loc[-1]!r} at {_where(loc[:-1])}; allowed keys there: "
+                f"{allowed}.")
+    msg = str(e["msg"]).removeprefix("Value error, ")
+    got = f" (got {e['input']!r})" if e["type"] not in ("missing", "value_error") else ""
+    more = f" ({err.error_count() - 1} more problem(s) after this one)" if err.error_count() > 1 else ""
+    return f"Inputs file {path}, {_where(loc)}: {msg}{got}.{more}"
+
+
+def _check_image(where: str, img: Path, given: str) -> None:
+    """Decode the image now, so a corrupt or non-image file is bad input before any model is loaded."""
+    followable(img, f"{where}: image")
+    if not img.exists():
+        raise ParityInputError(f"{where}: image {given!r} does not exist (looked at {img}).")
+    if not img.is_file():
+        raise ParityInputError(f"{where}: image {given!r} is not a file (looked at {img}).")
+    try:
+        with Image.open(img) as im:
+            im.load()
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        raise ParityInputError(
+            f"{where}: image {given!r} cannot be decoded ({img}: {str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+            "expected a PNG/JPEG/... file Pillow can read."
+        ) from None
+
+
 def load_cases(path: Path | str) -> list[CanonicalInput]:
-    """Read an inputs file (YAML or JSON): `cases: [{name, bos_policy?, segments: [{text}|{image}]}]`."""
+    """Read an inputs file (YAML or JSON) against `InputsFile`, and decode its images up front."""
     path = Path(path)
     if not path.is_file():
         raise ParityInputError(f"Inputs file {path} does not exist; expected a YAML/JSON file with a `cases` list.")
@@ -49,14 +144,18 @@ def load_cases(path: Path | str) -> list[CanonicalInput]:
         raise ParityInputError(f"Inputs file {path} does not parse as YAML/JSON: {str(e).splitlines()[0]}.") from None
     if isinstance(data, list):
         data = {"cases": data}
-    if not isinstance(data, dict) or not isinstance(data.get("cases"), list) or not data["cases"]:
+    if not isinstance(data, dict):
         raise ParityInputError(f"Inputs file {path}: expected a mapping with a non-empty `cases` list.")
+    try:
+        spec = InputsFile.model_validate(data)
+    except ValidationError as e:
+        raise ParityInputError(_schema_message(path, e)) from None
+    except RecursionError:
+        raise ParityInputError(f"Inputs file {path} is nested too deeply to be an inputs file.") from None
     cases, names = [], set()
-    for n, raw in enumerate(data["cases"]):
+    for n, raw in enumerate(spec.cases):
         where = f"Inputs file {path}, cases[{n}]"
-        if not isinstance(raw, dict) or not isinstance(raw.get("segments"), list) or not raw["segments"]:
-            raise ParityInputError(f"{where}: expected a mapping with a non-empty `segments` list.")
-        name = str(raw.get("name", f"case{n}"))
+        name = raw.name if raw.name is not None else f"case{n}"
         if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
             raise ParityInputError(
                 f"{where}.name {name!r} cannot be used: a case name names a folder, so it must be non-empty, not "
@@ -65,27 +164,15 @@ def load_cases(path: Path | str) -> list[CanonicalInput]:
         if name in names:
             raise ParityInputError(f"{where}: the case name {name!r} is used twice; names must be unique.")
         names.add(name)
-        policy = raw.get("bos_policy", "first")
-        if policy not in ("first", "every_text"):
-            raise ParityInputError(f"{where}: bos_policy must be 'first' or 'every_text', got {policy!r}.")
         segs = []
-        for m, s in enumerate(raw["segments"]):
-            if isinstance(s, dict) and set(s) == {"text"} and isinstance(s["text"], str):
-                segs.append(Segment("text", text=s["text"]))
-            elif isinstance(s, dict) and set(s) == {"image"} and isinstance(s["image"], str):
-                if "\0" in s["image"]:
-                    raise ParityInputError(f"{where}.segments[{m}]: image path {s['image']!r} contains a NUL byte.")
-                img = (path.parent / s["image"]).resolve()
-                if not img.is_file():
-                    raise ParityInputError(
-                        f"{where}.segments[{m}]: image {s['image']!r} does not exist (looked at {img})."
-                    )
-                segs.append(Segment("image", image=img))
-            else:
-                raise ParityInputError(
-                    f"{where}.segments[{m}]: expected {{text: str}} or {{image: path}}, got {s!r}."
-                )
-        cases.append(CanonicalInput(name=name, segments=tuple(segs), bos_policy=policy))
+        for m, s in enumerate(raw.segments):
+            if s.text is not None:
+                segs.append(Segment("text", text=s.text))
+                continue
+            img = path.parent / s.image
+            _check_image(f"{where}.segments[{m}]", img, s.image)
+            segs.append(Segment("image", image=img.resolve()))
+        cases.append(CanonicalInput(name=name, segments=tuple(segs), bos_policy=raw.bos_policy))
     return cases
 
 

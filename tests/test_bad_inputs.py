@@ -284,6 +284,71 @@ def convert_non_xcomposer2(e):
     return ["convert", e["model"], "--out", e["root"] / "ws2"], ("BertModel", "InternLMXComposer2ForCausalLM")
 
 
+def _inputs_with_image(e, name: str) -> list:
+    e["inputs"].write_text(yaml.safe_dump({"cases": [{"name": "c", "segments": [{"text": "Hi "}, {"image": name}]}]}))
+    return ["run", e["model"], "--trust-remote-code", "--inputs", e["inputs"]]
+
+
+def inputs_corrupt_png(e):
+    """A PNG cut short: decoded before any model is loaded, not a traceback from the vision tower."""
+    (e["root"] / "cut.png").write_bytes((e["root"] / "img.png").read_bytes()[:100])
+    return _inputs_with_image(e, "cut.png"), (str(e["inputs"]), "cut.png", "cannot be decoded")
+
+
+def inputs_not_an_image(e):
+    (e["root"] / "notes.png").write_text("these are my notes, not a picture\n")
+    return _inputs_with_image(e, "notes.png"), (str(e["inputs"]), "notes.png", "cannot be decoded")
+
+
+def inputs_image_symlink_loop(e):
+    os.symlink("loop-b.png", e["root"] / "loop-a.png")
+    os.symlink("loop-a.png", e["root"] / "loop-b.png")
+    return _inputs_with_image(e, "loop-a.png"), ("loop-a.png", "symlink loop")
+
+
+def inputs_unknown_case_key(e):
+    e["inputs"].write_text("cases:\n  - name: c\n    bos_polcy: first\n    segments: [{text: hi}]\n")
+    return (["run", e["model"], "--trust-remote-code", "--inputs", e["inputs"]],
+            (str(e["inputs"]), "'bos_polcy'", "cases[0]", "bos_policy", "segments"))
+
+
+def inputs_unknown_top_key(e):
+    e["inputs"].write_text("case: {name: c}\ncases:\n  - segments: [{text: hi}]\n")
+    return (["run", e["model"], "--trust-remote-code", "--inputs", e["inputs"]],
+            (str(e["inputs"]), "'case'", "top level", "allowed keys there: cases"))
+
+
+def inputs_unknown_segment_key(e):
+    e["inputs"].write_text("cases:\n  - segments: [{text: hi, role: user}]\n")
+    return (["run", e["model"], "--trust-remote-code", "--inputs", e["inputs"]],
+            (str(e["inputs"]), "'role'", "cases[0].segments[0]", "text, image"))
+
+
+def model_symlink_loop(e):
+    os.symlink("loop-b", e["root"] / "loop-a")
+    os.symlink("loop-a", e["root"] / "loop-b")
+    return ["run", e["root"] / "loop-a", "--trust-remote-code"], ("loop-a", "symlink loop")
+
+
+def convert_symlink_loop(e):
+    os.symlink("loop-b", e["root"] / "loop-a")
+    os.symlink("loop-a", e["root"] / "loop-b")
+    return ["convert", e["root"] / "loop-a", "--out", e["root"] / "ws2"], ("loop-a", "symlink loop")
+
+
+def inverted_thresholds(e):
+    return (["run", e["model"], "--trust-remote-code", "--fp32-min-rel", "1e-3", "--fp32-max-rel", "1e-5"],
+            ("fp32_min_rel", "larger than", "fp32_max_rel"))
+
+
+def nonsense_threshold(e):
+    return (["run", e["model"], "--trust-remote-code", "--lowp-max-rel", "3"], ("--lowp-max-rel", "below 1"))
+
+
+def misspelt_option(e):
+    return ["run", e["model"], "--trust-remote-code", "--floor-facter", "3"], ("--floor-facter", "--help")
+
+
 CASES: list[Case] = [
     missing_model, model_is_a_file, no_config_json, config_json_not_json, without_plora_linears, non_xcomposer2_arch,
     no_trust_remote_code, corrupt_safetensors, truncated_safetensors, truncated_workspace_file,
@@ -292,6 +357,9 @@ CASES: list[Case] = [
     inputs_wrong_shape, out_under_a_file, keep_traces_under_a_file, cache_under_a_file,
     version_without_plora_converter, version_unparseable, version_removed, version_too_old, bad_threshold,
     convert_missing_model, convert_out_under_a_file, convert_non_xcomposer2,
+    inputs_corrupt_png, inputs_not_an_image, inputs_image_symlink_loop, inputs_unknown_case_key,
+    inputs_unknown_top_key, inputs_unknown_segment_key, model_symlink_loop, convert_symlink_loop,
+    inverted_thresholds, nonsense_threshold, misspelt_option,
 ]
 
 
@@ -339,7 +407,8 @@ def test_good_input_passes_and_writes_reports(env, capsys):
 # ----------------------------------------------------------------------------- the real executable
 
 
-@pytest.mark.parametrize("case", [missing_model, version_without_plora_converter, truncated_workspace_file],
+@pytest.mark.parametrize("case", [missing_model, version_without_plora_converter, truncated_workspace_file,
+                                  inputs_not_an_image, convert_symlink_loop],
                          ids=lambda c: c.__name__)
 def test_real_executable(env, case):
     exe = Path(sys.executable).parent / "parity"

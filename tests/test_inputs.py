@@ -1,5 +1,7 @@
 """One canonical input builds both sides' calls; they must agree row for row (property-tested)."""
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -8,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from parity.errors import ParityInputError
+from parity.fixtures import IMAGES_DIR
 from parity.inputs import PLACEHOLDER_ID, engine_call, hf_call, load_cases, prepare
 from parity.records import CanonicalInput, Segment
 
@@ -96,7 +99,48 @@ def test_load_cases_errors(tmp_path):
         load_cases(f)
     with pytest.raises(ParityInputError, match="does not exist"):
         load_cases(tmp_path / "nope.yaml")
-    (tmp_path / "x.png").write_bytes(b"")
+    shutil.copy(sorted(Path(IMAGES_DIR).glob("*.png"))[0], tmp_path / "x.png")
     f.write_text("cases:\n  - {name: a, segments: [{text: hi}, {image: x.png}]}\n  - {name: b, segments: [{text: q}]}\n")
     cases = load_cases(f)
     assert [c.name for c in cases] == ["a", "b"] and cases[0].segments[1].image == (tmp_path / "x.png").resolve()
+
+
+@pytest.mark.parametrize("doc, key, where, allowed", [
+    ("cases:\n  - {name: a, bos_polcy: first, segments: [{text: hi}]}\n", "bos_polcy", "cases[0]",
+     "name, bos_policy, segments"),
+    ("case: {name: a}\ncases:\n  - {segments: [{text: hi}]}\n", "case", "the top level", "cases"),
+    ("cases:\n  - {segments: [{text: hi}]}\n  - {segments: [{image: x.png, caption: c}]}\n", "caption",
+     "cases[1].segments[0]", "text, image"),
+])
+def test_unknown_keys_are_rejected_with_their_place_and_the_allowed_keys(tmp_path, doc, key, where, allowed):
+    """A misspelt key used to be ignored silently (the case ran with the default bos_policy)."""
+    shutil.copy(sorted(Path(IMAGES_DIR).glob("*.png"))[0], tmp_path / "x.png")
+    f = tmp_path / "in.yaml"
+    f.write_text(doc)
+    with pytest.raises(ParityInputError) as e:
+        load_cases(f)
+    msg = str(e.value)
+    assert str(f) in msg and f"unknown key {key!r} at {where}" in msg and f"allowed keys there: {allowed}." in msg
+
+
+@pytest.mark.parametrize("make", ["truncated", "text", "empty", "loop", "folder"])
+def test_images_are_decoded_when_the_inputs_file_is_read(tmp_path, make):
+    """A corrupt or non-image file is bad input named with its case and segment, before any model is loaded."""
+    good = sorted(Path(IMAGES_DIR).glob("*.png"))[0]
+    img = tmp_path / "pic.png"
+    if make == "truncated":
+        img.write_bytes(good.read_bytes()[:120])
+    elif make == "text":
+        img.write_text("not a picture")
+    elif make == "empty":
+        img.write_bytes(b"")
+    elif make == "loop":
+        os.symlink("pic2.png", img)
+        os.symlink("pic.png", tmp_path / "pic2.png")
+    else:
+        img.mkdir()
+    f = tmp_path / "in.yaml"
+    f.write_text("cases:\n  - {name: a, segments: [{text: hi}, {image: pic.png}]}\n")
+    with pytest.raises(ParityInputError, match=r"cases\[0\]\.segments\[1\]: image") as e:
+        load_cases(f)
+    assert "pic.png" in str(e.value)

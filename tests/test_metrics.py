@@ -93,5 +93,43 @@ def test_thresholds_from_pyproject(tmp_path):
     assert load_thresholds(p).floor_factor == 20
     assert load_thresholds(p, floor_factor=5).floor_factor == 5
     p.write_text("[tool.parity]\nfloor_factr = 20\n")
-    with pytest.raises(ParityInputError, match="floor_factr"):
+    with pytest.raises(ParityInputError, match="floor_factr") as e:
         load_thresholds(p)
+    assert f"{p} [tool.parity]" in str(e.value) and "floor_factor" in str(e.value)
+
+
+@pytest.mark.parametrize("section, words", [
+    ("fp32_min_rel = 1e-3\nfp32_max_rel = 1e-5", ("fp32_min_rel", "larger than", "fp32_max_rel")),
+    ("lowp_min_rel = 0.5", ("lowp_min_rel", "larger than", "lowp_max_rel")),
+    ("floor_factor = 0", ("floor_factor", "at least 1")),
+    ("floor_factor = nan", ("floor_factor", "finite")),
+    ("fp32_max_rel = inf", ("fp32_max_rel", "finite")),
+    ("lowp_max_rel = 2.0", ("lowp_max_rel", "below 1")),
+    ("delta_cosine = 1.5", ("delta_cosine", "between 0 and 1")),
+    ("scale_tolerance = -0.1", ("scale_tolerance",)),
+    ("floor_factor = true", ("floor_factor", "number")),
+    ('floor_factor = "ten"', ("floor_factor", "number")),
+])
+def test_nonsense_thresholds_in_pyproject_are_rejected_naming_the_file(tmp_path, section, words):
+    """Inverted bounds or impossible values used to be accepted (and a NaN makes every comparison pass)."""
+    p = tmp_path / "pyproject.toml"
+    p.write_text(f"[tool.parity]\n{section}\n")
+    with pytest.raises(ParityInputError) as e:
+        load_thresholds(p)
+    msg = str(e.value)
+    assert f"{p} [tool.parity]" in msg
+    for w in words:
+        assert w in msg, msg
+
+
+def test_inverted_thresholds_from_flags_name_the_flags(tmp_path):
+    with pytest.raises(ParityInputError, match="lowp_min_rel = 0.1 is larger than lowp_max_rel = 0.05"):
+        load_thresholds(tmp_path / "none.toml", lowp_min_rel=0.1)
+    with pytest.raises(ParityInputError, match="--floor-factor"):
+        load_thresholds(tmp_path / "none.toml", floor_factor=float("nan"))
+
+
+@given(st.floats(1, 1e6), st.floats(1e-12, 0.999), st.floats(1e-12, 0.999))
+def test_every_ordered_threshold_set_is_accepted(factor, a, b):
+    t = Thresholds(floor_factor=factor, fp32_min_rel=min(a, b), fp32_max_rel=max(a, b))
+    assert t.bounds("fp32") == (min(a, b), max(a, b))

@@ -11,9 +11,12 @@ Configurable in `[tool.parity]` of the project's pyproject.toml and by CLI flags
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
+
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.dataclasses import dataclass
 
 from ..errors import ParityInputError
 
@@ -23,17 +26,37 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, config=ConfigDict(extra="forbid", strict=False))
 class Thresholds:
-    floor_factor: float = 10.0
-    # per numeric mode: (min_rel, max_rel)
-    fp32_min_rel: float = 1e-6
-    fp32_max_rel: float = 1e-4
-    lowp_min_rel: float = 2e-3
-    lowp_max_rel: float = 5e-2
+    """The verdict's numbers; constructing one validates them (a bad value is bad input, not a quiet pass)."""
+
+    # >= 1: a factor below 1 would put the threshold under the reference's own noise (false alarms)
+    floor_factor: float = Field(10.0, ge=1, allow_inf_nan=False)
+    # per numeric mode: (min_rel, max_rel); a cap of 1 or more would pass an output that is all zeros
+    fp32_min_rel: float = Field(1e-6, gt=0, lt=1, allow_inf_nan=False)
+    fp32_max_rel: float = Field(1e-4, gt=0, lt=1, allow_inf_nan=False)
+    lowp_min_rel: float = Field(2e-3, gt=0, lt=1, allow_inf_nan=False)
+    lowp_max_rel: float = Field(5e-2, gt=0, lt=1, allow_inf_nan=False)
     # PLoRA deltas: a best-fit factor this far from 1 (with cosine above `delta_cosine`) is a scale mismatch
-    scale_tolerance: float = 1e-2
-    delta_cosine: float = 0.999
+    scale_tolerance: float = Field(1e-2, gt=0, lt=1, allow_inf_nan=False)
+    delta_cosine: float = Field(0.999, gt=0, lt=1, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _not_bool(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError(f"expected a number, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Thresholds":
+        for mode in ("fp32", "lowp"):
+            lo, hi = getattr(self, f"{mode}_min_rel"), getattr(self, f"{mode}_max_rel")
+            if lo > hi:
+                raise ValueError(f"{mode}_min_rel = {lo:g} is larger than {mode}_max_rel = {hi:g}; the floor-based "
+                                 "threshold is clamped to [min_rel, max_rel], so min_rel must not exceed max_rel")
+        return self
 
     def bounds(self, numeric: str) -> tuple[float, float]:
         if numeric == "fp32":
@@ -47,21 +70,34 @@ class Thresholds:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def updated(self, **overrides: Any) -> "Thresholds":
-        names = {f.name for f in fields(self)}
-        clean = {}
-        for k, v in overrides.items():
-            if v is None:
-                continue
-            if k not in names:
-                raise ParityInputError(f"Unknown threshold {k!r}; known: {', '.join(sorted(names))}.")
-            try:
-                clean[k] = float(v)
-            except (TypeError, ValueError):
-                raise ParityInputError(f"Threshold {k} must be a number, got {v!r}.") from None
-            if not clean[k] > 0:
-                raise ParityInputError(f"Threshold {k} must be positive, got {v!r}.")
-        return replace(self, **clean)
+    def updated(self, source: str = "Threshold", as_flags: bool = False, **overrides: Any) -> "Thresholds":
+        """A copy with `overrides` (None = keep); a bad name or value is a ParityInputError naming `source`
+        (and each key as its command-line flag with `as_flags`)."""
+        names = [f.name for f in fields(self)]
+        unknown = sorted(k for k in overrides if k not in names)
+        if unknown:
+            raise ParityInputError(f"{source}: unknown threshold {unknown[0]!r}; known: {', '.join(names)}.")
+        values = {**self.to_dict(), **{k: v for k, v in overrides.items() if v is not None}}
+        try:
+            return Thresholds(**values)
+        except ValidationError as e:
+            first = e.errors(include_url=False)[0]
+            msg = str(first["msg"]).removeprefix("Value error, ")
+            if first["loc"]:
+                key = first["loc"][0]
+                shown = f"--{key.replace('_', '-')} ({key})" if as_flags else key
+                raise ParityInputError(f"{source}: threshold {shown} = {values.get(key)!r} is not usable: {msg} "
+                                       f"({_RULES.get(key, '')}).") from None
+            raise ParityInputError(f"{source}: {msg}.") from None
+
+
+# the one-line meaning of each rule, for the error message
+_RULES = {
+    "floor_factor": "a positive finite number, at least 1",
+    **{f"{m}_{b}_rel": "a positive finite relative error below 1" for m in ("fp32", "lowp") for b in ("min", "max")},
+    "scale_tolerance": "a positive finite fraction below 1",
+    "delta_cosine": "a cosine strictly between 0 and 1",
+}
 
 
 def load_thresholds(pyproject: Path | None = None, **overrides: Any) -> Thresholds:
@@ -76,5 +112,5 @@ def load_thresholds(pyproject: Path | None = None, **overrides: Any) -> Threshol
         section = data.get("tool", {}).get("parity", {})
         if not isinstance(section, dict):
             raise ParityInputError(f"{path}: [tool.parity] must be a table.")
-        t = t.updated(**section)
-    return t.updated(**overrides)
+        t = t.updated(f"{path} [tool.parity]", **section)
+    return t.updated("Command-line option", as_flags=True, **overrides)

@@ -44,7 +44,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from ..errors import ParityInputError
+from ..errors import ParityInputError, followable
 from ..records import ConversionRecord
 from .compat import cpu_converter_patches, installed_lmdeploy_version
 from .lora_config import LORA_KEYS
@@ -354,8 +354,8 @@ def _converter_error(model_dir: Path, e: BaseException, log: list[str]) -> Parit
 
 def convert(model_dir: str | Path, out_dir: str | Path, tp: int = 1, lora_config: dict | None = None) -> ConversionRecord:
     """Convert `model_dir` with lmdeploy's converter into workspace `out_dir` (replaced atomically)."""
-    model_dir = Path(model_dir).resolve()
-    out_dir = Path(out_dir).resolve()
+    model_dir = followable(model_dir, "Model folder").resolve()
+    out_dir = followable(out_dir, "Workspace folder").resolve()
     if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1 or tp & (tp - 1):
         raise ParityInputError(f"tp={tp!r} is not a power of two >= 1; lmdeploy's converter needs tp = 2^n.")
     version = installed_lmdeploy_version()
@@ -543,7 +543,7 @@ def convert_cached(model_dir: str | Path, cache_root: str | Path, tp: int = 1, l
     entries for the same model path, tp and lora_config (the model files changed since) are removed after a
     successful conversion, so a cache of 7B workspaces does not grow without bound.
     """
-    model_dir = Path(model_dir).resolve()
+    model_dir = followable(model_dir, "Model folder").resolve()
     key = cache_key(model_dir, tp, lora_config)
     prefix = f"{model_dir.name}-{_short_hash(str(model_dir))}-tp{tp}-{_short_hash(lora_config)}-"
     root = Path(cache_root).resolve()
