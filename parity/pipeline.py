@@ -180,6 +180,14 @@ def run_parity(opts: RunOptions) -> Report:
         raise ParityInputError(f"--layers must be 'every' or 'bisect', got {opts.layers!r}.")
     if opts.layers and not live:
         raise ParityInputError("--layers needs --engine turbomind: the replay engine records every layer already.")
+    if opts.layers and opts.serve_from == "workspace":
+        # the truncated copies are deployed from the HF folder (with LoRA), the full model from the workspace
+        # (without): per-layer values would mix two deployments and bisect to the wrong layer
+        raise ParityInputError(
+            "--layers cannot be combined with --serve-from workspace: the per-layer values come from truncated "
+            "copies of the HF folder (served with their LoRA), while a workspace-served TurboMind runs without "
+            "LoRA, so the layers would compare two different deployments. Run --layers with --serve-from hf, or "
+            "--serve-from workspace without --layers.")
     if live:  # fail before any work when TurboMind cannot run here (EngineUnavailable: exit 2, one paragraph)
         from .deploy.live import available, unavailable_error
 

@@ -230,11 +230,15 @@ def test_truncated_copy_contents(deep_model, tmp_path):
         assert (tmp_path / "k2" / name).read_bytes() == (deep_model / name).read_bytes()
     assert not (tmp_path / "k2" / LORA_OVERRIDE_NAME).exists()
 
-    write_truncated(deep_model, tmp_path / "nolora", LAYERS, "nolora")
-    keys = _keys(tmp_path / "nolora" / "model.safetensors")
-    assert not any("Plora" in x for x in keys)
-    assert {int(x.split(".")[2]) for x in keys if x.startswith("model.layers.")} == set(range(LAYERS))
-    assert lora_override(tmp_path / "nolora") == NOLORA_OVERRIDE
+    # PLoRA off = the same engine and kernel path with Plora_B zero (not lora_policy '', which fuses w1/w3)
+    marker = write_truncated(deep_model, tmp_path / "nolora", LAYERS, "nolora")
+    nolora = load_file(str(tmp_path / "nolora" / "model.safetensors"))
+    assert set(nolora) == set(src) and lora_override(tmp_path / "nolora") is None
+    zeroed = [n for n in src if ".Plora_B." in n]
+    assert len(zeroed) == LAYERS * 5 and marker["tensors_zeroed"] == len(zeroed)
+    for n in src:
+        expected = torch.zeros_like(src[n]) if n in zeroed else src[n]
+        assert torch.equal(nolora[n], expected) and nolora[n].dtype == src[n].dtype, n
 
 
 def test_truncate_rejects_bad_k(deep_model, tmp_path):
@@ -281,8 +285,8 @@ def test_sharded_and_bin_checkpoints(deep_model, tmp_path):
     torch.save(sd, str(bsrc / "pytorch_model.bin"))
     write_truncated(bsrc, tmp_path / "bin-k1", 1, "nolora")
     kept = torch.load(str(tmp_path / "bin-k1" / "pytorch_model.bin"), weights_only=True)
-    assert {n for n in kept if n.startswith("model.layers.")} == \
-        {n for n in sd if n.startswith("model.layers.0.") and "Plora" not in n}
+    assert {n for n in kept if n.startswith("model.layers.")} == {n for n in sd if n.startswith("model.layers.0.")}
+    assert all(torch.equal(kept[n], torch.zeros_like(sd[n]) if ".Plora_B." in n else sd[n]) for n in kept)
 
 
 def test_truncated_models_cache_and_cleanup(deep_model, tmp_path):
@@ -486,23 +490,43 @@ def test_live_turbomind_refuses_here(deep_model):
 
 
 class FakeInstance:
-    """TEST DOUBLE of lmdeploy 0.7.1's TurboMindInstance (same `async_stream_infer` signature)."""
+    """TEST DOUBLE of lmdeploy 0.7.1's TurboMindInstance (same `async_stream_infer` signature).
+
+    The embeddings go through lmdeploy's real `prepare_embeddings` (weight-dtype cast, concatenation into one
+    int8 buffer, IntTensor ranges) and come back out of that buffer as the C++ engine reads it; a range list
+    the C++ check rejects (`replay.validate_ranges` mirrors it) is logged on file descriptor 2 as TurboMind's
+    logger does, and the run goes on without embeddings. `output_logits=None` returns no logits.
+    `FakeTurboMind.request_error` makes a request raise a RuntimeError, as a failing C++ call does."""
 
     def __init__(self, tm: "FakeTurboMind"):
         self.tm = tm
+        self.tm_model = tm  # prepare_embeddings reads self.tm_model.config.weight_type
 
     async def async_stream_infer(self, session_id, input_ids, input_embeddings=None, input_embedding_ranges=None,
                                  sequence_start: bool = True, sequence_end: bool = False, step=0,
                                  gen_config=None, stream_output=False, **kwargs):
         from lmdeploy.messages import EngineOutput, ResponseType
+        from lmdeploy.turbomind.turbomind import TurboMindInstance
 
+        from parity.deploy.replay import _WEIGHT_DTYPES, validate_ranges
         from parity.records import EngineCall
 
         self.tm.requests.append(dict(session_id=session_id, sequence_start=sequence_start,
                                      sequence_end=sequence_end, gen_config=gen_config))
         assert isinstance(input_ids, list) and gen_config.max_new_tokens == 1
-        call = EngineCall(list(input_ids), list(input_embeddings or []),
-                          [tuple(r) for r in (input_embedding_ranges or [])], "fake")
+        if FakeTurboMind.request_error:
+            raise RuntimeError(FakeTurboMind.request_error)
+        embs: list[torch.Tensor] = []
+        ranges: list[tuple[int, int]] = []
+        emb_buf, range_buf = TurboMindInstance.prepare_embeddings(self, input_embeddings, input_embedding_ranges)
+        if emb_buf is not None:  # what the C++ engine receives: one sequence's int8 buffer and [k, 2] ranges
+            hidden = int(self.tm.config.model_config.hidden_units)
+            dtype = _WEIGHT_DTYPES[self.tm.config.weight_type]
+            embs = [emb_buf[0].view(dtype).reshape(-1, hidden)]
+            ranges = [tuple(r) for r in range_buf[0].tolist()]
+            if not validate_ranges(len(input_ids), embs, ranges, hidden, dtype)["valid"]:
+                os.write(2, b"[TM][WARNING] [ImageFeature] Skip invalid input embeddings, id = %d\n" % session_id)
+        call = EngineCall(list(input_ids), embs, ranges, "fake")
         with tempfile.TemporaryDirectory() as d:
             w = TraceWriter(Path(d), TraceMeta(side="fake", case="fake", num_layers=0, dtype="bf16"))
             self.tm.engine.run(call, w)
@@ -514,15 +538,36 @@ class FakeInstance:
         hb = torch.cat([hidden, torch.full_like(hidden[:1], float("nan"))]).to(torch.bfloat16)
         lb = torch.cat([logits, torch.full_like(logits[:1], float("nan"))])
         seq_len = step + n + 1
-        yield EngineOutput(ResponseType.FINISH, [int(logits[-1].argmax())], 1, logits=lb[:seq_len - 1],
+        yield EngineOutput(ResponseType.FINISH, [int(logits[-1].argmax())], 1,
+                           logits=lb[:seq_len - 1] if gen_config.output_logits else None,
                            last_hidden_state=hb[:seq_len - 1])
 
 
 class FakeTurboMind:
     """TEST DOUBLE of lmdeploy 0.7.1's TurboMind: lmdeploy's real in-memory conversion (`get_tm_model`, as
-    `_from_hf` calls it), written to a workspace, and the replay engine in place of the C++ one."""
+    `_from_hf` calls it), written to a workspace, and the replay engine in place of the C++ one.
+
+    Faults to inject (class attributes, reset by the `fake_turbomind` fixture): `load_error` (a RuntimeError
+    from the C++ load), `request_error` (from a request), `close_error` (from close()), `leak` (close() does not
+    give back the engine's GPU memory). GPU memory is a ledger: each engine holds `GPU_BYTES_PER_ENGINE`
+    until closed; `free_gpu_bytes()` stands in for torch.cuda.mem_get_info."""
+
+    load_error: str | None = None
+    request_error: str | None = None
+    close_error: str | None = None
+    leak = False
+    held = 0
+    GPU_TOTAL = 80 << 30
+    GPU_BYTES_PER_ENGINE = 15 << 30
+
+    @classmethod
+    def free_gpu_bytes(cls) -> int:
+        return cls.GPU_TOTAL - cls.held
 
     def __init__(self, model_path, engine_config):
+        if FakeTurboMind.load_error:
+            raise RuntimeError(FakeTurboMind.load_error)
+        FakeTurboMind.held += self.GPU_BYTES_PER_ENGINE
         from lmdeploy.turbomind.deploy.config import TurbomindModelConfig
         from lmdeploy.turbomind.deploy.converter import get_tm_model
 
@@ -564,6 +609,10 @@ class FakeTurboMind:
     def close(self):
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
+        if FakeTurboMind.close_error:
+            raise RuntimeError(FakeTurboMind.close_error)
+        if not FakeTurboMind.leak:
+            FakeTurboMind.held -= self.GPU_BYTES_PER_ENGINE
 
 
 @pytest.fixture
@@ -582,7 +631,11 @@ def fake_turbomind(monkeypatch):
     assert sig(FakeInstance.async_stream_infer) == sig(real.TurboMindInstance.async_stream_infer)
     monkeypatch.setattr(lt, "TurboMind", FakeTurboMind)
     monkeypatch.setattr(live, "available", lambda: (True, "fake TurboMind (tests)"))
+    monkeypatch.setattr(live, "_free_gpu_bytes", FakeTurboMind.free_gpu_bytes)
     FakeTurboMind.built = []
+    FakeTurboMind.load_error = FakeTurboMind.request_error = FakeTurboMind.close_error = None
+    FakeTurboMind.leak = False
+    FakeTurboMind.held = 0
     return FakeTurboMind
 
 
@@ -616,16 +669,16 @@ def test_live_turbomind_api_with_fake_engine(fake_turbomind, deep_model, case, t
     assert eng.tm is None
 
 
-def test_live_nolora_override_reaches_lmdeploy(fake_turbomind, deep_model, tmp_path):
-    """The no-LoRA copy's override makes lmdeploy's own converter write lora_policy '' in the live process;
-    without it the stripped copy would get 'plora' (TurboMind would allocate LoRA buffers and leave them
-    uninitialised: the replay refuses such a workspace)."""
+def test_live_nolora_copy_keeps_the_plora_kernel_path(fake_turbomind, deep_model, tmp_path):
+    """The no-LoRA copy is served with lora_policy 'plora' (separate w1/w3, LoRA branch computed on zero
+    Plora_B), so PLoRA on/off differ only by the LoRA, not by a fused-GEMM kernel path; a lora_config override
+    still reaches lmdeploy's own converter in the live process."""
     d = tmp_path / "nolora"
     write_truncated(deep_model, d, 2, "nolora")
     with live.LiveTurboMind(d) as eng:
+        assert eng.config.lora_config.lora_policy == "plora" and eng.lora_override is None
+    with live.LiveTurboMind(d, lora_config=NOLORA_OVERRIDE) as eng:
         assert eng.config.lora_config.lora_policy == "" and eng.lora_override == NOLORA_OVERRIDE
-    with live.LiveTurboMind(d, lora_config={}) as eng:  # an explicit empty override: lmdeploy's own choice
-        assert eng.config.lora_config.lora_policy == "plora"
 
 
 def test_live_warns_on_workspace(fake_turbomind, deep_model, case):
@@ -678,3 +731,106 @@ def test_live_turbomind_on_gpu(deep_model, case, target, session, tmp_path):
         assert res.first_divergent_layer is None
         (eff,) = plora_effect([(pt, call)], models, builds)
         assert not eff.exceeded, eff.message
+
+
+# ------------------------------------------------------------------------------------------- live engine defects
+
+
+def test_live_per_layer_calls_ask_no_logits(fake_turbomind, deep_model, case):
+    """final_hidden (every per-layer call) asks for the hidden state only; logits ('all': GBs at 8k rows and a
+    92k vocabulary) only where the report needs them."""
+    _, _, call = case
+    with live.LiveTurboMind(deep_model) as eng:
+        hidden = eng.final_hidden(call)
+        g = fake_turbomind.built[-1].requests[-1]["gen_config"]
+        assert g.output_logits is None and g.output_last_hidden_state == "all"
+        full = eng.infer(call)
+        assert fake_turbomind.built[-1].requests[-1]["gen_config"].output_logits == "all"
+        assert torch.equal(hidden, full.last_hidden_state) and full.logits.shape[0] == len(call.input_ids)
+
+
+def test_live_ranges_checked_before_the_call_and_engine_stderr_kept(fake_turbomind, deep_model, case, capfd):
+    """A range list TurboMind rejects is named from Python (the replay's mirror of the C++ check), and what the
+    C++ engine wrote to stderr is kept in the run's info (and still printed)."""
+    from dataclasses import replace
+
+    _, _, call = case
+    (b, e), = call.input_embedding_ranges
+    bad = replace(call, input_embedding_ranges=[(b, len(call.input_ids) + 5)])  # ends past the input
+    with live.LiveTurboMind(deep_model) as eng:
+        good = eng.run(call, TraceWriter(Path(tempfile.mkdtemp()), TraceMeta(side="x", case="c", num_layers=0,
+                                                                            dtype="x")))
+        assert good["ranges_valid"] is True and good["engine_stderr"] == []
+        info = eng.run(bad, TraceWriter(Path(tempfile.mkdtemp()), TraceMeta(side="x", case="c", num_layers=0,
+                                                                           dtype="x")))
+    assert info["ranges_valid"] is False and "ends past the input" in info["reason"]
+    assert info["accepted_ranges"] == []
+    assert any("[ImageFeature] Skip invalid input embeddings" in ln for ln in info["engine_stderr"])
+    assert "[ImageFeature]" in capfd.readouterr().err  # passed on, not swallowed
+    with live.LiveTurboMind(deep_model) as eng, pytest.raises(live.LiveEngineError, match="prepare_embeddings"):
+        eng.infer(replace(call, input_embedding_ranges=[]))  # lmdeploy asserts equal lengths before C++
+
+
+def test_live_rejected_ranges_are_a_finding_in_the_pipeline(fake_turbomind, deep_model, tmp_path):
+    """End to end through run_parity with the (fake) live engine: the inputs check names the rejected
+    ranges (embeddings_skipped), from the Python-side check."""
+    from dataclasses import replace
+
+    from parity.pipeline import RunOptions, run_parity
+
+    def past_the_end(name, call):
+        (b, e), = call.input_embedding_ranges
+        return replace(call, input_embedding_ranges=[(b, len(call.input_ids) + 5)])
+
+    report = run_parity(RunOptions(model=deep_model, engine="turbomind", trust_remote_code=True,
+                                   cache_dir=CACHE, mutate_engine_call=past_the_end))
+    causes = {(f.check, f.cause) for f in report.errors()}
+    assert ("inputs", "embeddings_skipped") in causes, causes
+
+
+def test_live_layers_refused_with_workspace_serving(deep_model):
+    """--layers with --serve-from workspace would bisect over two different deployments: exit 2, before any
+    engine or model is touched."""
+    from parity.pipeline import RunOptions, run_parity
+
+    with pytest.raises(ParityInputError) as e:
+        run_parity(RunOptions(model=deep_model, engine="turbomind", serve_from="workspace", layers="bisect",
+                              trust_remote_code=True, cache_dir=CACHE))
+    msg = str(e.value)
+    assert "--serve-from workspace" in msg and "--layers" in msg and "\n" not in msg
+    assert not isinstance(e.value, EngineUnavailable)
+
+
+def test_live_cpp_runtime_errors_are_exit_2(fake_turbomind, deep_model, case):
+    """A C++ RuntimeError (a LoRA rank TurboMind cannot hold at load; a failing request) is one paragraph with
+    exit code 2, not a traceback."""
+    fake_turbomind.load_error = "[TM][ERROR] Assertion fail: lora_a size mismatch (rank 24 vs 16)"
+    with pytest.raises(live.LiveEngineError) as e:
+        live.LiveTurboMind(deep_model)
+    assert e.value.exit_code == 2 and "lora_a size mismatch" in str(e.value) and "\n" not in str(e.value)
+    assert "lora_r" in str(e.value)
+    fake_turbomind.load_error = None
+    fake_turbomind.request_error = "CUDA error: an illegal memory access was encountered"
+    with live.LiveTurboMind(deep_model) as eng, pytest.raises(live.LiveEngineError, match="illegal memory"):
+        eng.infer(case[2])
+    fake_turbomind.request_error = None
+
+
+def test_live_close_is_checked_and_sequential_builds_free_the_gpu(fake_turbomind, deep_model, case, tmp_path):
+    """Sequential builds (as --layers every makes them) each give the GPU back; a close that raises, or one
+    that leaves the engine's memory held, stops the run there instead of an out-of-memory later."""
+    _, _, call = case
+    builds = EngineBuilds(lambda d: live.LiveTurboMind(d))
+    with TruncatedModels(deep_model, tmp_path) as models:
+        for k in (1, 2, 3):
+            builds.final_hidden(models.get(k), [call])
+        assert builds.count == 3 and fake_turbomind.held == 0
+        fake_turbomind.leak = True
+        with pytest.raises(live.LiveEngineError, match="less than before it was built"):
+            builds.final_hidden(models.get(4), [call])
+        fake_turbomind.leak, fake_turbomind.held = False, 0
+        fake_turbomind.close_error = "NCCL destroy failed"
+        eng = live.LiveTurboMind(deep_model)
+        with pytest.raises(live.LiveEngineError, match="NCCL destroy failed") as e:
+            eng.close()
+        assert e.value.exit_code == 2 and eng.tm is None

@@ -175,8 +175,44 @@ class LiveOutput:
     seconds: float
 
 
-class LiveEngineError(RuntimeError):
-    """The engine answered a request with an error status."""
+class LiveEngineError(ParityInputError):
+    """TurboMind failed: an error status, a C++ RuntimeError, a close that did not free the GPU. Exit 2 with
+    one paragraph (nothing was compared, so it is not a divergence)."""
+
+
+# GPU memory a close may leave behind (CUDA context, cuBLAS workspaces) before it counts as not freed.
+CLOSE_SLACK_BYTES = 1 << 30
+
+
+def _free_gpu_bytes() -> int | None:
+    """Free memory on the current CUDA device, or None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    return int(torch.cuda.mem_get_info()[0])
+
+
+@contextlib.contextmanager
+def _engine_stderr(lines: list[str]):
+    """Collect what the C++ engine writes to file descriptor 2 (TurboMind's own logger: e.g. "[ImageFeature]
+    Skip invalid input embeddings") into `lines`, and pass it on to the real stderr afterwards."""
+    import os
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            data = tmp.read()
+            if data:
+                os.write(2, data)
+                lines.extend(ln for ln in data.decode("utf-8", "replace").splitlines() if ln.strip())
 
 
 class _LogCapture(logging.Handler):
@@ -253,6 +289,7 @@ class LiveTurboMind:
             dtype=dtype, tp=1, session_len=session_len, max_batch_size=1,
             cache_max_entry_count=cache_max_entry_count, max_prefill_token_num=max_prefill_token_num,
         )
+        self.free_before = _free_gpu_bytes()  # close() checks the engine gave it back
         t0 = time.perf_counter()
         capture = _LogCapture()
         lg = logging.getLogger("lmdeploy")
@@ -280,6 +317,14 @@ class LiveTurboMind:
                         f"({type(e).__name__}: {msg[:600]}). Expected an XComposer2 HF folder that `parity convert` "
                         "accepts."
                     ) from e
+                except RuntimeError as e:  # the C++ engine's own checks (e.g. a LoRA rank it cannot hold)
+                    msg = str(e).strip().replace("\n", " ") or type(e).__name__
+                    raise LiveEngineError(
+                        f"TurboMind (lmdeploy {installed_lmdeploy_version()}) refused to load {self.model_dir}: "
+                        f"{msg[:600]}. Its C++ engine checks the LoRA tensors' sizes against the lora_config "
+                        "(lora_r, lora_rank_pattern) and the shapes against config.json; `parity run --engine "
+                        "replay` on the same folder names the offending layer and linear."
+                    ) from None
             self.instance = self.tm.create_instance()
         finally:
             lg.removeHandler(capture)
@@ -292,6 +337,8 @@ class LiveTurboMind:
         self.config = self.tm.config  # TurbomindModelConfig
         self.weight_type = str(self.config.weight_type)
         self.num_layers = int(self.config.model_config.num_layer)
+        self.hidden_units = int(self.config.model_config.hidden_units)
+        self.engine_log: list[str] = []   # what the C++ engine wrote to stderr during requests
 
     @contextlib.contextmanager
     def _lora_patch(self):
@@ -306,12 +353,27 @@ class LiveTurboMind:
 
     # ---------------------------------------------------------------- requests
 
-    def _gen_config(self):
+    def _gen_config(self, logits: bool = True):
+        """Logits only when asked: at 8k rows and a 92k vocabulary 'all' logits are GBs, and the per-layer
+        runs need only the hidden state."""
         from lmdeploy.messages import GenerationConfig
 
-        return GenerationConfig(max_new_tokens=1, top_k=1, output_logits="all", output_last_hidden_state="all")
+        return GenerationConfig(max_new_tokens=1, top_k=1, output_logits="all" if logits else None,
+                                output_last_hidden_state="all")
 
-    async def _infer(self, call: EngineCall, session_id: int) -> LiveOutput:
+    def check_ranges(self, call: EngineCall) -> dict[str, Any]:
+        """TurboMind's range check (the replay's mirror of it, `replay.validate_ranges`), made before the call:
+        a rejected range list makes TurboMind drop every image embedding with only a C++ log line."""
+        from .replay import _WEIGHT_DTYPES, validate_ranges
+
+        try:
+            return validate_ranges(len(call.input_ids), list(call.input_embeddings),
+                                   [tuple(r) for r in call.input_embedding_ranges], self.hidden_units,
+                                   _WEIGHT_DTYPES.get(self.weight_type, torch.float16))
+        except ValueError as e:  # lmdeploy's prepare_embeddings asserts it: the request would fail
+            raise LiveEngineError(f"The engine call cannot be sent to TurboMind: {e}") from None
+
+    async def _infer(self, call: EngineCall, session_id: int, logits: bool = True) -> LiveOutput:
         from lmdeploy.messages import ResponseType
 
         ids = [int(t) for t in call.input_ids]
@@ -322,33 +384,47 @@ class LiveTurboMind:
                                           for e in call.input_embeddings]
             kwargs["input_embedding_ranges"] = [[int(b), int(e)] for b, e in call.input_embedding_ranges]
         t0 = time.perf_counter()
-        hidden = logits = None
+        hidden = out_logits = None
         token_ids: list[int] = []
-        async for out in self.instance.async_stream_infer(
-                session_id, ids, sequence_start=True, sequence_end=True, step=0, gen_config=self._gen_config(),
-                stream_output=False, **kwargs):
-            if out.status not in (ResponseType.SUCCESS, ResponseType.FINISH):
-                raise LiveEngineError(f"TurboMind answered session {session_id} with {out.status} "
-                                      f"({len(ids)} input rows, session_len {self.config.session_len}).")
-            token_ids = list(out.token_ids or [])
-            if out.last_hidden_state is not None:
-                hidden = out.last_hidden_state.detach().float().cpu().clone()
-            if out.logits is not None:
-                logits = out.logits.detach().float().cpu().clone()
-        if hidden is None or logits is None:
+        try:
+            async for out in self.instance.async_stream_infer(
+                    session_id, ids, sequence_start=True, sequence_end=True, step=0,
+                    gen_config=self._gen_config(logits), stream_output=False, **kwargs):
+                if out.status not in (ResponseType.SUCCESS, ResponseType.FINISH):
+                    raise LiveEngineError(f"TurboMind answered session {session_id} with {out.status} "
+                                          f"({len(ids)} input rows, session_len {self.config.session_len}).")
+                token_ids = list(out.token_ids or [])
+                if out.last_hidden_state is not None:
+                    hidden = out.last_hidden_state.detach().float().cpu().clone()
+                if out.logits is not None:
+                    out_logits = out.logits.detach().float().cpu().clone()
+        except RuntimeError as e:  # raised by the C++ engine (CUDA out of memory, a failed kernel, ...)
+            msg = str(e).strip().replace("\n", " ") or type(e).__name__
+            raise LiveEngineError(f"TurboMind failed on a request of {len(ids)} rows (session_len "
+                                  f"{self.config.session_len}) for {self.model_dir}: {msg[:600]}.") from None
+        if hidden is None or (logits and out_logits is None):
             raise LiveEngineError("TurboMind returned no last_hidden_state/logits although the request asked "
-                                  "for both with 'all' (lmdeploy >= 0.7.0 is needed).")
-        if hidden.shape[0] != len(ids) or logits.shape[0] != len(ids):
-            raise LiveEngineError(f"TurboMind returned {hidden.shape[0]} hidden rows and {logits.shape[0]} logit "
-                                  f"rows for a prompt of {len(ids)} rows.")
-        return LiveOutput(hidden, logits, token_ids, time.perf_counter() - t0)
+                                  "for them with 'all' (lmdeploy >= 0.7.0 is needed).")
+        if hidden.shape[0] != len(ids) or (logits and out_logits.shape[0] != len(ids)):
+            raise LiveEngineError(f"TurboMind returned {hidden.shape[0]} hidden rows and "
+                                  f"{None if out_logits is None else out_logits.shape[0]} logit rows for a prompt "
+                                  f"of {len(ids)} rows.")
+        return LiveOutput(hidden, out_logits, token_ids, time.perf_counter() - t0)
 
-    def infer(self, call: EngineCall) -> LiveOutput:
-        return _run_coroutine(self._infer(call, _next_session_id()))
+    def infer(self, call: EngineCall, logits: bool = True) -> LiveOutput:
+        """One prefill; the range check runs first, and the C++ engine's stderr lines are kept in
+        `engine_log` (and still printed)."""
+        self.last_ranges = self.check_ranges(call)
+        lines: list[str] = []
+        try:
+            with _engine_stderr(lines):
+                return _run_coroutine(self._infer(call, _next_session_id(), logits))
+        finally:
+            self.engine_log += lines
 
     def final_hidden(self, call: EngineCall) -> torch.Tensor:
-        """[rows, hidden] after the final RMSNorm, float32."""
-        return self.infer(call).last_hidden_state
+        """[rows, hidden] after the final RMSNorm, float32 (no logits asked for)."""
+        return self.infer(call, logits=False).last_hidden_state
 
     def run(self, call: EngineCall, writer: TraceWriter, teacher: Trace | None = None) -> dict[str, Any]:
         """ReplayEngine-compatible: writes the post points ("norm", "output") of an end-to-end run.
@@ -357,7 +433,9 @@ class LiveTurboMind:
         per-layer values)."""
         if teacher is not None:
             raise ValueError("The live TurboMind cannot be teacher-forced; run it end to end (teacher=None).")
+        log_start = len(self.engine_log)
         out = self.infer(call)
+        rc = self.last_ranges
         writer.post("norm", out.last_hidden_state)
         writer.post("output", out.logits)
         meta = writer.meta
@@ -367,8 +445,12 @@ class LiveTurboMind:
         meta.extras = {**dict(meta.extras or {}), **self.info(), "content_hash": call.content_hash,
                        "mode": "e2e", "warnings": list(self.warnings)}
         trace = writer.close()
+        # the replay's keys for the range check (parity.checks.inputs names a rejected list)
         return {"mode": "e2e", "rows": len(call.input_ids), "seconds": out.seconds, "trace": trace,
-                "lora_loaded": self.serve_from == "hf", "warnings": list(self.warnings)}
+                "lora_loaded": self.serve_from == "hf", "warnings": list(self.warnings),
+                "ranges_valid": rc["valid"], "reason": rc["reason"],
+                "accepted_ranges": [list(r) for r in rc["ranges"]], "row_count_mismatch": rc["row_count_mismatch"],
+                "engine_stderr": self.engine_log[log_start:]}
 
     # ---------------------------------------------------------------- report
 
@@ -396,15 +478,31 @@ class LiveTurboMind:
                 for w in self.warnings]
 
     def close(self) -> None:
+        """Release the engine and check the GPU got its memory back: with `--layers every` on a 7B model the
+        next build would otherwise run out of memory far from the cause."""
         tm = getattr(self, "tm", None)
-        if tm is not None:
-            with contextlib.suppress(Exception):
-                tm.close()
         self.instance = None
         self.tm = None
+        failed = None
+        if tm is not None:
+            try:
+                tm.close()
+            except Exception as e:  # noqa: BLE001 - reported below, after the references are dropped
+                failed = f"{type(e).__name__}: {str(e).strip()[:300]}"
+        del tm
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        if failed is not None:
+            raise LiveEngineError(f"Closing TurboMind for {self.model_dir} failed ({failed}); its GPU memory may "
+                                  "still be held, so no further engine is built in this process.")
+        before, after = getattr(self, "free_before", None), _free_gpu_bytes()
+        if before is not None and after is not None and after < before - CLOSE_SLACK_BYTES:
+            gib = 1 << 30
+            raise LiveEngineError(
+                f"After closing TurboMind for {self.model_dir} the GPU has {after / gib:.2f} GiB free, "
+                f"{(before - after) / gib:.2f} GiB less than before it was built ({before / gib:.2f} GiB): the "
+                "engine's memory was not released, and the next build would run out of memory.")
 
     def __enter__(self) -> "LiveTurboMind":
         return self

@@ -11,11 +11,12 @@ out of a live deployment we deploy a copy of the model that *ends* after k decod
   per-layer tensors from it);
 * every other file (remote code, tokenizer, generation config): small files copied, big ones symlinked.
 
-The `"nolora"` variant also drops every `Plora_A`/`Plora_B` tensor and writes `parity_lora_config.json`
-(`{"lora_policy": ""}`): the lora_config override that makes lmdeploy's converter write `lora_policy: ''`
-(see `lora_override(folder)`; `parity.deploy.convert.convert(..., lora_config=...)` and the live engine both
-apply it). Stripping the tensors alone is not enough: lmdeploy's xcomposer2 reader hard-codes
-`lora_policy='plora'`, so TurboMind would allocate LoRA buffers and leave them uninitialised.
+The `"nolora"` variant keeps every tensor but writes each `Plora_B` as zeros: the deployment is then the same
+engine on the same kernel path (`lora_policy: 'plora'`, separate w1/w3 GEMMs, LoRA branch computed) whose
+LoRA adds exactly nothing. Turning LoRA off through the config instead (`lora_policy: ''`) would make
+TurboMind fuse w1/w3 into one GEMM: another kernel, so a PLoRA on/off difference would mix the LoRA's effect
+with the kernel change. (A folder may still carry `parity_lora_config.json`, a lora_config override that
+`parity.deploy.convert.convert(..., lora_config=...)` and the live engine apply; see `lora_override`.)
 
 Copies are cached under a folder, keyed by the source's fingerprint (file names, sizes, mtimes), k and
 the variant, written atomically (temp folder + rename). `TruncatedModels` is a context manager; its
@@ -46,13 +47,13 @@ LORA_OVERRIDE_NAME = "parity_lora_config.json"
 MARKER_NAME = "parity_truncation.json"
 NOLORA_OVERRIDE: dict[str, Any] = {"lora_policy": ""}
 # Bump when what a copy contains changes: part of the cache key.
-TRUNCATE_PROCEDURE_VERSION = "1"
+TRUNCATE_PROCEDURE_VERSION = "2"  # 2: "nolora" zeroes Plora_B instead of dropping LoRA via lora_policy ''.
 
 # XComposer2's language-model layers (the HF names lmdeploy's xcomposer2 reader expects).
 LAYER_KEY_RE = re.compile(r"^model\.layers\.(\d+)\.")
 # lmdeploy's own per-layer pattern (InternLM2Reader.attn_layer_patten), searched anywhere in a key.
 LMDEPLOY_LAYER_RE = re.compile(r"model.layers.([0-9]+).")
-PLORA_RE = re.compile(r"\.Plora_[AB]\.")
+PLORA_B_RE = re.compile(r"\.Plora_B\.")
 SMALL_FILE = 1 << 20  # files at most this big are copied, bigger ones symlinked
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -149,12 +150,15 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
         return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
-def drop_key(key: str, keep_layers: int, variant: str) -> bool:
+def drop_key(key: str, keep_layers: int) -> bool:
     """Whether a tensor is left out of a copy that keeps `keep_layers` decoder layers."""
     m = LAYER_KEY_RE.match(key)
-    if m and int(m.group(1)) >= keep_layers:
-        return True
-    return variant == "nolora" and bool(PLORA_RE.search(key))
+    return bool(m and int(m.group(1)) >= keep_layers)
+
+
+def zero_key(key: str, variant: str) -> bool:
+    """Whether a kept tensor is written as zeros (the "nolora" variant's Plora_B)."""
+    return variant == "nolora" and bool(PLORA_B_RE.search(key))
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -200,11 +204,12 @@ def write_truncated(source: str | Path, dest: str | Path, keep_layers: int, vari
     (dest / "config.json").write_text(json.dumps(new_cfg, indent=2, sort_keys=True) + "\n")
 
     weight_map: dict[str, str] = {}
-    dropped = kept = 0
+    dropped = kept = zeroed = 0
     layers_seen: set[int] = set()
     for shard in w.shards:
         keys = _shard_keys(shard, w.kind)
-        keep = [k for k in keys if not drop_key(k, keep_layers, variant)]
+        keep = [k for k in keys if not drop_key(k, keep_layers)]
+        zero = {k for k in keep if zero_key(k, variant)}
         for k in keys:
             m = LAYER_KEY_RE.match(k)
             if m:
@@ -223,12 +228,13 @@ def write_truncated(source: str | Path, dest: str | Path, keep_layers: int, vari
             continue
         for k in keep:
             weight_map[k] = shard.name
-        if len(keep) == len(keys):
+        zeroed += len(zero)
+        if len(keep) == len(keys) and not zero:
             os.symlink(shard.resolve(), dest / shard.name)
         elif w.kind == "safetensors":
-            _write_safetensors_subset(shard, dest / shard.name, keep)
+            _write_safetensors_subset(shard, dest / shard.name, keep, zero)
         else:
-            _write_bin_subset(shard, dest / shard.name, keep)
+            _write_bin_subset(shard, dest / shard.name, keep, zero)
     if layers_seen and max(layers_seen) + 1 != total:
         raise ParityInputError(
             f"{source}: config.json has num_hidden_layers={total} but the weights hold decoder layers "
@@ -238,29 +244,31 @@ def write_truncated(source: str | Path, dest: str | Path, keep_layers: int, vari
         meta = json.loads(w.index.read_text()).get("metadata", {})
         (dest / w.index.name).write_text(json.dumps({"metadata": dict(meta), "weight_map": dict(sorted(weight_map.items()))},
                                                     indent=2) + "\n")
-    if variant == "nolora":
-        (dest / LORA_OVERRIDE_NAME).write_text(json.dumps(NOLORA_OVERRIDE) + "\n")
+    if variant == "nolora" and not zeroed:
+        raise ParityInputError(f"{source}: no Plora_B tensor found; a LoRA-free copy needs the PLoRA weights "
+                               "(model.layers.N.*.Plora_B.weight) to zero.")
     marker = {"source": str(source), "keep_layers": keep_layers, "source_layers": total, "variant": variant,
-              "tensors_kept": kept, "tensors_dropped": dropped, "procedure": TRUNCATE_PROCEDURE_VERSION}
+              "tensors_kept": kept, "tensors_dropped": dropped, "tensors_zeroed": zeroed,
+              "procedure": TRUNCATE_PROCEDURE_VERSION}
     (dest / MARKER_NAME).write_text(json.dumps(marker, indent=1, sort_keys=True) + "\n")
     return marker
 
 
-def _write_safetensors_subset(src: Path, dst: Path, keys: Iterable[str]) -> None:
+def _write_safetensors_subset(src: Path, dst: Path, keys: Iterable[str], zero: frozenset[str] | set[str] = frozenset()) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     with safe_open(str(src), "pt") as f:
         meta = f.metadata() or {"format": "pt"}
-        tensors = {k: f.get_tensor(k) for k in keys}
+        tensors = {k: torch.zeros_like(f.get_tensor(k)) if k in zero else f.get_tensor(k) for k in keys}
     save_file(tensors, str(dst), metadata=meta)
 
 
-def _write_bin_subset(src: Path, dst: Path, keys: Iterable[str]) -> None:
+def _write_bin_subset(src: Path, dst: Path, keys: Iterable[str], zero: frozenset[str] | set[str] = frozenset()) -> None:
     sd = _load_bin(src)
     out = {}
     for k in keys:
-        t = sd[k]
+        t = torch.zeros_like(sd[k]) if k in zero else sd[k]
         # a view into a bigger storage would save the whole storage: keep only what is needed
         out[k] = t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t
     torch.save(out, str(dst))
