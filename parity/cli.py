@@ -45,6 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", type=user_path)
     c.add_argument("--out", type=user_path, required=True, help="workspace folder to write")
     c.add_argument("--tp", type=int, default=1)
+    c.add_argument("--lmdeploy-defaults", action="store_true",
+                   help="ignore a parity disguise's parity_lora_config.json and bias setting (convert as plain "
+                        "`lmdeploy convert` does)")
+
+    lm = sub.add_parser("lmdeploy", help="run lmdeploy's own CLI (serve api_server, chat, convert, ...) with parity's "
+                                         "registration active, so a disguise gets its LoRA settings and biases",
+                        description="parity lmdeploy -- ARGS: runs `lmdeploy ARGS` in this process after "
+                                    "parity.disguise.register_lora_config() (every folder with a "
+                                    "parity_lora_config.json gets its lora_config and q/k/v biases).")
+    lm.add_argument("lmdeploy_args", nargs=argparse.REMAINDER, help="lmdeploy's own arguments, after --")
 
     d = sub.add_parser("disguise", help="rewrite a Qwen2-based PLoRA model as an XComposer2 checkpoint for lmdeploy")
     d.add_argument("src", type=user_path, help="HF folder of the Qwen2 PLoRA model")
@@ -186,10 +196,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "convert":
             from .deploy.convert import convert
 
-            rec = convert(args.model, args.out, tp=args.tp)
+            rec = convert(args.model, args.out, tp=args.tp, lmdeploy_defaults=args.lmdeploy_defaults)
+            from .deploy.workspace import Workspace
+
+            bias = Workspace.open(rec.workspace).model.attn_bias
             Console(highlight=False).print(
                 f"[green]converted[/] {rec.model} -> {rec.workspace} (lmdeploy {rec.lmdeploy_version}, "
-                f"sub-type {rec.sub_type}, lora {rec.lora_config})")
+                f"sub-type {rec.sub_type}, lora {rec.lora_config}, attn_bias {bias})")
             for w in rec.warnings:
                 err.print(f"[yellow]warning:[/] {w}")
             return 0
@@ -211,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if audit.ok else 1
         if args.command == "faults":
             return _faults(args)
+        if args.command == "lmdeploy":
+            from .lmdeploy_cli import run_lmdeploy_cli
+
+            return run_lmdeploy_cli(args.lmdeploy_args)
         return _run(args)
     except ParityInputError as e:
         err.print(f"[bold red]parity: error:[/] {e}", soft_wrap=True)

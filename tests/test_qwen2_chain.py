@@ -30,8 +30,9 @@ def qwen2_models() -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def chain(qwen2_models, tmp_path_factory) -> dict[str, dict[str, Path]]:
-    """Per model: the disguise and its workspace, converted by lmdeploy with the emitted lora_config (the biased
-    one through the registry, as a serving process would; the other through `convert`'s override)."""
+    """Per model: the disguise and its workspace, converted by lmdeploy with the emitted lora_config and biases (the
+    biased one through the registry, as a serving process would; the other through `convert`, which reads the
+    folder's settings itself)."""
     root = tmp_path_factory.mktemp("chain")
     out = {}
     for name in ("qwen2-plora-tiny", "qwen2-plora-nobias-tiny"):
@@ -42,7 +43,7 @@ def chain(qwen2_models, tmp_path_factory) -> dict[str, dict[str, Path]]:
             with lora_config_registered(d):
                 convert(d, ws)
         else:
-            convert(d, ws, lora_config=read_lora_config(d))
+            convert(d, ws)
         out[name] = {"disguise": d, "workspace": ws}
     return out
 
@@ -133,8 +134,27 @@ def test_other_architectures_are_still_refused(tmp_path, qwen2_models):
 # ----------------------------------------------------------------------------- the chain verdicts
 
 
-def test_chain_with_qkv_biases_fails_with_bias_dropped_at_layer_0(pipeline, sessions, chain):
+def test_chain_with_qkv_biases_passes(pipeline, sessions, chain):
+    """The registration exports the q/k/v biases (attn_bias = 1): TurboMind's layout, checked bit for bit, and
+    the replay adds them before the rotary embedding as TurboMind does."""
     report = _run(pipeline, sessions, "qwen2-plora-tiny", chain["qwen2-plora-tiny"]["workspace"])
+    assert report.status == "pass", [f.message for f in report.errors()]
+    assert report.errors() == [] and report.first_divergence is None
+    audited = {r["tensor"]: r["status"] for r in report.weights_audit}
+    assert audited["layers.0.attention.w_qkv.bias"] == "ok" and audited["layers.2.attention.wo.bias"] == "ok"
+    assert all(s == "ok" for s in audited.values())
+    assert all(r["ok"] for r in report.config_audit)
+    worst = max(p.local["rel_l2"] for p in report.points if p.local)
+    assert worst < 1e-5
+
+
+def test_chain_with_qkv_biases_without_the_registration_fails_with_bias_dropped(pipeline, sessions, chain, tmp_path):
+    """Converted as plain lmdeploy does (attn_bias 0) with the right LoRA settings: the biases alone are lost."""
+    d = chain["qwen2-plora-tiny"]["disguise"]
+    ws = tmp_path / "ws-nobias"
+    rec = convert(d, ws, lora_config=read_lora_config(d), lmdeploy_defaults=True)
+    assert rec.lora_config == read_lora_config(d)
+    report = _run(pipeline, sessions, "qwen2-plora-tiny", ws)
     assert report.status == "fail"
     first = report.first_divergence
     assert (first.layer, first.module, first.cause) == (0, "attention.wqkv", "bias_dropped")
@@ -145,7 +165,6 @@ def test_chain_with_qkv_biases_fails_with_bias_dropped_at_layer_0(pipeline, sess
     assert hidden[0].layer == 0 and 0.05 < measured < 1.0          # the biases are ~0.3 on O(1) outputs
     assert f"local error {measured:.3g}" in first.message            # the report states the measured error
     assert {f.module for f in hidden} == {"attention.wqkv"}         # nothing else diverges (teacher-forced)
-    # the conversion is otherwise faithful: weights equal, config equal but attn_bias, LoRA resolved as the model
     assert all(r["status"] == "ok" for r in report.weights_audit)
     assert [r["field"] for r in report.config_audit if not r["ok"]] == ["attn_bias"]
     rows = [r for r in report.plora_table if r["linear"] == "attention.wqkv"]
@@ -166,9 +185,10 @@ def test_chain_without_biases_passes_with_the_lora_config(pipeline, sessions, ch
 
 
 def test_chain_without_the_lora_config_fails(pipeline, sessions, chain, tmp_path):
-    """lmdeploy's hard-coded XComposer2-7b settings (rank 256): TurboMind would refuse the workspace at load."""
+    """lmdeploy's hard-coded XComposer2-7b settings (rank 256; plain `lmdeploy convert`): TurboMind would refuse
+    the workspace at load."""
     ws = tmp_path / "ws-default"
-    rec = convert(chain["qwen2-plora-nobias-tiny"]["disguise"], ws)
+    rec = convert(chain["qwen2-plora-nobias-tiny"]["disguise"], ws, lmdeploy_defaults=True)
     assert rec.lora_config["lora_r"] == 256
     report = _run(pipeline, sessions, "qwen2-plora-nobias-tiny", ws)
     assert report.status == "fail"

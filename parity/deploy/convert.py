@@ -11,7 +11,9 @@ machine without CUDA. It:
 * detects the 4KHD trap: the checkpoint's `ixc_utils.py` defines `HD_transform`/`Image_transform` but
   lmdeploy's import of it failed, so the 7b LoRA settings were used silently;
 * optionally overrides the `lora_config` (the source model's `model_info()` is patched inside this
-  process only);
+  process only); a `parity disguise` folder brings its own (`parity_lora_config.json`, and `attn_bias = 1`
+  when its q/k/v carry biases: `parity.disguise.lora.disguise_model_info`), so converting a disguise with
+  parity gives what lmdeploy writes with `register_lora_config()` active;
 * captures everything lmdeploy prints (stdout, stderr/tqdm, its logger, Python warnings) into
   `parity-conversion.log` in the workspace root instead of the terminal;
 * is atomic: it converts into a hidden temp sibling and renames it into place (a crash never leaves a half
@@ -59,7 +61,7 @@ SUB_TYPES = {"XCOMPOSER2": "7b", "XCOMPOSER2_4KHD": "4khd", "XCOMPOSER2D5": "2.5
 # what each ixc_utils entry point means to lmdeploy (it tries Image_transform first)
 _IXC_MARKERS = (("Image_transform", "2.5"), ("HD_transform", "4khd"))
 # Bump when the conversion procedure (patches, override mechanics) changes: part of the cache key.
-CONVERT_PROCEDURE_VERSION = "1"
+CONVERT_PROCEDURE_VERSION = "2"  # 2: disguise folders bring their lora_config and attn_bias
 
 
 # ------------------------------------------------------------------------------------------ validation
@@ -263,9 +265,9 @@ def _sub_type_name(model_type: Any) -> str:
 
 @contextlib.contextmanager
 def _lora_override(arch: str, override: dict | None) -> Iterator[None]:
-    """Patch the source model class's `model_info()` so the written lora_config is `override` merged over what
-    lmdeploy chose (this process only)."""
-    if override is None:
+    """Patch the source model class's `model_info()` so the written lora_config (and attn_bias) is `override`
+    merged over what lmdeploy chose (this process only)."""
+    if not override:
         yield
         return
     from lmdeploy.turbomind.deploy.source_model.base import INPUT_MODELS
@@ -352,8 +354,15 @@ def _converter_error(model_dir: Path, e: BaseException, log: list[str]) -> Parit
     )
 
 
-def convert(model_dir: str | Path, out_dir: str | Path, tp: int = 1, lora_config: dict | None = None) -> ConversionRecord:
-    """Convert `model_dir` with lmdeploy's converter into workspace `out_dir` (replaced atomically)."""
+def convert(model_dir: str | Path, out_dir: str | Path, tp: int = 1, lora_config: dict | None = None, *,
+            lmdeploy_defaults: bool = False) -> ConversionRecord:
+    """Convert `model_dir` with lmdeploy's converter into workspace `out_dir` (replaced atomically).
+
+    A `parity disguise` folder is converted with its parity_lora_config.json (unless `lora_config` is given)
+    and its q/k/v biases exported (attn_bias = 1). `lmdeploy_defaults`: ignore the folder's parity files and
+    convert as plain `lmdeploy convert` does without parity's registration (the LoRA settings lmdeploy
+    hard-codes, biases dropped) -- to see what a deployment without the registration loses.
+    """
     model_dir = followable(model_dir, "Model folder").resolve()
     out_dir = followable(out_dir, "Workspace folder").resolve()
     if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1 or tp & (tp - 1):
@@ -365,6 +374,15 @@ def convert(model_dir: str | Path, out_dir: str | Path, tp: int = 1, lora_config
             "`pip install --no-deps lmdeploy==0.7.1` plus its pure-Python needs (pyproject extra 'lmdeploy-cpu')."
         )
     override = _check_lora_override(lora_config)
+    extra: dict[str, Any] = {}
+    if model_dir.is_dir() and not lmdeploy_defaults:
+        from ..disguise.lora import LORA_CONFIG_FILE, disguise_model_info
+
+        # a disguise folder: what the registration would give lmdeploy (the given lora_config wins)
+        info = disguise_model_info(model_dir, override) if (model_dir / LORA_CONFIG_FILE).is_file() else None
+        if info is not None:
+            extra["attn_bias"] = info.pop("attn_bias")
+            override = info
     from .versions import row_for, semantics_for
 
     semantics = semantics_for(version)  # ParityInputError for releases without XComposer2 in TurboMind
@@ -382,7 +400,8 @@ def convert(model_dir: str | Path, out_dir: str | Path, tp: int = 1, lora_config
             from lmdeploy.turbomind.deploy.converter import main
 
             try:
-                with _captured(log, warn), _observe_xcomposer_type(seen), _lora_override(arch, override):
+                with _captured(log, warn), _observe_xcomposer_type(seen), \
+                        _lora_override(arch, {**(override or {}), **extra} or None):
                     chat_template = _chat_template(model_dir)
                     t1 = time.perf_counter()
                     _call_main(main, model_dir, tmp, tp, model_dir.name, chat_template)
@@ -449,6 +468,8 @@ def convert(model_dir: str | Path, out_dir: str | Path, tp: int = 1, lora_config
             )
         if override is not None:
             mismatch = {k: (v, lora_written.get(k)) for k, v in override.items() if lora_written.get(k) != v}
+            if "attn_bias" in extra and int((written.get("model_config") or {}).get("attn_bias", -1)) != extra["attn_bias"]:
+                mismatch["attn_bias"] = (extra["attn_bias"], (written.get("model_config") or {}).get("attn_bias"))
             if mismatch:
                 raise ParityInputError(
                     f"The lora_config override was not written as given (key: (given, written)) {mismatch}; "

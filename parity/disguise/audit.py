@@ -131,6 +131,7 @@ def _lmdeploy_view(path: str) -> dict[str, Any]:
                 base = config_to_dict(LoraConfig())
                 base.update({k: v for k, v in info.items() if k in base})
                 out["lora_config"] = config_to_dict(config_from_dict(LoraConfig, base))
+                out["attn_bias"] = int(info.get("attn_bias", 0) or 0)  # what Attn.apply exports biases by
             except Exception as e:
                 out["errors"].append(f"lmdeploy's '{out['reader']}' source model failed on this folder "
                                      f"({type(e).__name__}: {e})")
@@ -327,12 +328,15 @@ def _judge(audit: DeploymentAudit, cfg: dict, lm: dict, mv: dict, path: Path) ->
 
     # what the xcomposer2 reader cannot carry
     if audit.reader in ("xcomposer2", "internlm2"):
-        row({"item": "qkv bias", "lmdeploy": "dropped (attn_bias 0)", "model": audit.qkv_bias,
-             "ok": not audit.qkv_bias, "note": "the reader never exports attention biases"})
-        if audit.qkv_bias:
+        exported = bool(lm.get("attn_bias"))
+        row({"item": "qkv bias", "lmdeploy": "exported (attn_bias 1)" if exported else "dropped (attn_bias 0)",
+             "model": audit.qkv_bias, "ok": exported or not audit.qkv_bias,
+             "note": "exported only with attn_bias = 1 (parity's registration sets it for a disguise with biases)"})
+        if audit.qkv_bias and not exported:
             _finding(audit, "error", "bias_dropped", layer=0, module="attention.wqkv", positions="all",
-                     message=("The model's wqkv (q/k/v) has a bias, but lmdeploy's xcomposer2 reader never exports "
-                              "attention biases (attn_bias = 0): TurboMind computes q/k/v without them."))
+                     message=("The model's wqkv (q/k/v) has a bias, but lmdeploy's xcomposer2 reader leaves attn_bias = 0 "
+                              "and never exports it: TurboMind computes q/k/v without them. Convert and serve a parity "
+                              "disguise with parity's registration active (parity convert / parity lmdeploy -- ...)."))
         row({"item": "head_dim", "lmdeploy": LMDEPLOY_READER_HEAD_DIM, "model": audit.head_dim,
              "ok": audit.head_dim == LMDEPLOY_READER_HEAD_DIM, "note": "wqkv split hard-codes 128"})
         if audit.head_dim != LMDEPLOY_READER_HEAD_DIM:

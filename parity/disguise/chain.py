@@ -12,7 +12,7 @@ from .lora import read_lora_config
 from .writer import DISGUISE_RECORD, DisguiseRecord, disguise
 
 # Bump when the disguise's output for the same input changes (part of the cache key).
-DISGUISE_VERSION = "1"
+DISGUISE_VERSION = "2"  # 2: biases kept as exported (no longer a loss)
 
 
 def disguised_workspace(model_dir: str | Path, cache_root: str | Path, *, tp: int = 1,

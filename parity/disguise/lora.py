@@ -8,6 +8,12 @@ lmdeploy's own `INPUT_MODELS` registry under 'xcomposer2', a subclass of lmdeplo
 `model_info()` returns that lora_config for folders that carry the file. Call it in every process that
 converts or serves the disguise (before `lmdeploy.pipeline(...)` / `lmdeploy convert` in Python); it is
 process-local and changes nothing for other models.
+
+The same registration carries the disguise's q/k/v biases: lmdeploy's xcomposer2 reader leaves `attn_bias`
+at 0, so its exporter (`turbomind/deploy/module.py`, `Attn.apply`) never asks the reader for
+`attention.wqkv.bias`; for a disguise whose config.json says `bias: true` the registered `model_info()` also
+returns `attn_bias = 1`, and lmdeploy's own exporter then writes the biases in TurboMind's layout (grouped,
+rotary-permuted, tp-split, a zero `wo.bias`), which TurboMind adds to q/k/v before the rotary embedding.
 """
 
 from __future__ import annotations
@@ -73,6 +79,29 @@ def read_lora_config(model_dir: str | Path) -> dict[str, Any] | None:
     return _validated(data, str(path))
 
 
+def disguise_qkv_bias(model_dir: str | Path) -> bool:
+    """Whether the disguise in `model_dir` carries q/k/v biases (XComposer2's config.json flag `bias`)."""
+    path = Path(model_dir) / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ParityInputError(f"{path} is not readable JSON ({e}); expected the config.json `parity disguise` wrote.") from None
+    bias = cfg.get("bias", False) if isinstance(cfg, dict) else None
+    if not isinstance(bias, bool):
+        raise ParityInputError(f"{path}: 'bias' is {bias!r}; expected true or false (XComposer2's q/k/v/o bias flag).")
+    return bias
+
+
+def disguise_model_info(model_dir: str | Path, lora_config: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """What parity adds to lmdeploy's `model_info()` for a disguise folder: its lora_config (`lora_config`, else
+    the folder's parity_lora_config.json) and `attn_bias` (1 when its q/k/v carry biases). None for a folder
+    without parity_lora_config.json (and no `lora_config`): lmdeploy's own settings stay."""
+    cfg = dict(lora_config) if lora_config is not None else read_lora_config(model_dir)
+    if cfg is None:
+        return None
+    return {**cfg, "attn_bias": int(disguise_qkv_bias(model_dir))}
+
+
 def _key(path: str | Path) -> str:
     return str(Path(path).resolve())
 
@@ -95,7 +124,8 @@ def _registry():
 
 def _make_class(base: type) -> type:
     class ParityXcomposer2Model(base):  # type: ignore[misc, valid-type]
-        """lmdeploy's Xcomposer2Model; `model_info()` takes the LoRA settings from parity_lora_config.json."""
+        """lmdeploy's Xcomposer2Model; `model_info()` takes the LoRA settings from parity_lora_config.json and
+        exports the disguise's q/k/v biases (`disguise_model_info`)."""
 
         parity_lora = True
 
@@ -103,7 +133,7 @@ def _make_class(base: type) -> type:
             info = super().model_info()
             cfg = _lora_for(self.model_path)
             if cfg is not None:
-                info.update(cfg)
+                info.update(disguise_model_info(self.model_path, cfg))
             return info
 
     ParityXcomposer2Model.__qualname__ = ParityXcomposer2Model.__name__
@@ -116,7 +146,7 @@ def register_lora_config(model_path: str | Path | None = None, lora_config: Mapp
     Registers (once; `force=True` in lmdeploy's `INPUT_MODELS` under 'xcomposer2') a subclass of the
     registered `Xcomposer2Model` whose `model_info()` returns, for a model folder, `lora_config` if one was
     registered for that folder here, else the folder's `parity_lora_config.json`, else lmdeploy's own
-    settings. With `model_path` (and no `lora_config`) the folder must carry the file; returns the
+    settings; with a parity lora_config it also sets `attn_bias` from the folder's `bias` flag. With `model_path` (and no `lora_config`) the folder must carry the file; returns the
     lora_config that will be used for `model_path` (None without one).
     """
     if lora_config is not None and model_path is None:

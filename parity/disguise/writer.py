@@ -16,8 +16,8 @@ Refused (ParityInputError, nothing written): what the disguise cannot represent 
 head_dim other than 128 (the reader splits wqkv with a hard-coded 128), hidden_size != heads * head_dim,
 a projection without PLoRA, ranks/scales that vary between layers, an activation other than SiLU, tensors
 with no XComposer2 counterpart. Listed as losses (written anyway, kept in the HF disguise so the chain check
-shows them): q/k/v biases (lmdeploy's xcomposer2 reader never exports them), a non-zero o_proj bias,
-sliding-window attention, inexact scale folding.
+shows them): sliding-window attention, inexact scale folding. q/k/v (and o) biases are kept and exported by
+lmdeploy when parity's registration is active (attn_bias = 1, see `parity.disguise.lora`).
 """
 
 from __future__ import annotations
@@ -361,16 +361,18 @@ def disguise(src: str | Path, dst: str | Path, *, trust_remote_code: bool = Fals
     has_bias = any(n.endswith("attention.wqkv.bias") for n in state)
     if has_bias:
         mx = max(float(tensors[f"model.layers.{i}.{q}.bias"].abs().max()) for i in layers for q in QKV_PROJECTIONS)
-        losses.append(
-            f"q/k/v biases (max |bias| {mx:.3g}): lmdeploy 0.7.1's xcomposer2 reader never exports attention biases "
-            "(attn_bias = 0 in config.yaml), so TurboMind computes q/k/v without them. The disguise keeps them "
-            "(config bias = true, wqkv.bias; wo.bias written as zeros since XComposer2 has one `bias` flag) so that "
-            "HF still computes them and `parity run` shows the difference as bias_dropped."
+        notes.append(
+            f"q/k/v biases (max |bias| {mx:.3g}) are kept (config bias = true, wqkv.bias; wo.bias as zeros since "
+            "XComposer2 has one `bias` flag). lmdeploy 0.7.1's xcomposer2 reader exports them only with attn_bias = 1, "
+            f"which parity's registration sets for this folder: convert and serve with `parity convert`, `parity run` "
+            "or `parity lmdeploy -- ...` (or register_lora_config() in your own process); plain `lmdeploy convert` "
+            "drops them (`parity run` then names it bias_dropped)."
         )
     o_bias = [i for i in layers if f"model.layers.{i}.self_attn.o_proj.bias" in tensors
               and bool(tensors[f"model.layers.{i}.self_attn.o_proj.bias"].abs().max() > 0)]
     if o_bias:
-        losses.append(f"o_proj biases (layers {o_bias[:5]}): not exported by lmdeploy's xcomposer2 reader either.")
+        notes.append(f"o_proj biases (layers {o_bias[:5]}) are written as wo.bias and exported with the q/k/v biases "
+                     "(attn_bias = 1); TurboMind adds wo.bias in its residual + RMSNorm kernel.")
     if cfg.get("use_sliding_window"):
         losses.append(
             f"sliding-window attention (sliding_window {cfg.get('sliding_window')}, from layer "
