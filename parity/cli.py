@@ -32,6 +32,9 @@ def _common_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=user_path, help="HF model folder (XComposer2 remote-code layout)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow running the model's own modeling code (required for XComposer2 checkpoints)")
+    p.add_argument("--hub-model", action="append", default=[], metavar="ID=PATH",
+                   help="a local folder for a hub model the model's code loads by id (XComposer2: "
+                        "openai/clip-vit-large-patch14-336); default: the offline HF cache (HF_HOME)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,12 +188,17 @@ def _check_writable(out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if getattr(args, "hub_model", None):
+            from .reference.modelcode import parse_hub_model, provide
+
+            for spec in args.hub_model:
+                provide(*parse_hub_model(spec))
         if args.command == "fixtures":
             from .fixtures import generate
 
-            from .fixtures import FIXTURE_NAMES, QWEN2_FIXTURE_NAMES
+            from .fixtures import FIXTURE_NAMES, GENUINE_FIXTURE_NAMES, QWEN2_FIXTURE_NAMES
 
-            for name, path in generate(args.out, FIXTURE_NAMES + QWEN2_FIXTURE_NAMES).items():
+            for name, path in generate(args.out, FIXTURE_NAMES + GENUINE_FIXTURE_NAMES + QWEN2_FIXTURE_NAMES).items():
                 Console(highlight=False).print(f"[green]fixture[/] {name}: {path}")
             return 0
         if args.command == "convert":

@@ -329,7 +329,8 @@ def _run_in_session(opts: RunOptions, session: ReferenceSession, semantics, case
                    "weight_type": ws.model.weight_type, "sub_type": record.sub_type if record else None,
                    "reference_storage": str(next(ref.model.parameters()).dtype).replace("torch.", ""),
                    "conversion_warnings": record.warnings if record else [],
-                   "device": session.placement.describe()}
+                   "device": session.placement.describe(),
+                   "reference_applied": ref.applied}
     if live:
         engine_dict.update(engine_section)  # lmdeploy version, GPU, dtype, lora_config as loaded
         if layerwise_section is not None:

@@ -9,7 +9,7 @@ q/k/v projections are seen as one canonical `attention.wqkv` (`anatomy.FusedQKV`
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ class ReferenceModel:
     config: dict[str, Any]
     dtype: torch.dtype
     family: str = "xcomposer2"          # "xcomposer2" | "qwen2-plora"
+    applied: list[str] = field(default_factory=list)   # in-process fixes made to the loaded model (modelcode)
 
     @property
     def hidden_size(self) -> int:
@@ -86,10 +87,17 @@ class ReferenceModel:
                 f"Model {self.path} has no `encode_img` method; parity needs XComposer2's image entry point to "
                 "build image rows."
             )
+        from .modelcode import model_code_error
         from .precision import compute_dtype
 
-        with compute_dtype(self.model, self.anatomy.layers, self.dtype):
-            feats = self.model.encode_img(str(image))
+        try:
+            with compute_dtype(self.model, self.anatomy.layers, self.dtype):
+                feats = self.model.encode_img(str(image))
+        except ParityInputError:
+            raise
+        except Exception as e:
+            raise model_code_error(e, self.path, f"computing the features of {image} (encode_img)",
+                                   "encode_img(path) to return the image's feature rows [1, n, hidden]") from None
         return feats.float().reshape(-1, feats.shape[-1]).cpu()
 
     def xcomposer2_state_dict(self) -> dict[str, torch.Tensor]:
@@ -145,39 +153,60 @@ def load_reference(path: Path | str, trust_remote_code: bool, dtype: torch.dtype
         )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from .modelcode import apply_clip_geometry, model_code_error, resolving_hub_models
 
     try:
-        if low_memory is None:
-            low_memory = not _fits_in_memory(path, dtype)
-        if low_memory:
-            from .lowmem import load_lowmem
-
-            model = load_lowmem(path, trust_remote_code)
-        else:
-            model, info = AutoModelForCausalLM.from_pretrained(
-                str(path), trust_remote_code=trust_remote_code, dtype=dtype, attn_implementation="eager",
-                output_loading_info=True,
-            )
-            # transformers fills missing tensors with random values (and only logs it): never compare those
-            missing = sorted(info.get("missing_keys") or [])
-            if missing:
-                raise ParityInputError(
-                    f"The checkpoint in {path} lacks {len(missing)} tensor(s) the model defines, e.g. "
-                    f"{', '.join(missing[:3])}; transformers would fill them with random values. Expected a complete "
-                    "checkpoint (a merged or stripped export without its Plora_A/Plora_B tensors cannot be compared)."
-                )
+        with resolving_hub_models(path):
+            model = _load_model(path, trust_remote_code, dtype, low_memory)
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except ParityInputError:
         raise
     except Exception as e:  # transformers/safetensors raise many types for a broken folder
+        if _raised_in_model_code(e, path):
+            raise model_code_error(e, path, "building the model (from_pretrained)",
+                                   "its code to build the model from config.json and the folder's weights") from None
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ParityInputError(
             f"Could not load the model in {path} with transformers ({type(e).__name__}: {first}). Expected a "
             "complete HF folder: config.json, the remote-code .py files it names, readable *.safetensors and a "
             "tokenizer."
         ) from None
+    applied = apply_clip_geometry(model)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return ReferenceModel(path, model, discover(model, str(path)), tokenizer, cfg, dtype, family)
+    return ReferenceModel(path, model, discover(model, str(path)), tokenizer, cfg, dtype, family, applied)
+
+
+def _load_model(path: Path, trust_remote_code: bool, dtype: torch.dtype, low_memory: bool | None) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    if low_memory is None:
+        low_memory = not _fits_in_memory(path, dtype)
+    if low_memory:
+        from .lowmem import load_lowmem
+
+        return load_lowmem(path, trust_remote_code)
+    model, info = AutoModelForCausalLM.from_pretrained(
+        str(path), trust_remote_code=trust_remote_code, dtype=dtype, attn_implementation="eager",
+        output_loading_info=True,
+    )
+    # transformers fills missing tensors with random values (and only logs it): never compare those
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise ParityInputError(
+            f"The checkpoint in {path} lacks {len(missing)} tensor(s) the model defines, e.g. "
+            f"{', '.join(missing[:3])}; transformers would fill them with random values. Expected a complete "
+            "checkpoint (a merged or stripped export without its Plora_A/Plora_B tensors cannot be compared)."
+        )
+    return model
+
+
+def _raised_in_model_code(exc: BaseException, path: Path) -> bool:
+    import traceback
+
+    from .modelcode import _model_frame
+
+    return _model_frame(traceback.extract_tb(exc.__traceback__), path) is not None
