@@ -8,7 +8,9 @@ STAMP  := $(VENV)/.setup-done
 FIXTURES := .cache/fixtures
 DEFAULT_MODEL := $(FIXTURES)/xcomposer2-tiny
 MODEL  ?= $(DEFAULT_MODEL)
-OUT    ?= reports/$(notdir $(patsubst %/,%,$(MODEL)))
+# empty: parity's own default, reports/<model folder name>-<hash of its path> (parity.places), so two models
+# whose folders share a name never write into one report folder
+OUT    ?=
 ARGS   ?=
 # The built-in fixtures are our own code; a user's model runs its own code only when they say so.
 ifeq ($(MODEL),$(DEFAULT_MODEL))
@@ -39,7 +41,7 @@ test: setup
 
 parity: setup
 	@if [ "$(MODEL)" = "$(DEFAULT_MODEL)" ]; then $(BIN)/parity fixtures --out $(FIXTURES) >/dev/null; fi
-	$(BIN)/parity run $(MODEL) $(TRUST_FLAG) --out $(OUT) $(ARGS)
+	$(BIN)/parity run $(MODEL) $(TRUST_FLAG) $(if $(OUT),--out $(OUT)) $(ARGS)
 
 faults: setup
 	$(BIN)/parity faults --json reports/faults.json
@@ -49,5 +51,6 @@ faults: setup
 bench: setup
 	$(BIN)/python benchmarks/bench.py --out reports/bench.json $(ARGS)
 
+# build outputs and the fixture cache only: reports are the user's (delete reports/ yourself)
 clean:
-	rm -rf .cache reports/*/ build *.egg-info
+	rm -rf .cache build *.egg-info

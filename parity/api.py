@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .errors import ParityInputError
 from .records import Report
 
 
@@ -18,12 +19,29 @@ class ParityAssertionError(AssertionError):
 
 
 def assert_parity(report: Report, top: int = 5) -> None:
-    """Fail with the first divergence and the top error findings, in plain words."""
+    """Fail with the first divergence, the top error findings and the report's path, in plain words."""
+    __tracebackhide__ = True  # pytest shows the user's line, not this helper's frame
     if report.status == "pass":
         return
     from .report import render_failure_message
 
     raise ParityAssertionError(render_failure_message(report, top=top))
+
+
+def _check_option_names(options: dict[str, Any]) -> None:
+    """A misspelt option is bad input naming the valid ones, not a TypeError from a dataclass."""
+    import difflib
+    from dataclasses import fields
+
+    from .pipeline import RunOptions
+
+    valid = sorted({f.name for f in fields(RunOptions) if f.name != "model" and not f.name.startswith("mutate_")}
+                   | {"out", "jobs"})
+    unknown = [k for k in options if k not in valid and not k.startswith("mutate_")]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], valid, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ParityInputError(f"parity.run: unknown option {unknown[0]!r}{hint}; valid options: {', '.join(valid)}.")
 
 
 def run(model: str | Path, *, out: str | Path | None = None, jobs: int = 1, **options: Any) -> Report:
@@ -37,6 +55,7 @@ def run(model: str | Path, *, out: str | Path | None = None, jobs: int = 1, **op
     from .pipeline import RunOptions
     from .report import write_reports
 
+    _check_option_names(options)
     for key in ("workspace", "inputs", "cache_dir", "keep_traces"):
         if isinstance(options.get(key), str):
             options[key] = Path(options[key])

@@ -11,12 +11,28 @@ from pathlib import Path
 from rich.console import Console
 
 from .errors import ParityInputError, followable
+from .places import CACHE_ENV, REPORTS_ROOT, default_cache_dir, default_report_dir
 
 err = Console(stderr=True, highlight=False)
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default, when it has one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.default not in (None, False, argparse.SUPPRESS) and not isinstance(action.default, list)
+        if shown and "%(default)" not in text and "default" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse, with its usage errors in parity's one-paragraph form (exit 2)."""
+    """argparse, with its usage errors in parity's one-paragraph form (exit 2) and defaults in its help."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         err.print(f"[bold red]parity: error:[/] {message} (see `{self.prog} --help`).", soft_wrap=True)
@@ -28,6 +44,22 @@ def user_path(text: str) -> Path:
     return followable(text, "Path")
 
 
+def _version() -> str:
+    """parity's version and the lmdeploy / torch it runs with (read from package metadata: no heavy imports)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"parity {__version__} (lmdeploy {installed('lmdeploy')}, torch {installed('torch')}, " \
+           f"transformers {installed('transformers')})"
+
+
 def _common_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=user_path, help="HF model folder (XComposer2 remote-code layout)")
     p.add_argument("--trust-remote-code", action="store_true",
@@ -37,17 +69,37 @@ def _common_model(p: argparse.ArgumentParser) -> None:
                         "openai/clip-vit-large-patch14-336); default: the offline HF cache (HF_HOME)")
 
 
+def _cache_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", type=user_path, default=default_cache_dir(), metavar="DIR",
+                   help=f"conversion cache (workspaces, fixtures); ${CACHE_ENV} moves it")
+
+
+def _threshold_options(p: argparse.ArgumentParser) -> None:
+    """One flag per numeric threshold; the default shown is Thresholds' own (pyproject.toml may change it)."""
+    from .compare.thresholds import THRESHOLD_FLAGS, Thresholds
+
+    defaults = Thresholds()
+    for name, meaning in THRESHOLD_FLAGS.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=float, metavar="X",
+                       help=f"{meaning} (default: {getattr(defaults, name):g}, or [tool.parity] {name} in "
+                            "./pyproject.toml)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="parity", description=__doc__)
-    sub = ap.add_subparsers(dest="command", required=True)
+    ap.add_argument("--version", action="version", version=_version(),
+                    help="print parity's version and the lmdeploy, torch and transformers it runs with")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     f = sub.add_parser("fixtures", help="generate the built-in tiny fixture models")
-    f.add_argument("--out", type=user_path, default=Path(".cache/fixtures"))
+    f.add_argument("--out", type=user_path, default=default_cache_dir() / "fixtures", metavar="DIR",
+                   help="folder to write the fixture models into")
 
     c = sub.add_parser("convert", help="convert a model with lmdeploy's own converter (on CPU)")
-    c.add_argument("model", type=user_path)
-    c.add_argument("--out", type=user_path, required=True, help="workspace folder to write")
-    c.add_argument("--tp", type=int, default=1)
+    c.add_argument("model", type=user_path, help="HF model folder to convert")
+    c.add_argument("--out", type=user_path, required=True, metavar="WS",
+                   help="workspace folder to write (replaced atomically)")
+    c.add_argument("--tp", type=int, default=1, help="tensor-parallel shards to write (a power of two)")
     c.add_argument("--lmdeploy-defaults", action="store_true",
                    help="ignore a parity disguise's parity_lora_config.json and bias setting (convert as plain "
                         "`lmdeploy convert` does)")
@@ -68,29 +120,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     au = sub.add_parser("audit", help="what lmdeploy 0.7.1 would pick for a model folder, and whether it fits")
     _common_model(au)
-    au.add_argument("--json", type=user_path, help="also write the audit as JSON")
+    au.add_argument("--json", type=user_path, metavar="FILE", help="also write the audit as JSON")
 
     fl = sub.add_parser("faults", help="run the fault catalogue: every named fault must get its expected verdict")
-    fl.add_argument("--numeric", choices=["fp32", "emulate"], default="fp32")
-    fl.add_argument("--only", nargs="*", help="fault names to run (default: all)")
-    fl.add_argument("--cache-dir", type=user_path, default=Path(".cache"))
-    fl.add_argument("--json", type=user_path, help="also write the table as JSON")
+    fl.add_argument("--numeric", choices=["fp32", "emulate"], default="fp32",
+                    help="replay precision the faults are judged at")
+    fl.add_argument("--only", nargs="*", metavar="NAME", help="fault names to run (default: all)")
+    _cache_option(fl)
+    fl.add_argument("--json", type=user_path, metavar="FILE", help="also write the table as JSON")
 
     r = sub.add_parser("run", help="compare the HF reference with the deployment, layer by layer")
     _common_model(r)
-    r.add_argument("--workspace", type=user_path, help="converted workspace (default: convert into the cache)")
-    r.add_argument("--engine", choices=["replay", "turbomind"], default="replay")
+    r.add_argument("--workspace", type=user_path, metavar="WS",
+                   help="converted workspace (default: convert into the cache)")
+    r.add_argument("--engine", choices=["replay", "turbomind"], default="replay",
+                   help="deployment side: TurboMind's math replayed on CPU, or the live engine (CUDA)")
     r.add_argument("--layers", choices=["every", "bisect"],
                    help="with --engine turbomind: per-layer values by deploying copies of the model truncated to k "
                         "layers (every layer, or bisection to the first divergent layer in about log2(L) "
-                        "deployments), plus the engine's own PLoRA on/off effect")
-    r.add_argument("--session-len", type=int, help="TurboMind session_len for --engine turbomind")
-    r.add_argument("--lmdeploy-version", help="replay this release's runtime semantics (default: installed)")
+                        "deployments), plus the engine's own PLoRA on/off effect (default: none)")
+    r.add_argument("--session-len", type=int, metavar="N",
+                   help="TurboMind session_len for --engine turbomind (default: the engine's)")
+    r.add_argument("--lmdeploy-version", metavar="X.Y.Z",
+                   help="replay this release's runtime semantics (default: the installed lmdeploy)")
     r.add_argument("--numeric", choices=["fp32", "emulate"], default="fp32",
                    help="fp32 isolates conversion/config faults; emulate rounds like the deployment dtype")
     r.add_argument("--serve-from", choices=["hf", "workspace"], default="hf",
                    help="how the deployment loads weights (a workspace-served TurboMind has no LoRA)")
-    r.add_argument("--inputs", type=user_path, help="YAML/JSON file of input cases")
+    r.add_argument("--inputs", type=user_path, metavar="FILE",
+                   help="YAML/JSON file of input cases (default: one built-in text-image-text case)")
     r.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=None,
                    help="keep reference weights in the checkpoint dtype and upcast one layer at a time "
                         "(identical results; default: automatic when float32 weights would not fit)")
@@ -100,28 +158,26 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--jobs", "-j", type=int, default=1, metavar="N",
                    help="run the cases in N worker processes (each loads its own reference model; clamped to the "
                         "number of cases; default 1)")
-    r.add_argument("--out", type=user_path, default=Path("reports/latest"))
-    r.add_argument("--cache-dir", type=user_path, default=Path(".cache"))
-    r.add_argument("--keep-traces", type=user_path, help="copy the raw traces (safetensors) here")
-    r.add_argument("--floor-factor", type=float, help="threshold = factor x noise floor (default 10)")
-    r.add_argument("--fp32-min-rel", type=float)
-    r.add_argument("--fp32-max-rel", type=float)
-    r.add_argument("--lowp-min-rel", type=float)
-    r.add_argument("--lowp-max-rel", type=float)
+    r.add_argument("--out", type=user_path, metavar="DIR",
+                   help=f"report folder (default: {REPORTS_ROOT}/<model folder name>-<hash of its path>, so two "
+                        "models never share one)")
+    _cache_option(r)
+    r.add_argument("--keep-traces", type=user_path, metavar="DIR",
+                   help="copy the raw traces (safetensors) here (default: removed after the run)")
+    _threshold_options(r)
     return ap
 
 
 def _run(a: argparse.Namespace) -> int:
-    from .compare.thresholds import load_thresholds
+    from .compare.thresholds import THRESHOLD_FLAGS, load_thresholds
     from .parallel import run_parallel
     from .pipeline import RunOptions
     from .report import write_reports
     from .report.terminal import print_summary
 
-    thresholds = load_thresholds(
-        floor_factor=a.floor_factor, fp32_min_rel=a.fp32_min_rel, fp32_max_rel=a.fp32_max_rel,
-        lowp_min_rel=a.lowp_min_rel, lowp_max_rel=a.lowp_max_rel,
-    )
+    thresholds = load_thresholds(**{name: getattr(a, name) for name in THRESHOLD_FLAGS})
+    if a.out is None:
+        a.out = default_report_dir(a.model)
     _check_writable(a.out)
     if a.keep_traces:
         _check_writable(a.keep_traces)  # else copying the traces fails after the whole run

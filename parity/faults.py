@@ -308,12 +308,14 @@ def run_fault(fault: Fault, models: dict[str, Path], workspaces: dict[str, Path]
     return FaultResult(fault, got, report.status, time.perf_counter() - t, len(report.errors()))
 
 
-def run_catalogue(cache: Path = Path(".cache"), names: list[str] | None = None,
+def run_catalogue(cache: Path | None = None, names: list[str] | None = None,
                   numeric: str = "fp32") -> list[FaultResult]:
     from .deploy.convert import convert_cached
     from .fixtures import ensure
+    from .places import default_cache_dir
     from .reference.session import ReferenceSession
 
+    cache = Path(cache) if cache is not None else default_cache_dir()
     models = ensure(cache / "fixtures")
     faults = [f for f in CATALOGUE if names is None or f.name in names]
     wanted = sorted({f.model for f in faults})

@@ -29,13 +29,13 @@ from .compare.thresholds import Thresholds
 from .device import Placement, judged_precision, resolve_device, supports_float64
 from .errors import EngineRefused, ParityInputError
 from .inputs import default_cases, engine_call, engine_rows, hf_call, load_cases, prepare
+from .places import default_cache_dir
 from .points import PLORA_PARTS, UNCHECKED_PARTS
 from .records import CanonicalInput, CaseSummary, Finding, PreparedInput, Report
 from .reference.loader import ReferenceModel
 from .reference.session import ReferenceSession
 from .verdict import decide, sort_findings
 
-DEFAULT_CACHE = Path(".cache")
 _UNREAD_PARTS = frozenset(UNCHECKED_PARTS)
 _PLORA_PARTS = frozenset(PLORA_PARTS)
 
@@ -52,7 +52,7 @@ class RunOptions:
     serve_from: str = "hf"                           # "hf" | "workspace" (the workspace-loading trap)
     trust_remote_code: bool = False
     thresholds: Thresholds = field(default_factory=Thresholds)
-    cache_dir: Path = DEFAULT_CACHE
+    cache_dir: Path = field(default_factory=default_cache_dir)  # parity.places
     keep_traces: Path | None = None
     session: ReferenceSession | None = None          # share reference captures across runs
     low_memory: bool | None = None                   # weights in the checkpoint dtype (default: when fp32 won't fit)

@@ -5,7 +5,7 @@
         parity_assert(report)
 
 Safe under pytest-xdist (`pytest -n N`): the plugin keeps no module state; each test's reports go to its own
-tmp folder; the conversion cache (`cache_dir`, default `.cache` in the current folder) is shared by the
+tmp folder; the conversion cache (`cache_dir`, default `parity.places.default_cache_dir()`) is shared by the
 workers and safe for concurrent use (`parity.deploy.convert.convert_cached` locks each entry, one worker
 converts, the others reuse it); and each xdist worker gets its own transformers remote-code cache
 (HF_MODULES_CACHE, unless you set it), since transformers rewrites a model's code there while loading it.

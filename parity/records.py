@@ -212,9 +212,17 @@ class Report:
     thresholds: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     parity_version: str = ""
+    written_to: str | None = field(default=None, compare=False)  # the report folder, once written (not in JSON)
 
     def errors(self) -> list[Finding]:
         return [f for f in self.findings if f.severity == "error"]
+
+    def __repr__(self) -> str:
+        """Short: a failing `assert report` shows this, not every point and finding of the run."""
+        d = self.first_divergence
+        where = f", first divergence: layer {d.layer} {d.module} {d.positions} ({d.cause})" if d else ""
+        return (f"<Report {self.status.upper()} for {self.model}: {len(self.errors())} error(s){where}; "
+                f"report: {self.written_to or 'not written'}>")
 
     def __bool__(self) -> bool:  # truthy on pass, like Polygraphy's results
         return self.status == "pass"

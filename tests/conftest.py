@@ -22,6 +22,18 @@ if "OMP_NUM_THREADS" not in os.environ:
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE_CACHE = REPO / ".cache" / "fixtures"
+# the suite's conversions stay in the repository's .cache, not the user's cache (parity.places)
+os.environ.setdefault("PARITY_CACHE_DIR", str(REPO / ".cache"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _library_loggers_on_the_session_stream():
+    """transformers binds its log handler to whatever sys.stderr is when it first logs; if that is a test's
+    `capsys` stream, every later warning is a "--- Logging error ---" traceback on a closed file. Bind it now,
+    to the session's stream."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.get_logger("transformers")
 
 
 @pytest.fixture(scope="session")

@@ -310,9 +310,10 @@ def test_failure_message():
     assert lines[0].startswith("parity FAIL") and "2 error(s)" in lines[0]
     assert lines[1].startswith("first divergence: ")
     assert "Layer 0, module attention.wqkv, image rows: lora_scale_mismatch" in lines[1]
-    assert len(lines) == 2 + 2
+    assert len(lines) == 2 + 2 + 1
     assert "[lora_scale_mismatch]" in lines[2] and "[nonfinite]" in lines[3]   # errors only, in order
-    assert len(render_failure_message(rep, top=1).splitlines()) == 2 + 1 + 1  # "… 1 more"
+    assert lines[4].startswith("report: not written")  # where to look, or how to get a report
+    assert len(render_failure_message(rep, top=1).splitlines()) == 2 + 1 + 1 + 1  # "… 1 more"
     assert "first divergence" not in render_failure_message(make_report(False))
 
 

@@ -91,6 +91,15 @@ class Thresholds:
             raise ParityInputError(f"{source}: {msg}.") from None
 
 
+# the thresholds the command line sets, with what each means (for --help)
+THRESHOLD_FLAGS = {
+    "floor_factor": "threshold = factor x the reference's own noise floor",
+    "fp32_min_rel": "lowest threshold in fp32 mode (relative L2 error)",
+    "fp32_max_rel": "highest threshold in fp32 mode: no noise floor lifts it above this",
+    "lowp_min_rel": "lowest threshold in emulate/low-precision mode",
+    "lowp_max_rel": "highest threshold in emulate/low-precision mode",
+}
+
 # the one-line meaning of each rule, for the error message
 _RULES = {
     "floor_factor": "a positive finite number, at least 1",

@@ -53,6 +53,7 @@ def write_reports(report: Report, out_dir: str | os.PathLike) -> dict[str, Path]
     paths = {"json": folder / JSON_NAME, "html": folder / HTML_NAME}
     write_json(report, paths["json"])
     write_html(report, paths["html"])
+    report.written_to = str(folder.resolve())
     return paths
 
 
@@ -80,4 +81,8 @@ def render_failure_message(report: Report, top: int = 5) -> str:
         lines.append(f"  - [{f.cause}] {', '.join(where) or 'global'}: {msg}")
     if len(errors) > len(shown):
         lines.append(f"  … {len(errors) - len(shown)} more error(s) in the report")
+    if report.written_to:
+        lines.append(f"report: {Path(report.written_to) / HTML_NAME} (and {JSON_NAME} beside it)")
+    else:
+        lines.append("report: not written (pass out=FOLDER to parity.run, or use the parity_run fixture)")
     return "\n".join(lines)
