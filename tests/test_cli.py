@@ -39,7 +39,9 @@ def test_every_option_has_help_and_shows_its_default(command):
             continue
         name = "/".join(action.option_strings) or action.dest
         assert action.help and action.help.strip(), f"parity {command}: {name} has no help text"
-        if action.option_strings and action.default not in (None, False):
+        if action.option_strings and isinstance(action.default, list):  # repeatable: said in words
+            assert "default" in action.help, f"parity {command}: {name} does not say what happens without it"
+        elif action.option_strings and action.default not in (None, False):
             shown = (f"default: {action.default}", f"default {action.default}", f"{action.default} (default)")
             assert any(_flat(w) in text for w in shown), \
                 f"parity {command} --help does not show {name}'s default {action.default!r}"
