@@ -37,12 +37,21 @@ def pytest_load_initial_conftests(early_config, parser, args):
     early_config.stash[_modules_key] = path
 
 
-def pytest_unconfigure(config):
+def _remove_modules_cache(config):
     path = config.stash.get(_modules_key, None)
     if path is not None:
         shutil.rmtree(path, ignore_errors=True)
         if os.environ.get(_MODULES_ENV) == path:
             del os.environ[_MODULES_ENV]
+
+
+def pytest_sessionfinish(session):
+    """xdist workers (3.8) end without `pytest_unconfigure`: the session's end is their last hook."""
+    _remove_modules_cache(session.config)
+
+
+def pytest_unconfigure(config):
+    _remove_modules_cache(config)
 
 
 def pytest_addoption(parser):
