@@ -297,8 +297,12 @@ def _lora_override(arch: str, override: dict | None) -> Iterator[None]:
 
 
 def _call_main(main, model_dir: Path, dst: Path, tp: int, model_name: str, chat_template: str | None) -> None:
+    from ..quant.awq_folder import is_awq_folder
+
     params = inspect.signature(main).parameters
-    kwargs: dict[str, Any] = dict(model_format="hf", dst_path=str(dst), tp=tp)
+    # an AWQ folder (`lmdeploy lite auto_awq`, `parity quantize`) converts with model_format='awq' (int4 workspace)
+    fmt = "awq" if is_awq_folder(model_dir) else "hf"
+    kwargs: dict[str, Any] = dict(model_format=fmt, dst_path=str(dst), tp=tp)
     if chat_template is not None:
         kwargs["chat_template"] = chat_template
     if "dtype" in params:

@@ -113,7 +113,10 @@ WEIGHT_TYPE_DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
     "float32": torch.float16,
+    "int4": torch.float16,  # AWQ W4A16: every tensor but the quantized linears' weights (parity.quant.workspace)
 }
+# weight types whose linear weights are stored quantized; their merged `.weight` is the exact dequantization
+QUANT_WEIGHT_TYPES = ("int4",)
 
 TM_LINEAR_OF_HF: dict[str, str] = {
     "attention.wqkv": "attention.w_qkv",
@@ -144,7 +147,7 @@ def tm_dtype(weight_type: str) -> torch.dtype:
     except KeyError:
         raise _ParityInputError(
             f"model_config.weight_type {weight_type!r} is not supported: expected one of "
-            f"{', '.join(WEIGHT_TYPE_DTYPES)} (quantized int4 workspaces cannot be compared weight by weight)."
+            f"{', '.join(WEIGHT_TYPE_DTYPES)}."
         ) from None
 
 
@@ -470,6 +473,7 @@ def hf_to_tm_files(hf_state: _Mapping[str, torch.Tensor], shape: "ModelShape", *
     lmdeploy's xcomposer2 reader never sets it, so biases are dropped).
     """
     dtype = tm_dtype(shape.weight_type)
+    quantized = shape.weight_type in QUANT_WEIGHT_TYPES
     tp, H, D, hid = int(shape.tp), shape.head_num, shape.size_per_head, shape.hidden_units
     rd = reader_head_dim or D
     bias = bool(shape.attn_bias) if attn_bias is None else bool(attn_bias)
@@ -479,7 +483,10 @@ def hf_to_tm_files(hf_state: _Mapping[str, torch.Tensor], shape: "ModelShape", *
         spec = tensor_spec(name, shape, lora_rank)
         for i, s in enumerate(shards):
             fname = rank_file_name(name, i) if spec.rule != RULE_NONE else name
-            s = _cast(s, dtype).contiguous()
+            # int4: a linear's weight is compared as its exact dequantization (float32), never rounded
+            _, linear, kind = parse_name(name)
+            keep = quantized and kind == "weight" and linear in HF_LINEAR_OF_TM
+            s = (_cast(s, torch.float32) if keep else _cast(s, dtype)).contiguous()
             if s.numel() != spec.numel():
                 raise _ParityInputError(
                     f"{name}: the converter would write {s.numel()} elements per file, config.yaml implies "

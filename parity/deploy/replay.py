@@ -337,7 +337,8 @@ class ReplayEngine:
         self.eps = float(m.norm_eps)
         self.vocab = int(m.vocab_size)
         wt = str(getattr(m, "weight_type", "") or "").lower()
-        if wt and wt not in _WEIGHT_DTYPES:
+        self.quantized = callable(getattr(workspace, "deployed_tensor", None))  # int4: parity.quant.workspace
+        if wt and wt not in _WEIGHT_DTYPES and not self.quantized:
             raise ParityInputError(
                 f"config.yaml model_config.weight_type is {wt!r}; the replay engine handles float16, bfloat16 and "
                 "float32 workspaces (a quantized workspace cannot be replayed weight by weight)."
@@ -515,7 +516,9 @@ class ReplayEngine:
         """A linear's tensors in the workspace dtype (W [in, out], A, B when applied; bias in fp32), checked as
         TurboMind checks them at load time. `_LayerWeights.get` upcasts them."""
         prefix = f"layers.{layer}.{_LINEAR_TENSORS[point]}"
-        lin: dict[str, Any] = {"W": self.ws.tensor(f"{prefix}.weight").detach(), "b": None}
+        # int4 (W4A16): the exact dequantization in fp32 mode, TurboMind's fp16 dequantization when emulating
+        read = self.ws.deployed_tensor if (self.quantized and self.emulating) else self.ws.tensor
+        lin: dict[str, Any] = {"W": read(f"{prefix}.weight").detach(), "b": None}
         if point == "attention.wqkv" and int(getattr(self.ws.model, "attn_bias", 0) or 0):
             if self.ws.has(f"{prefix}.bias"):
                 lin["b"] = self._w(f"{prefix}.bias")

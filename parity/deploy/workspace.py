@@ -45,6 +45,7 @@ class ModelShape:
     attn_bias: int
     model_arch: str
     embedding_size: int = 0  # rows of tok_embeddings when they differ from vocab_size (0: same)
+    group_size: int = 0      # quantization group size (int4 workspaces)
 
 
 @dataclass
@@ -172,8 +173,7 @@ def _parse_config(cfg_path: Path, tp_files: set[int] | None = None) -> tuple[dic
     vocab_size = mc.get("vocab_size", _INT, minimum=1)
     weight_type = mc.get("weight_type", _STR)
     if weight_type not in layout.WEIGHT_TYPE_DTYPES:
-        raise mc.fail("weight_type", f"one of {', '.join(layout.WEIGHT_TYPE_DTYPES)} (int4/AWQ/GPTQ workspaces "
-                                     "cannot be compared weight by weight)", weight_type)
+        raise mc.fail("weight_type", f"one of {', '.join(layout.WEIGHT_TYPE_DTYPES)}", weight_type)
     tp = mc.get("tp", _INT, minimum=1)
     if "attn_bias" not in mc.data:
         raise mc.fail("attn_bias", "0 or 1", present=False)
@@ -182,7 +182,9 @@ def _parse_config(cfg_path: Path, tp_files: set[int] | None = None) -> tuple[dic
         raise mc.fail("attn_bias", "0 or 1", attn_bias)
     model_arch = mc.get("model_arch", _STR)
     embedding_size = mc.get("embedding_size", _INT, required=False, default=0, minimum=0)
-    group_size = mc.get("group_size", _INT, required=False, default=0)  # noqa: F841 (type check only)
+    group_size = mc.get("group_size", _INT, required=False, default=0)
+    if weight_type in layout.QUANT_WEIGHT_TYPES and group_size < 1:
+        raise mc.fail("group_size", "a positive integer (the quantization group size of an int4 workspace)", group_size)
 
     def bad(msg: str) -> ParityInputError:
         return ParityInputError(f"{cfg_path}: {msg}")
@@ -215,7 +217,8 @@ def _parse_config(cfg_path: Path, tp_files: set[int] | None = None) -> tuple[dic
     shape = ModelShape(head_num=head_num, kv_head_num=kv_head_num, size_per_head=size_per_head,
                        hidden_units=hidden_units, num_layer=num_layer, inter_size=list(inter),
                        norm_eps=float(norm_eps), vocab_size=vocab_size, weight_type=weight_type, tp=tp,
-                       attn_bias=int(attn_bias), model_arch=model_arch, embedding_size=embedding_size)
+                       attn_bias=int(attn_bias), model_arch=model_arch, embedding_size=embedding_size,
+                       group_size=group_size)
 
     if "attention_config" not in cfg:
         raise ParityInputError(f"{cfg_path} has no 'attention_config' section; expected the rotary settings "
@@ -261,6 +264,15 @@ def _parse_config(cfg_path: Path, tp_files: set[int] | None = None) -> tuple[dic
 
 
 # ------------------------------------------------------------------------------------------ workspace
+
+
+def _weight_type(cfg_path: Path) -> Any:
+    """model_config.weight_type of a config.yaml, or None when it cannot be read (the full parse says why)."""
+    try:
+        cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
+        return cfg["model_config"]["weight_type"]
+    except Exception:  # noqa: BLE001 - _parse_config reports every problem with its own message
+        return None
 
 
 def _dtype_bits(dtype: torch.dtype) -> torch.dtype:
@@ -312,12 +324,16 @@ class Workspace:
                 f"{cfg_path} is missing; a TurboMind workspace's weights folder must contain the {CONFIG_NAME} "
                 "the converter writes (model_config, attention_config, lora_config)."
             )
+        if cls is Workspace and _weight_type(cfg_path) in layout.QUANT_WEIGHT_TYPES:
+            from ..quant.workspace import QuantizedWorkspace  # int4 (AWQ) workspaces: packed weights
+
+            return QuantizedWorkspace.open(path)
         files: dict[str, dict[int | None, str]] = {}
         ranks: set[int] = set()
         for entry in weights.iterdir():
             if not entry.is_file() or entry.name == CONFIG_NAME:
                 continue
-            base, rank = layout.merged_name_of_file(entry.name)
+            base, rank = cls._file_entry(entry.name)
             try:
                 layout.parse_name(base)
             except ParityInputError:
@@ -335,6 +351,11 @@ class Workspace:
                 f"(e.g. {extra[0]}); config.yaml and the weight files do not belong together."
             )
         return ws
+
+    @classmethod
+    def _file_entry(cls, file_name: str) -> tuple[str, int | None]:
+        """(merged name, rank) a weight file contributes to."""
+        return layout.merged_name_of_file(file_name)
 
     # -------------------------------------------------------------- names
 
@@ -536,7 +557,8 @@ def config_dict(shape: ModelShape, attention: dict | None = None, lora: LoraSett
         "hidden_units": shape.hidden_units, "num_layer": shape.num_layer, "inter_size": list(shape.inter_size),
         "norm_eps": float(shape.norm_eps), "vocab_size": shape.vocab_size, "weight_type": shape.weight_type,
         "tp": shape.tp, "attn_bias": int(shape.attn_bias), "model_arch": shape.model_arch,
-        "embedding_size": shape.embedding_size or shape.vocab_size, "group_size": 0, "model_format": "hf",
+        "embedding_size": shape.embedding_size or shape.vocab_size, "group_size": shape.group_size,
+        "model_format": "awq" if shape.weight_type in layout.QUANT_WEIGHT_TYPES else "hf",
     }
     att = {"rotary_embedding": shape.size_per_head, "rope_theta": 10000.0, "max_position_embeddings": 4096,
            "rope_scaling_type": "", "rope_scaling_factor": 0.0, "use_dynamic_ntk": 0}

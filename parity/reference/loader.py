@@ -155,11 +155,15 @@ def load_reference(path: Path | str, trust_remote_code: bool, dtype: torch.dtype
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from transformers import AutoTokenizer
 
+    from ..quant.awq_folder import is_awq_folder, load_awq_model
     from .modelcode import apply_clip_geometry, model_code_error, resolving_hub_models
 
     try:
         with resolving_hub_models(path):
-            model = _load_model(path, trust_remote_code, dtype, low_memory)
+            if is_awq_folder(path):  # AWQ (W4A16) checkpoint: the model with its exactly dequantized weights
+                model = load_awq_model(path, trust_remote_code, dtype)
+            else:
+                model = _load_model(path, trust_remote_code, dtype, low_memory)
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except ParityInputError:
         raise
