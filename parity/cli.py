@@ -118,6 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read the PLoRA scales from the model's code when config.json has no plora_config")
     d.add_argument("--force", action="store_true", help="replace DST if it exists")
 
+    q = sub.add_parser("quantize", help="AWQ W4A16 with lmdeploy's own lite code (on CPU), optionally keeping PLoRA")
+    _common_model(q)
+    q.add_argument("--out", type=Path, required=True, help="AWQ folder to write (pytorch_model.bin, as auto_awq saves)")
+    q.add_argument("--w-bits", type=int, default=4)
+    q.add_argument("--group-size", type=int, default=128)
+    q.add_argument("--calib", type=Path, help="UTF-8 text file to calibrate on (default: a small built-in text)")
+    q.add_argument("--calib-samples", type=int, default=4)
+    q.add_argument("--calib-seqlen", type=int, default=256)
+    q.add_argument("--compensate-plora", action="store_true",
+                   help="fold the smoothing scales into Plora_A/Plora_B (lmdeploy leaves them unscaled)")
+    q.add_argument("--force", action="store_true", help="replace OUT if it exists")
+
     au = sub.add_parser("audit", help="what lmdeploy 0.7.1 would pick for a model folder, and whether it fits")
     _common_model(au)
     au.add_argument("--json", type=user_path, metavar="FILE", help="also write the audit as JSON")
@@ -275,6 +287,20 @@ def main(argv: list[str] | None = None) -> int:
 
             disguise(args.src, args.dst, trust_remote_code=args.trust_remote_code, overwrite=args.force)
             return 0  # disguise() prints its summary, losses included
+        if args.command == "quantize":
+            from .quant.quantize import quantize
+
+            rec = quantize(args.model, args.out, w_bits=args.w_bits, group_size=args.group_size, calib=args.calib,
+                           compensate_plora=args.compensate_plora, calib_samples=args.calib_samples,
+                           calib_seqlen=args.calib_seqlen, trust_remote_code=args.trust_remote_code,
+                           overwrite=args.force)
+            Console(highlight=False).print(
+                f"[green]quantized[/] {rec.model} -> {rec.out} (lmdeploy {rec.lmdeploy_version} auto_awq, w{rec.w_bits} "
+                f"g{rec.group_size}, {rec.seconds:.1f} s, PLoRA "
+                f"{'compensated (' + str(len(rec.compensated)) + ' tensors)' if rec.compensate_plora else 'left as lmdeploy leaves it'})")
+            for w in rec.warnings:
+                err.print(f"[yellow]warning:[/] {w}")
+            return 0
         if args.command == "audit":
             import json
 

@@ -155,6 +155,8 @@ CAUSES: tuple[str, ...] = (
     "nonfinite",
     "numeric_drift",
     "unsupported_version",
+    "lora_smoothing_mismatch",   # AWQ smoothing scaled a linear's base weights but not its Plora_A/Plora_B
+    "kv_quant_drift",            # the quantized KV cache moves attention beyond its budget
 )
 
 
@@ -213,6 +215,8 @@ class Report:
     timings: dict[str, float] = field(default_factory=dict)
     parity_version: str = ""
     written_to: str | None = field(default=None, compare=False)  # the report folder, once written (not in JSON)
+    # quantized deployments: {"smoothing": [...], "cost": {...}} (parity.quant); empty otherwise
+    quantization: dict[str, Any] = field(default_factory=dict)
 
     def errors(self) -> list[Finding]:
         return [f for f in self.findings if f.severity == "error"]
@@ -244,4 +248,5 @@ class Report:
             "thresholds": self.thresholds,
             "timings": self.timings,
             "parity_version": self.parity_version,
+            "quantization": self.quantization,
         }

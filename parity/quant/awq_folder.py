@@ -86,7 +86,7 @@ def _weight_files(folder: Path) -> list[Path]:
         return [folder / n for n in names]
     files = sorted(folder.glob("pytorch_model*.bin")) or sorted(folder.glob("*.safetensors"))
     if not files:
-        raise ParityInputError(f"AWQ folder {folder} has no pytorch_model*.bin or *.safetensors weights; expected "
+        raise ParityInputError(f"Model folder {folder} has no pytorch_model*.bin or *.safetensors weights; expected "
                                "what `lmdeploy lite auto_awq` saves (pytorch_model.bin).")
     return files
 
@@ -113,8 +113,8 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_awq_state(folder: Path | str) -> dict[str, torch.Tensor]:
-    """Every tensor of an AWQ folder as stored (packed qweight/qzeros, fp16 scales)."""
+def load_state(folder: Path | str) -> dict[str, torch.Tensor]:
+    """Every tensor of a model folder as stored (an AWQ folder: packed qweight/qzeros, fp16 scales)."""
     folder = Path(folder)
     state: dict[str, torch.Tensor] = {}
     for f in _weight_files(folder):
@@ -168,7 +168,7 @@ def dequantized_state(folder: Path | str, dtype: torch.dtype = torch.float32) ->
     ((q - z) * s), every other tensor as stored, cast to `dtype`."""
     folder = Path(folder)
     cfg = awq_config(folder)
-    state = load_awq_state(folder)
+    state = load_state(folder)
     lins = quant_linears(state, cfg, folder)
     out: dict[str, torch.Tensor] = {}
     for k, v in state.items():
