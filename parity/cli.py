@@ -161,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the deployment loads weights (a workspace-served TurboMind has no LoRA)")
     r.add_argument("--inputs", type=user_path, metavar="FILE",
                    help="YAML/JSON file of input cases (default: one built-in text-image-text case)")
+    r.add_argument("--original", type=user_path, metavar="MODEL",
+                   help="for an AWQ model: the floating-point model it was quantized from (checks that the AWQ "
+                        "smoothing kept PLoRA and reports the cost of quantization, apart from the deployment's "
+                        "faithfulness; default: none)")
     r.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=None,
                    help="keep reference weights in the checkpoint dtype and upcast one layer at a time "
                         "(identical results; default: automatic when float32 weights would not fit)")
@@ -197,7 +201,7 @@ def _run(a: argparse.Namespace) -> int:
         model=a.model, workspace=a.workspace, engine=a.engine, lmdeploy_version=a.lmdeploy_version,
         inputs=a.inputs, numeric=a.numeric, serve_from=a.serve_from, trust_remote_code=a.trust_remote_code,
         thresholds=thresholds, cache_dir=a.cache_dir, keep_traces=a.keep_traces, layers=a.layers,
-        low_memory=a.low_memory, device=a.device,
+        low_memory=a.low_memory, device=a.device, original=a.original,
         live={"session_len": a.session_len} if a.session_len else {},
     )
     report = run_parallel(opts, a.jobs)  # --jobs 1: pipeline.run_parity(opts) in this process

@@ -20,6 +20,7 @@ import yaml
 
 from .deploy.layout import hf_qkv_cols_to_tm, pairs_to_rotary, rotary_to_pairs, split_merged, tm_qkv_cols_to_hf
 from .deploy.workspace import Workspace
+from .quant import faults as qf
 from .records import CanonicalInput, EngineCall, Segment
 
 
@@ -245,6 +246,25 @@ CATALOGUE: tuple[Fault, ...] = (
           Expected(0, "attention.wqkv", "image", "lora_not_applied"), _options(lmdeploy_version="0.7.3")),
     Fault("workspace_served_without_lora", "version", "served from the workspace: LoRA never loaded",
           Expected(0, "attention.wqkv", "image", "lora_not_applied"), _options(serve_from="workspace")),
+    # --- quantized deployments (int4 workspaces converted from `parity quantize` fixtures)
+    Fault("awq_group_size_wrong", "quant", "config.yaml group_size 64 for a g128 int4 workspace",
+          Expected(0, "attention.wqkv", "all", "shape_mismatch"), qf.group_size(64), model="xcomposer2-tiny-awq-kept"),
+    Fault("awq_scales_zeros_swapped", "quant", "layer 1's w1 scales and zeros files swapped",
+          Expected(1, "feed_forward.w1", "all", "weight_mismatch"), qf.swap_scales_and_zeros(1, "feed_forward.w1"),
+          model="xcomposer2-tiny-awq-kept"),
+    Fault("awq_qweight_from_other_layer", "quant", "layer 2's wo qweight holds layer 0's",
+          Expected(2, "attention.wo", "all", "weight_mismatch"), qf.qweight_from(0, 2, "attention.wo"),
+          model="xcomposer2-tiny-awq-kept"),
+    Fault("awq_zero_point_off_by_one", "quant", "layer 0's w2 zero points one too high",
+          Expected(0, "feed_forward.w2", "all", "weight_mismatch"), qf.zero_point_off_by_one(0, "feed_forward.w2"),
+          model="xcomposer2-tiny-awq-kept"),
+    Fault("awq_nibble_order", "quant", "layer 1's w3 qweight left in AWQ nibble order",
+          Expected(1, "feed_forward.w3", "all", "weight_mismatch"), qf.nibbles_in_awq_order(1, "feed_forward.w3"),
+          model="xcomposer2-tiny-awq-kept"),
+    Fault("plora_smoothing_not_compensated", "quant",
+          "lmdeploy's default auto_awq: smoothing scaled the base weights, not Plora_A/Plora_B (--original given)",
+          Expected(0, "attention.wqkv", "image", "lora_smoothing_mismatch"),
+          _options(original_fixture="xcomposer2-tiny"), model="xcomposer2-tiny-awq"),
     # --- numerics
     Fault("nonfinite_weight", "numerics", "one NaN in layer 1's w2 weight",
           Expected(1, "feed_forward.w2", "all", "nonfinite"), lambda s: _nan_at(s, _w(1, "feed_forward.w2"))),
@@ -290,6 +310,8 @@ def run_fault(fault: Fault, models: dict[str, Path], workspaces: dict[str, Path]
         fault.apply(setup)
         opts = dict(setup.options)
         bos = opts.pop("mutate_hf_bos", None)
+        if "original_fixture" in opts:  # the smoothing check compares with the original fixture model
+            opts["original"] = models[opts.pop("original_fixture")]
         cases = catalogue_cases(IMAGES_DIR)
         run_opts = RunOptions(model=models[fault.model], workspace=ws, trust_remote_code=True, cases=cases,
                               numeric=numeric, cache_dir=cache, session=sessions[fault.model], **opts)
@@ -308,17 +330,28 @@ def run_fault(fault: Fault, models: dict[str, Path], workspaces: dict[str, Path]
     return FaultResult(fault, got, report.status, time.perf_counter() - t, len(report.errors()))
 
 
+def catalogue_models(cache: Path, names: list[str]) -> dict[str, Path]:
+    """Model folders for the catalogue's faults: the fixtures, and the quantized fixtures the quant faults use."""
+    from .fixtures import ensure
+    from .quant.quantize import QUANT_FIXTURES, ensure_quantized
+
+    models = dict(ensure(cache / "fixtures"))
+    quant = tuple(n for n in names if n in QUANT_FIXTURES)
+    if quant:
+        models.update(ensure_quantized(cache, quant))
+    return models
+
+
 def run_catalogue(cache: Path | None = None, names: list[str] | None = None,
                   numeric: str = "fp32") -> list[FaultResult]:
     from .deploy.convert import convert_cached
-    from .fixtures import ensure
     from .places import default_cache_dir
     from .reference.session import ReferenceSession
 
     cache = Path(cache) if cache is not None else default_cache_dir()
-    models = ensure(cache / "fixtures")
     faults = [f for f in CATALOGUE if names is None or f.name in names]
     wanted = sorted({f.model for f in faults})
+    models = catalogue_models(cache, wanted)
     workspaces = {m: convert_cached(models[m], cache / "workspaces") for m in wanted}
     sessions = {m: ReferenceSession(models[m], trust_remote_code=True) for m in wanted}
     try:

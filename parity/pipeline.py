@@ -59,6 +59,7 @@ class RunOptions:
     layers: str | None = None                        # "every" | "bisect": per-layer values from the live engine
     live: dict[str, Any] = field(default_factory=dict)  # LiveTurboMind options (session_len, dtype, ...)
     device: str = "cpu"                              # cpu | cuda | cuda:N | auto (parity.device)
+    original: Path | None = None                     # a quantized model's original: smoothing check, cost report
     # Hooks for the fault catalogue: mutate what a stage hands to the next (never used by plain runs).
     mutate_engine_call: Callable[[str, Any], Any] | None = None
     mutate_hf_prepared: Callable[[PreparedInput], PreparedInput] | None = None
@@ -195,6 +196,10 @@ def run_parity(opts: RunOptions) -> Report:
         if not ok:
             raise unavailable_error(reason)
     placement = resolve_device(opts.device)  # exit 2 for --device cuda without CUDA, before any work
+    if opts.original is not None:
+        from .quant.report import check_original
+
+        check_original(opts.model, opts.original)  # exit 2 before any model loads
     cases = _cases(opts)  # a bad inputs file fails before any model is loaded
     session = opts.session or ReferenceSession(opts.model, opts.trust_remote_code, low_memory=opts.low_memory,
                                                all_parts=opts.keep_traces is not None, placement=placement)
@@ -313,6 +318,12 @@ def _run_in_session(opts: RunOptions, session: ReferenceSession, semantics, case
             outputs[name] = check.run(ctx)
             findings += outputs[name].findings
         findings += hidden_check.run(ctx, findings).findings
+        quantization: dict[str, Any] = {}
+        if opts.original is not None:  # what quantization did to the original (smoothing vs PLoRA, cost)
+            from .quant.report import quantization_section
+
+            found, quantization = quantization_section(opts.model, opts.original)
+            findings += found
         names = [c.name for c in cases]
         status, first = decide(findings, ref.anatomy.num_layers, names)
         findings = sort_findings(findings, ref.anatomy.num_layers, names)
@@ -341,5 +352,5 @@ def _run_in_session(opts: RunOptions, session: ReferenceSession, semantics, case
         model=str(opts.model), workspace=str(ws.root), findings=findings, first_divergence=first, points=points,
         cases=summaries, config_audit=outputs["config"].table, weights_audit=outputs["weights"].table,
         plora_table=outputs["plora"].table, thresholds=opts.thresholds.to_dict(), timings=timings,
-        parity_version=__version__,
+        parity_version=__version__, quantization=quantization,
     )

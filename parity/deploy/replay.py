@@ -518,7 +518,13 @@ class ReplayEngine:
         prefix = f"layers.{layer}.{_LINEAR_TENSORS[point]}"
         # int4 (W4A16): the exact dequantization in fp32 mode, TurboMind's fp16 dequantization when emulating
         read = self.ws.deployed_tensor if (self.quantized and self.emulating) else self.ws.tensor
-        lin: dict[str, Any] = {"W": read(f"{prefix}.weight").detach(), "b": None}
+        try:
+            lin: dict[str, Any] = {"W": read(f"{prefix}.weight").detach(), "b": None}
+        except ParityInputError as e:
+            if not self.quantized:
+                raise
+            # TurboMind checks every int4 file's size against config.yaml at load and refuses the workspace
+            raise EngineRefused(str(e)) from None
         if point == "attention.wqkv" and int(getattr(self.ws.model, "attn_bias", 0) or 0):
             if self.ws.has(f"{prefix}.bias"):
                 lin["b"] = self._w(f"{prefix}.bias")

@@ -274,3 +274,38 @@ def read_record(folder: Path | str) -> QuantizeRecord | None:
         return QuantizeRecord(**data)
     except (OSError, ValueError, TypeError):
         return None
+
+
+# Quantized fixtures: name -> (source fixture, --compensate-plora). "-awq" is what lmdeploy's auto_awq makes by
+# default (PLoRA not compensated); "-awq-kept" keeps PLoRA.
+QUANT_FIXTURES: dict[str, tuple[str, bool]] = {
+    "xcomposer2-tiny-awq": ("xcomposer2-tiny", False),
+    "xcomposer2-tiny-awq-kept": ("xcomposer2-tiny", True),
+    "xcomposer2-4khd-tiny-awq-kept": ("xcomposer2-4khd-tiny", True),
+}
+
+
+def quantized_cached(model: Path | str, cache_root: Path | str, compensate_plora: bool) -> Path:
+    """`parity quantize` of `model` under `cache_root`, run only when absent (keyed like convert_cached)."""
+    from ..deploy.convert import cache_key, entry_lock
+
+    model = Path(model).resolve()
+    root = Path(cache_root).resolve()
+    dest = root / f"{model.name}-awq{'-kept' if compensate_plora else ''}-{cache_key(model)}"
+    if (dest / RECORD_NAME).is_file():
+        return dest
+    root.mkdir(parents=True, exist_ok=True)
+    with entry_lock(root / f".{dest.name}.lock"):
+        if not (dest / RECORD_NAME).is_file():
+            quantize(model, dest, compensate_plora=compensate_plora, trust_remote_code=True, overwrite=True)
+    return dest
+
+
+def ensure_quantized(cache: Path | str, names: tuple[str, ...] = tuple(QUANT_FIXTURES)) -> dict[str, Path]:
+    """The quantized fixtures (QUANT_FIXTURES) under `cache`/quantized, built from the fixtures in `cache`/fixtures."""
+    from ..fixtures import ensure
+
+    cache = Path(cache)
+    sources = ensure(cache / "fixtures", tuple(sorted({QUANT_FIXTURES[n][0] for n in names})))
+    return {n: quantized_cached(sources[QUANT_FIXTURES[n][0]], cache / "quantized", QUANT_FIXTURES[n][1])
+            for n in names}

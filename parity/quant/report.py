@@ -1,0 +1,39 @@
+"""The quantization section of a parity report (`parity run AWQ --original MODEL`): did the smoothing keep PLoRA
+(structural, `parity.quant.smoothing`), kept apart from the faithfulness verdict of the deployment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import ParityInputError
+from ..hfconfig import read_hf_config
+from ..records import Finding
+from .awq_folder import awq_config, is_awq_folder
+
+
+def check_original(model: Path, original: Path) -> None:
+    """--original makes sense only for a quantized model and an unquantized original (exit 2 otherwise)."""
+    if not is_awq_folder(model):
+        raise ParityInputError(f"--original {original} was given, but {model / 'config.json'} has no AWQ "
+                               "quantization_config; --original compares a quantized model with the model it was "
+                               "quantized from.")
+    awq_config(model)
+    cfg = read_hf_config(original, "the original (unquantized) model folder")
+    if is_awq_folder(original):
+        raise ParityInputError(f"--original {original} is itself an AWQ folder; pass the floating-point model that "
+                               "was quantized.")
+    qcfg = read_hf_config(model)
+    for key in ("num_hidden_layers", "hidden_size", "intermediate_size"):
+        if cfg.get(key) != qcfg.get(key):
+            raise ParityInputError(f"--original {original}: config.json {key}={cfg.get(key)!r} but the quantized "
+                                   f"model has {qcfg.get(key)!r}; they are not the same model.")
+
+
+def quantization_section(model: Path, original: Path) -> tuple[list[Finding], dict[str, Any]]:
+    from .smoothing import check_smoothing, smoothing_findings
+
+    verdicts = check_smoothing(original, model)
+    findings = smoothing_findings(verdicts)
+    return findings, {"original": str(original), "smoothing": [v.row() for v in verdicts],
+                      "smoothing_kept": not findings}
