@@ -6,18 +6,18 @@ from pathlib import Path
 import pytest
 
 from parity.deploy.convert import convert_cached
-from parity.faults import CATALOGUE, run_fault
+from parity.faults import CATALOGUE, catalogue_models, run_fault
 from parity.reference.session import ReferenceSession
 
 REPO = Path(__file__).resolve().parents[1]
-KINDS = {"weights", "config", "inputs", "version", "numerics"}
+KINDS = {"weights", "config", "inputs", "version", "numerics", "quant"}
 
 
 @pytest.fixture(scope="module")
 def harness(fixture_models):
     cache = REPO / ".cache"
-    models = dict(fixture_models)
     names = sorted({f.model for f in CATALOGUE})
+    models = {**fixture_models, **catalogue_models(cache, names)}
     workspaces = {m: convert_cached(models[m], cache / "workspaces") for m in names}
     sessions = {m: ReferenceSession(models[m], trust_remote_code=True) for m in names}
     yield models, workspaces, sessions, cache

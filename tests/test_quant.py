@@ -1,0 +1,134 @@
+"""Quantized deployments end to end on CPU: `parity quantize` (lmdeploy 0.7.1's own auto_awq), the AWQ folder,
+its int4 workspace (lmdeploy's converter, model_format='awq'), the W4A16 replay and the smoothing check."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from parity.cli import main
+from parity.deploy.convert import convert_cached
+from parity.deploy.workspace import Workspace
+from parity.errors import ParityInputError
+from parity.quant.awq_folder import awq_config, dequantized_state, load_state
+from parity.quant.quantize import ensure_quantized
+from parity.quant.smoothing import check_smoothing, smoothing_findings
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / ".cache"
+
+
+@pytest.fixture(scope="module")
+def quantized(fixture_models):
+    return ensure_quantized(CACHE)
+
+
+def test_awq_folder_is_what_auto_awq_saves(quantized):
+    folder = quantized["xcomposer2-tiny-awq"]
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["quantization_config"] == {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": 128,
+                                          "zero_point": True}
+    assert (folder / "pytorch_model.bin").is_file() and not list(folder.glob("*.safetensors"))
+    sd = load_state(folder)
+    assert sd["model.layers.0.attention.wqkv.qweight"].dtype == torch.int32
+    assert tuple(sd["model.layers.0.attention.wqkv.qweight"].shape) == (512, 1024 // 8)
+    assert tuple(sd["model.layers.0.feed_forward.w2.scales"].shape) == (768 // 128, 512)
+    assert sd["model.layers.0.attention.wqkv.Plora_A.weight"].dtype == torch.float16
+    assert awq_config(folder).group_size == 128
+
+
+def test_int4_workspace_matches_the_checkpoint_bit_for_bit(quantized, tmp_path):
+    folder = quantized["xcomposer2-tiny-awq-kept"]
+    ws = Workspace.open(convert_cached(folder, CACHE / "workspaces"))
+    assert type(ws).__name__ == "QuantizedWorkspace" and ws.model.weight_type == "int4" and ws.group_size == 128
+    from parity.deploy.expected import ExpectedTensors
+
+    want = ExpectedTensors(dequantized_state(folder), ws.model)
+    assert sorted(want) == sorted(ws.names())
+    for name in ws.names():
+        assert torch.equal(ws.tensor(name), want[name].to(ws.tensor(name).dtype)), name
+    # tp=2: the converter splits qweight/scales/zeros per rank; merged, the same weights
+    ws2 = Workspace.open(convert_cached(folder, tmp_path / "ws", tp=2))
+    for name in ("layers.0.attention.w_qkv.weight", "layers.1.attention.wo.weight", "layers.2.feed_forward.w2.weight"):
+        assert torch.equal(ws2.tensor(name), ws.tensor(name)), name
+        assert torch.equal(ws2.deployed_tensor(name), ws.deployed_tensor(name)), name
+
+
+def test_smoothing_check_names_uncompensated_plora_and_clears_with_compensation(quantized, fixture_models):
+    original = fixture_models["xcomposer2-tiny"]
+    raw = check_smoothing(original, quantized["xcomposer2-tiny-awq"])
+    found = smoothing_findings(raw)
+    # every layer: attention_norm -> wqkv, ffn_norm -> w1/w3, w3 -> w2 (Plora_B of w3 and Plora_A of w2)
+    assert {(f.layer, f.module) for f in found} == {
+        (i, m) for i in range(3) for m in ("attention.wqkv", "feed_forward.w1", "feed_forward.w3", "feed_forward.w2")}
+    assert all(f.cause == "lora_smoothing_mismatch" and f.positions == "image" for f in found)
+    assert all(f.metrics["lora_change"] > 0.05 for f in found)
+    kept = check_smoothing(original, quantized["xcomposer2-tiny-awq-kept"])
+    assert smoothing_findings(kept) == []
+    assert {v.status for v in kept} == {"kept"}
+
+
+@pytest.mark.parametrize("numeric", ["fp32", "emulate"])
+def test_w4a16_replay_is_faithful_and_the_report_separates_quantization(quantized, fixture_models, numeric, tmp_path):
+    from parity.pipeline import RunOptions, run_parity
+
+    for name, errors in (("xcomposer2-tiny-awq-kept", 0), ("xcomposer2-tiny-awq", 12)):
+        report = run_parity(RunOptions(model=quantized[name], trust_remote_code=True, numeric=numeric,
+                                       cache_dir=CACHE, original=fixture_models["xcomposer2-tiny"]))
+        assert len(report.errors()) == errors, [f.message for f in report.errors()]
+        # the deployment itself is faithful to the quantized model: no point over its threshold
+        assert not any(p.exceeded for p in report.points)
+        assert report.engine["weight_type"] == "int4"
+        assert report.quantization["smoothing_kept"] == (errors == 0)
+        if errors:
+            assert report.first_divergence.cause == "lora_smoothing_mismatch"
+
+
+def test_4khd_quantized_runs_clean(quantized, fixture_models):
+    from parity.pipeline import RunOptions, run_parity
+
+    report = run_parity(RunOptions(model=quantized["xcomposer2-4khd-tiny-awq-kept"], trust_remote_code=True,
+                                   cache_dir=CACHE, original=fixture_models["xcomposer2-4khd-tiny"]))
+    assert report.status == "pass", [f.message for f in report.errors()]
+
+
+def test_pickled_objects_are_refused(quantized, tmp_path, capsys):
+    folder = tmp_path / "awq"
+    shutil.copytree(quantized["xcomposer2-tiny-awq-kept"], folder)
+    sd = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    sd["evil"] = Path("/")  # any non-tensor object: weights_only=True must refuse it
+    torch.save(sd, folder / "pytorch_model.bin")
+    with pytest.raises(ParityInputError, match="weights_only=True"):
+        load_state(folder)
+    assert main(["run", str(folder), "--trust-remote-code", "--out", str(tmp_path / "r")]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--w-bits", "8"], "4 bits only"),
+    (["--group-size", "100"], "does not divide"),
+    (["--calib", "/nonexistent.txt"], "cannot be read"),
+])
+def test_quantize_bad_input_exits_2(fixture_models, tmp_path, capsys, args, words):
+    out = tmp_path / "q"
+    rc = main(["quantize", str(fixture_models["xcomposer2-tiny"]), "--trust-remote-code", "--out", str(out), *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and words in " ".join(err.split()) and "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.glob(".q.*"))
+
+
+def test_quantize_refuses_without_trust_and_over_existing_output(fixture_models, tmp_path, capsys):
+    model = str(fixture_models["xcomposer2-tiny"])
+    assert main(["quantize", model, "--out", str(tmp_path / "q")]) == 2
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("x")
+    assert main(["quantize", model, "--trust-remote-code", "--out", str(tmp_path / "busy")]) == 2
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "x"
+
+
+def test_original_needs_a_quantized_model(fixture_models, tmp_path, capsys):
+    m = str(fixture_models["xcomposer2-tiny"])
+    assert main(["run", m, "--trust-remote-code", "--original", m, "--out", str(tmp_path / "r")]) == 2
+    assert "no AWQ" in " ".join(capsys.readouterr().err.split())
