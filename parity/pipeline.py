@@ -322,7 +322,8 @@ def _run_in_session(opts: RunOptions, session: ReferenceSession, semantics, case
         if opts.original is not None:  # what quantization did to the original (smoothing vs PLoRA, cost)
             from .quant.report import quantization_section
 
-            found, quantization = quantization_section(opts.model, opts.original)
+            found, quantization = quantization_section(opts.model, opts.original, [ct.prepared for ct in case_traces],
+                                                       opts.trust_remote_code)
             findings += found
         names = [c.name for c in cases]
         status, first = decide(findings, ref.anatomy.num_layers, names)

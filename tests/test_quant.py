@@ -84,6 +84,14 @@ def test_w4a16_replay_is_faithful_and_the_report_separates_quantization(quantize
         assert report.quantization["smoothing_kept"] == (errors == 0)
         if errors:
             assert report.first_divergence.cause == "lora_smoothing_mismatch"
+        # the cost of quantization, per layer and position class: the smoothing alone leaves rows without PLoRA
+        # (BOS) unchanged and moves image rows only when PLoRA was not compensated
+        cost = report.quantization["cost"]["rows"]
+        assert {r["layer"] for r in cost} == {0, 1, 2} and {r["class"] for r in cost} == {"image", "text", "bos"}
+        assert all(r["smoothing"] < 1e-5 for r in cost if r["class"] == "bos")
+        image = [r["smoothing"] for r in cost if r["class"] == "image"]
+        assert (min(image) > 2e-2) if errors else (max(image) < 1e-2), image
+        assert all(0 < r["quantized"] < 1 and 0 < r["budget"] < 1 for r in cost)
 
 
 def test_4khd_quantized_runs_clean(quantized, fixture_models):

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..errors import ParityInputError
 from ..hfconfig import read_hf_config
-from ..records import Finding
+from ..records import Finding, PreparedInput
 from .awq_folder import awq_config, is_awq_folder
 
 
@@ -30,10 +30,15 @@ def check_original(model: Path, original: Path) -> None:
                                    f"model has {qcfg.get(key)!r}; they are not the same model.")
 
 
-def quantization_section(model: Path, original: Path) -> tuple[list[Finding], dict[str, Any]]:
+def quantization_section(model: Path, original: Path, prepared: list[PreparedInput],
+                         trust_remote_code: bool) -> tuple[list[Finding], dict[str, Any]]:
+    """Findings (`lora_smoothing_mismatch`) and the report's "quantization" section: the smoothing check and the
+    cost of quantization per layer and position class (`parity.quant.cost`)."""
+    from .cost import quantization_cost
     from .smoothing import check_smoothing, smoothing_findings
 
     verdicts = check_smoothing(original, model)
     findings = smoothing_findings(verdicts)
+    cost = quantization_cost(model, original, prepared, trust_remote_code)
     return findings, {"original": str(original), "smoothing": [v.row() for v in verdicts],
-                      "smoothing_kept": not findings}
+                      "smoothing_kept": not findings, "cost": cost}

@@ -91,59 +91,76 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.norm(a - b)) / d if d else 0.0
 
 
-def check_smoothing(original: Path | str, quantized: Path | str) -> list[TensorVerdict]:
-    """Every PLoRA tensor of every smoothed pair of `quantized` (an AWQ folder, or a smoothed fp folder) against
-    `original`."""
-    original, quantized = Path(original), Path(quantized)
-    orig = load_state(original)
-    quant = load_state(quantized)
-    lins = quant_linears(quant, awq_config(quantized), quantized) if is_awq_folder(quantized) else {}
+class _States:
+    """The original's and the quantized model's tensors (an AWQ folder's linears dequantized on demand)."""
 
-    def get(state: dict[str, torch.Tensor], key: str, where: Path) -> torch.Tensor:
+    def __init__(self, original: Path | str, quantized: Path | str):
+        self.original, self.quantized = Path(original), Path(quantized)
+        self.orig = load_state(self.original)
+        self.quant = load_state(self.quantized)
+        self.lins = (quant_linears(self.quant, awq_config(self.quantized), self.quantized)
+                     if is_awq_folder(self.quantized) else {})
+        self.layers = sorted({int(k.split(".")[2]) for k in self.orig if k.startswith("model.layers.")})
+
+    def get(self, which: str, key: str) -> torch.Tensor:
+        state, where = (self.orig, self.original) if which == "orig" else (self.quant, self.quantized)
         if key not in state:
             raise ParityInputError(f"{where} has no tensor {key}; the smoothing check compares the original model "
                                    "with its quantized version, tensor by tensor (same architecture and layers).")
         return state[key].double()
 
-    def weight(prefix: str) -> torch.Tensor:
-        if prefix in lins:
-            return lins[prefix].weight().double()
-        return get(quant, f"{prefix}.weight", quantized)
+    def weight(self, prefix: str) -> torch.Tensor:
+        """A linear's weight [out, in] in the quantized model (dequantized exactly)."""
+        if prefix in self.lins:
+            return self.lins[prefix].weight().double()
+        return self.get("quant", f"{prefix}.weight")
 
-    layers = sorted({int(k.split(".")[2]) for k in orig if k.startswith("model.layers.")})
+
+def recovered_scales(st: _States) -> dict[tuple[int, str], torch.Tensor]:
+    """(layer, norm or producing linear) -> the smoothing scale s recovered from the weights (see module doc)."""
+    norm_pairs, fc_pairs = smoothing_pairs()
+    out: dict[tuple[int, str], torch.Tensor] = {}
+    for i in st.layers:
+        p = f"model.layers.{i}."
+        for norm in norm_pairs:
+            n_o, n_q = st.get("orig", p + norm + ".weight"), st.get("quant", p + norm + ".weight")
+            ok = (n_o != 0) & (n_q != 0)
+            out[(i, norm)] = torch.where(ok, n_o / torch.where(ok, n_q, torch.ones_like(n_q)), torch.ones_like(n_o))
+        for pre in fc_pairs:
+            r = _ratio(st.weight(p + pre), st.get("orig", p + pre + ".weight"), dim=1)
+            out[(i, pre)] = torch.where(torch.isfinite(r) & (r != 0), 1.0 / r, torch.ones_like(r))
+    return out
+
+
+def check_smoothing(original: Path | str, quantized: Path | str) -> list[TensorVerdict]:
+    """Every PLoRA tensor of every smoothed pair of `quantized` (an AWQ folder, or a smoothed fp folder) against
+    `original`."""
+    st = _States(original, quantized)
+    scales = recovered_scales(st)
     norm_pairs, fc_pairs = smoothing_pairs()
     out: list[TensorVerdict] = []
-    for i in layers:
-        p = f"model.layers.{i}."
+
+    def plora_a(i: int, pair: str, fc: str, s: torch.Tensor) -> None:
+        key = f"model.layers.{i}.{fc}.Plora_A.weight"
+        if key not in st.orig:
+            return
+        a_o, a_q = st.get("orig", key), st.get("quant", key)
+        change = _rel(a_q / s.view(1, -1), a_o)  # the LoRA sees x / s: effective A = A' diag(1/s)
+        out.append(_verdict(i, pair, f"{fc}.Plora_A", fc, s, _ratio(a_q, a_o, dim=0), 1, change))
+
+    for i in st.layers:
         for norm, fcs in norm_pairs.items():
-            n_o, n_q = get(orig, p + norm + ".weight", original), get(quant, p + norm + ".weight", quantized)
-            ok = (n_o != 0) & (n_q != 0)
-            s = torch.where(ok, n_o / torch.where(ok, n_q, torch.ones_like(n_q)), torch.ones_like(n_o))
             for fc in fcs:
-                a_key = p + fc + ".Plora_A.weight"
-                if a_key not in orig:
-                    continue
-                a_o, a_q = get(orig, a_key, original), get(quant, a_key, quantized)
-                r = _ratio(a_q, a_o, dim=0)  # per input column
-                change = _rel(a_q / s.view(1, -1), a_o)  # the LoRA sees x / s: effective A = A' diag(1/s)
-                out.append(_verdict(i, f"{norm} -> {fc}", f"{fc}.Plora_A", fc, s, r, 1, change))
+                plora_a(i, f"{norm} -> {fc}", fc, scales[(i, norm)])
         for pre, fcs in fc_pairs.items():
-            w_o, w_q = get(orig, p + pre + ".weight", original), weight(p + pre)
-            s = 1.0 / _ratio(w_q, w_o, dim=1)  # producer rows were divided by s
-            b_key = p + pre + ".Plora_B.weight"
-            if b_key in orig:
-                b_o, b_q = get(orig, b_key, original), get(quant, b_key, quantized)
-                r = _ratio(b_q, b_o, dim=1)
+            s, pair = scales[(i, pre)], f"{pre} -> {', '.join(fcs)}"
+            b_key = f"model.layers.{i}.{pre}.Plora_B.weight"
+            if b_key in st.orig:
+                b_o, b_q = st.get("orig", b_key), st.get("quant", b_key)
                 change = _rel(b_q * s.view(-1, 1), b_o)  # the consumers multiply the producer's output by s
-                out.append(_verdict(i, f"{pre} -> {', '.join(fcs)}", f"{pre}.Plora_B", pre, s, r, -1, change))
+                out.append(_verdict(i, pair, f"{pre}.Plora_B", pre, s, _ratio(b_q, b_o, dim=1), -1, change))
             for fc in fcs:
-                a_key = p + fc + ".Plora_A.weight"
-                if a_key not in orig:
-                    continue
-                a_o, a_q = get(orig, a_key, original), get(quant, a_key, quantized)
-                r = _ratio(a_q, a_o, dim=0)
-                change = _rel(a_q / s.view(1, -1), a_o)
-                out.append(_verdict(i, f"{pre} -> {', '.join(fcs)}", f"{fc}.Plora_A", fc, s, r, 1, change))
+                plora_a(i, pair, fc, s)
     return out
 
 
