@@ -119,16 +119,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--force", action="store_true", help="replace DST if it exists")
 
     q = sub.add_parser("quantize", help="AWQ W4A16 with lmdeploy's own lite code (on CPU), optionally keeping PLoRA")
-    _common_model(q)
-    q.add_argument("--out", type=Path, required=True, help="AWQ folder to write (pytorch_model.bin, as auto_awq saves)")
-    q.add_argument("--w-bits", type=int, default=4)
-    q.add_argument("--group-size", type=int, default=128)
-    q.add_argument("--calib", type=Path, help="UTF-8 text file to calibrate on (default: a small built-in text)")
-    q.add_argument("--calib-samples", type=int, default=4)
-    q.add_argument("--calib-seqlen", type=int, default=256)
+    q.add_argument("model", type=user_path, help="HF model folder (XComposer2 remote-code layout) to quantize")
+    q.add_argument("--trust-remote-code", action="store_true",
+                   help="allow running the model's own modeling code (lmdeploy's calibration runs it; required)")
+    q.add_argument("--out", type=user_path, required=True, metavar="DIR",
+                   help="AWQ folder to write (pytorch_model.bin and config.json, as lmdeploy's auto_awq saves them)")
+    q.add_argument("--w-bits", type=int, default=4, help="weight bits (default: 4; lmdeploy saves AWQ for 4 only)")
+    q.add_argument("--group-size", type=int, default=128,
+                   help="quantization group size (default: 128, the only one lmdeploy 0.7.1 converts)")
+    q.add_argument("--calib", type=user_path, metavar="FILE",
+                   help="UTF-8 text file to calibrate on (default: a small built-in text)")
+    q.add_argument("--calib-samples", type=int, default=4, help="calibration batches (default: 4)")
+    q.add_argument("--calib-seqlen", type=int, default=256, help="tokens per calibration batch (default: 256)")
     q.add_argument("--compensate-plora", action="store_true",
-                   help="fold the smoothing scales into Plora_A/Plora_B (lmdeploy leaves them unscaled)")
-    q.add_argument("--force", action="store_true", help="replace OUT if it exists")
+                   help="fold the smoothing scales into Plora_A/Plora_B (default: off, as lmdeploy leaves them)")
+    q.add_argument("--force", action="store_true", help="replace DIR if it exists (default: refuse)")
 
     au = sub.add_parser("audit", help="what lmdeploy 0.7.1 would pick for a model folder, and whether it fits")
     _common_model(au)
