@@ -1,0 +1,62 @@
+"""KV-cache quantization as TurboMind 0.7.1 computes it (parity.quant.kv)."""
+
+import struct
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from parity.quant.kv import bits_for_policy, dequantize_kv, kv_roundtrip, quantize_kv
+
+
+def _half(x: float) -> float:
+    return struct.unpack("<e", struct.pack("<e", x))[0]
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), bits=st.sampled_from([4, 8]), tokens=st.integers(1, 5),
+       heads=st.integers(1, 3), spread=st.floats(1e-3, 1e3))
+def test_per_token_and_head_asymmetric_with_turbomind_rounding(seed, bits, tokens, heads, spread):
+    x = torch.randn(tokens, heads, 16, generator=torch.Generator().manual_seed(seed)) * spread
+    kv = quantize_kv(x, bits, torch.float16)
+    assert kv.q.dtype == torch.uint8 and int(kv.q.max()) <= 2**bits - 1
+    assert kv.scale.shape == (tokens, heads, 1) and kv.zero.shape == (tokens, heads, 1)
+    xh = x.to(torch.float16)
+    for t in range(tokens):
+        for h in range(heads):
+            row = [float(v) for v in xh[t, h]]
+            lo, hi = min(row), max(row)
+            # warp_stats: float32 (max - min) * float32(1 / q_max), stored in half
+            scale = _half(float(np.float32(hi - lo) * (np.float32(1) / np.float32(2**bits - 1))))
+            assert float(kv.scale[t, h, 0]) == scale and float(kv.zero[t, h, 0]) == lo
+            inv = _half(1.0 / scale) if scale else float("inf")
+            for c, v in enumerate(row):
+                u = _half(_half(v - lo) * inv) if scale else 0.0
+                want = min(max(round(u), 0), 255, 2**bits - 1)  # cvt.rni.sat.u8 (Python's round: half to even)
+                assert int(kv.q[t, h, c]) == want
+    back = dequantize_kv(kv, torch.float16)
+    for t in range(tokens):
+        for h in range(heads):
+            s, z = float(kv.scale[t, h, 0]), float(kv.zero[t, h, 0])
+            for c in range(16):
+                assert float(back[t, h, c]) == _half(int(kv.q[t, h, c]) * s + z)  # one rounding (fma)
+
+
+@pytest.mark.parametrize("bits, bound", [(8, 0.01), (4, 0.15)])
+def test_roundtrip_error_is_about_half_a_step(bits, bound):
+    x = torch.randn(64, 4, 128, generator=torch.Generator().manual_seed(1))
+    y = kv_roundtrip(x, bits).float()
+    rel = float((y - x).norm() / x.norm())
+    assert 0 < rel < bound
+    worse = kv_roundtrip(x, bits, scale_factor=1.3).float()
+    assert float((worse - x).norm() / x.norm()) > 0.2  # the fault the catalogue injects: read with a wrong scale
+
+
+def test_constant_rows_and_policy():
+    x = torch.full((2, 1, 8), 0.5)
+    assert torch.equal(kv_roundtrip(x, 4).float(), x)
+    assert bits_for_policy(0) == 0 and bits_for_policy(4) == 4 and bits_for_policy(8) == 8
+    with pytest.raises(ValueError):
+        bits_for_policy(2)
