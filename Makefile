@@ -18,7 +18,7 @@ TRUST_REMOTE_CODE ?= 1
 endif
 TRUST_FLAG := $(if $(filter 1 yes true,$(TRUST_REMOTE_CODE)),--trust-remote-code,)
 
-.PHONY: setup test parity fixtures faults bench clean
+.PHONY: setup setup-gpu test parity fixtures faults bench device-pack clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,20 @@ $(STAMP): pyproject.toml Makefile scripts/install-chromium.sh
 	$(BIN)/pip install -q --no-deps lmdeploy==0.7.1
 	scripts/install-chromium.sh
 	touch $(STAMP)
+
+# GPU users: the live engine (--engine turbomind) in its own venv, with lmdeploy 0.7.1's own requirements
+# (torch<=2.5.1 built for CUDA 12, the nvidia-*-cu12 runtime wheels); ends by saying whether TurboMind can run.
+VENV_GPU := .venv-gpu
+setup-gpu: pyproject.toml
+	test -x $(VENV_GPU)/bin/python || $(PYTHON) -m venv $(VENV_GPU)
+	$(VENV_GPU)/bin/pip install -q --upgrade pip
+	$(VENV_GPU)/bin/pip install -q -e '.[test,lmdeploy-cpu,turbomind]'
+	$(VENV_GPU)/bin/pip install -q --no-deps lmdeploy==0.7.1
+	$(VENV_GPU)/bin/python -c "from parity.deploy.live import available; ok, why = available(); print(why); raise SystemExit(0 if ok else 1)"
+
+# The packages a GPU machine without a registry needs for scripts/device_check.py (<= 64 MiB, .device-pack/)
+device-pack: setup
+	$(BIN)/python scripts/device_check.py pack
 
 fixtures: setup
 	$(BIN)/parity fixtures --out $(FIXTURES)

@@ -13,9 +13,9 @@ One `Placement` per run, resolved before any work (a bad or unusable device is e
   the device.
 
 Judged float32 stays float32 on a GPU: TF32 is switched off for the whole run (`judged_precision`), since a
-TF32 matmul rounds its inputs to 10 mantissa bits and would move the replay's error by ~1e-3, far above the
-fp32 floor it is judged against. Float64 (the fp32 mode's noise floor) runs where the device supports it; CPU
-and CUDA both do (`supports_float64`).
+TF32 matmul rounds its inputs to 10 mantissa bits and would move the replay's error by ~1e-4 to 1e-3, far
+above the fp32 floor it is judged against. Float64 (the fp32 mode's noise floor) runs where the device
+supports it; CPU and CUDA both do (`supports_float64`).
 """
 
 from __future__ import annotations

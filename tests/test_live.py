@@ -834,3 +834,39 @@ def test_live_close_is_checked_and_sequential_builds_free_the_gpu(fake_turbomind
         with pytest.raises(live.LiveEngineError, match="NCCL destroy failed") as e:
             eng.close()
         assert e.value.exit_code == 2 and eng.tm is None
+
+
+def test_turbomind_environment_check_names_what_to_install(tmp_path):
+    """`--engine turbomind` checks lmdeploy 0.7.1's own requirements first and names each missing piece."""
+    have_wheels = all(_installed(d) for d in live.CUDA12_WHEELS)
+    site = tmp_path / "site"
+    for folder in live.CUDA12_WHEELS.values():
+        (site / folder).mkdir(parents=True)
+    complete = live.missing_requirements(torch_version="2.5.1+cu124", torch_cuda="12.4", lmdeploy_version="0.7.1",
+                                         site=site)
+    assert complete == [] if have_wheels else set(complete) == set(live.CUDA12_WHEELS)
+    ours = live.missing_requirements(torch_version="2.13.0+cpu", torch_cuda=None, lmdeploy_version=None,
+                                     site=tmp_path / "empty")
+    text = " | ".join(ours)
+    assert "lmdeploy==0.7.1" in text and "torch<=2.5.1 (installed: torch 2.13.0+cpu" in text
+    assert "a CUDA 12 build of torch (installed: torch 2.13.0+cpu, a CPU-only build)" in text
+    assert all(d in text for d in live.CUDA12_WHEELS)
+    cuda13 = live.missing_requirements(torch_version="2.11.0", torch_cuda="13.0", lmdeploy_version="0.7.1", site=site)
+    assert any("built for CUDA 13.0" in m for m in cuda13)
+    ok, reason = live.available()
+    if ok:
+        pytest.skip("this machine can run TurboMind")
+    if live.missing_requirements():  # this CI venv: torch 2.13 CPU
+        assert reason.startswith("missing for --engine turbomind:") and "make setup-gpu" in reason
+        msg = str(live.unavailable_error(reason))
+        assert "\n" not in msg and "nvidia-cublas-cu12" in msg and "torch<=2.5.1" in msg
+
+
+def _installed(dist: str) -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.distribution(dist)
+        return True
+    except metadata.PackageNotFoundError:
+        return False

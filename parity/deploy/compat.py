@@ -12,7 +12,7 @@ lmdeploy's converter is pure Python, but three things in its import/call path as
     ``from ...utils import is_bf16_supported`` (the converter does), and ``torch.cuda.is_bf16_supported``.
 
 All patches are applied only when ``torch.cuda.is_available()`` is False, only inside the context manager,
-and are undone on exit. They never leave the harness process (nothing is written to disk).
+and are undone on exit (on a CUDA machine whose lmdeploy lacks its compiled extension, only (a) is). They never leave the harness process (nothing is written to disk).
 
 Side effect we also undo: lmdeploy's ``get_logger`` lowers every plain ``StreamHandler`` of the root logger
 to ERROR the first time it runs; the levels are restored on exit.
@@ -104,6 +104,26 @@ def _bf16_true(*args: Any, **kwargs: Any) -> bool:
     return True
 
 
+def lmdeploy_lib():
+    """lmdeploy's `lib` folder (where its compiled `_turbomind*.so` lives), or None without lmdeploy."""
+    import importlib.util
+    from pathlib import Path
+
+    try:
+        spec = importlib.util.find_spec("lmdeploy")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin:
+        return None
+    return Path(spec.origin).parent / "lib"
+
+
+def _extension_installed() -> bool:
+    """Whether lmdeploy's compiled extension is on disk, without importing it."""
+    lib = lmdeploy_lib()
+    return lib is not None and any(lib.glob(f"{STUB_MODULE_NAME}*"))
+
+
 @contextlib.contextmanager
 def cpu_converter_patches() -> Iterator[bool]:
     """Patch the process so lmdeploy's converter can be imported and run on CPU.
@@ -111,7 +131,16 @@ def cpu_converter_patches() -> Iterator[bool]:
     Yields True when patches were applied (no CUDA), False when CUDA is present (nothing patched).
     """
     if torch.cuda.is_available():
-        yield False
+        if _extension_installed() or STUB_MODULE_NAME in sys.modules:
+            yield False
+            return
+        # a CUDA machine with lmdeploy's Python part only (scripts/device_check.py's pack): the converter
+        # needs just the stand-in for the compiled extension
+        sys.modules[STUB_MODULE_NAME] = _make_stub()
+        try:
+            yield True
+        finally:
+            sys.modules.pop(STUB_MODULE_NAME, None)
         return
 
     undo: list[Any] = []  # callables run in reverse order on exit

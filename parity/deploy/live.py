@@ -43,6 +43,7 @@ import contextlib
 import gc
 import itertools
 import logging
+import re
 import subprocess
 import sys
 import threading
@@ -57,7 +58,7 @@ import torch
 from ..errors import EngineUnavailable, ParityInputError
 from ..records import EngineCall, Finding
 from ..trace import Trace, TraceWriter
-from .compat import STUB_MODULE_NAME, installed_lmdeploy_version, stub_active
+from .compat import STUB_MODULE_NAME, installed_lmdeploy_version, lmdeploy_lib, stub_active
 from .versions import WORKSPACE_TRAP
 
 LIVE_VERSION = "0.7.1"  # the lmdeploy release whose Python API this module follows
@@ -72,18 +73,6 @@ def _next_session_id() -> int:
 
 
 # ------------------------------------------------------------------------------------------- availability
-
-
-def _lmdeploy_lib() -> Path | None:
-    try:
-        import importlib.util
-
-        spec = importlib.util.find_spec("lmdeploy")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.origin:
-        return None
-    return Path(spec.origin).parent / "lib"
 
 
 def _probe_extension_subprocess(lib: Path, timeout: float = 60.0) -> str | None:
@@ -118,13 +107,62 @@ def _import_extension(lib: Path) -> tuple[Any | None, str | None]:
         return None, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
 
 
+# lmdeploy 0.7.1's own metadata: torch<=2.5.1, and the CUDA 12 runtime wheels its _turbomind finds through
+# its RPATH ($ORIGIN/../../nvidia/<name>/lib): distribution -> the folder under site-packages
+MAX_TORCH = (2, 5, 1)
+CUDA12_WHEELS = {
+    "nvidia-cuda-runtime-cu12": "nvidia/cuda_runtime/lib",
+    "nvidia-cublas-cu12": "nvidia/cublas/lib",
+    "nvidia-curand-cu12": "nvidia/curand/lib",
+    "nvidia-nccl-cu12": "nvidia/nccl/lib",
+}
+INSTALL_HINT = ("`make setup-gpu` installs that set into .venv-gpu (the `turbomind` extra: "
+                "pip install -e '.[turbomind,lmdeploy-cpu]' then pip install --no-deps lmdeploy==0.7.1)")
+
+
+def missing_requirements(torch_version: str | None = None, torch_cuda: str | None = "",
+                         lmdeploy_version: str | None = "", site: Path | None = None) -> list[str]:
+    """What this environment lacks of lmdeploy 0.7.1's requirements for the live engine, each as what to
+    install (empty: complete). Arguments default to this environment (tests pass others)."""
+    from importlib import metadata
+
+    tv = torch.__version__ if torch_version is None else torch_version
+    cuda = torch.version.cuda if torch_cuda == "" else torch_cuda
+    lv = installed_lmdeploy_version() if lmdeploy_version == "" else lmdeploy_version
+    out = []
+    if lv is None:
+        out.append(f"lmdeploy=={LIVE_VERSION}")
+    nums = tuple(int(x) for x in re.findall(r"\d+", tv.split("+")[0])[:3])
+    if nums > MAX_TORCH:
+        out.append(f"torch<=2.5.1 (installed: torch {tv}; lmdeploy {LIVE_VERSION} requires torch<=2.5.1)")
+    if cuda is None:
+        out.append(f"a CUDA 12 build of torch (installed: torch {tv}, a CPU-only build)")
+    elif not cuda.startswith("12"):
+        out.append(f"a CUDA 12 build of torch (installed: torch {tv}, built for CUDA {cuda})")
+    if site is None:
+        lib = lmdeploy_lib()
+        site = lib.parent.parent if lib is not None else Path(torch.__file__).parent.parent
+    for dist, folder in CUDA12_WHEELS.items():
+        try:
+            metadata.distribution(dist)
+        except metadata.PackageNotFoundError:
+            out.append(dist)
+            continue
+        if not (site / folder).is_dir():
+            out.append(f"{dist} (installed, but {site / folder} where _turbomind's RPATH looks is missing)")
+    return out
+
+
 def available() -> tuple[bool, str]:
     """(True, description) when TurboMind can run in this process, else (False, why not)."""
-    version = installed_lmdeploy_version()
-    if version is None:
-        return False, ("lmdeploy is not installed in this environment (install lmdeploy==0.7.1 from its CUDA wheel "
-                       "on the GPU machine).")
-    lib = _lmdeploy_lib()
+    missing = missing_requirements()
+    if missing:  # say exactly what to install, before anything that would fail on it
+        why = f"missing for --engine turbomind: {'; '.join(missing)}. {INSTALL_HINT}"
+        if not torch.cuda.is_available():
+            why += "; and torch.cuda.is_available() is False here"
+        return False, why + "."
+    version = installed_lmdeploy_version() or "?"
+    lib = lmdeploy_lib()
     if lib is None or not any(lib.glob(f"{STUB_MODULE_NAME}*")):
         return False, (f"lmdeploy {version} is installed without its compiled TurboMind extension "
                        f"({STUB_MODULE_NAME}*.so under {lib}).")
@@ -157,8 +195,9 @@ def _gpu_name() -> str | None:
 def unavailable_error(reason: str) -> EngineUnavailable:
     return EngineUnavailable(
         f"--engine turbomind runs lmdeploy's TurboMind live and cannot run on this machine: {reason} It needs a "
-        f"CUDA GPU with the CUDA 12 runtime libraries (libcudart/libcublas/libnccl) and lmdeploy=={LIVE_VERSION} "
-        "installed from its wheel. Use --engine replay (the default) to replay the converted workspace on CPU."
+        f"CUDA GPU, torch<=2.5.1 built for CUDA 12, the CUDA 12 runtime wheels ({', '.join(CUDA12_WHEELS)}) and "
+        f"lmdeploy=={LIVE_VERSION} (`make setup-gpu`). Use --engine replay (the default) to replay the converted "
+        "workspace on CPU."
     )
 
 
