@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 args.json.parent.mkdir(parents=True, exist_ok=True)
                 args.json.write_text(json.dumps(audit.to_dict(), indent=1, default=str))
-            return 0 if audit.ok else 1
+            return audit.exit_code
         if args.command == "faults":
             return _faults(args)
         if args.command == "lmdeploy":

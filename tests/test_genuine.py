@@ -201,3 +201,117 @@ def test_parity_run_on_the_vl_fixture_from_the_offline_cache(vl, tmp_path):
     assert not [f for f in report["findings"] if f["severity"] == "error"]
     applied = report["engine"]["reference_applied"]
     assert len(applied) == 1 and "image_size 336 -> 490" in applied[0]
+
+
+# ----------------------------------------------------------------------------------------- the audit
+
+
+def _audit(path, **env):
+    from parity.disguise import audit_deployment
+
+    return audit_deployment(path, trust_remote_code=True)
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_audit_reads_every_plora_linear_and_the_vision_path_without_building_the_model(vl, monkeypatch):
+    """The hub CLIP is not in the cache, so the model cannot be built: the audit still reads everything."""
+    from parity.reference import modelcode
+
+    monkeypatch.delenv(modelcode.PROVIDED_ENV, raising=False)
+    a = _audit(vl)
+    assert a.status == "OK" and a.exit_code == 0 and not a.incomplete, a.summary()
+    assert set(a.model_linears) == {"attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w3",
+                                    "feed_forward.w2"}
+    assert all(g == {"rank": 256, "scale": 1.0, "layers": 3} for g in a.model_linears.values())
+    v = a.vision_path
+    assert (v["position_grid"], v["pixels"], v["img_size"], v["rows_per_image"]) == ("35x35", 490, 490, 1225)
+    assert v["projector"] == "64 -> 512" and v["hub_ids"][CLIP_HUB_ID].startswith("MISSING")
+    assert [f.cause for f in a.findings if CLIP_HUB_ID in f.message] == ["config_mismatch"]
+    assert any(r["item"] == "vision path" for r in a.table)
+    assert any("safetensors headers" in r for r in a.model_read)
+
+
+def test_audit_of_the_vl_fixture_with_its_cache(vl, provided):
+    a = _audit(vl)
+    assert a.status == "OK" and not a.findings, a.summary()
+    assert a.vision_path["hub_ids"][CLIP_HUB_ID].startswith("provided at")
+
+
+def test_audit_reports_4khd_scales_from_the_code(fixture_models):
+    a = _audit(fixture_models["xcomposer2-4khd-tiny"])
+    assert a.ok, a.summary()
+    assert a.model_linears["attention.wqkv"] == {"rank": 8, "scale": 2.0, "layers": 3}
+    assert a.model_linears["attention.wo"] == {"rank": 256, "scale": 1.0, "layers": 3}
+
+
+def test_an_audit_that_cannot_read_the_code_is_incomplete_never_ok(vl, tmp_path, capsys):
+    """Fault: the model class names a decoder-layer class its code does not define."""
+    from parity.cli import main
+
+    broken = _copy(vl, tmp_path / "vl-no-layer-class")
+    code = (broken / "modeling_internlm_xcomposer2.py").read_text()
+    assert code.count('_no_split_modules = ["InternLM2DecoderLayer"]') == 1
+    (broken / "modeling_internlm_xcomposer2.py").write_text(
+        code.replace('_no_split_modules = ["InternLM2DecoderLayer"]', '_no_split_modules = ["NoSuchLayer"]'))
+    a = _audit(broken)
+    assert a.status == "INCOMPLETE" and not a.ok and a.exit_code == 2
+    assert any("NoSuchLayer" in why for why in a.incomplete)
+    capsys.readouterr()
+    assert main(["audit", str(broken), "--trust-remote-code"]) == 2
+    out = capsys.readouterr().out
+    assert ": INCOMPLETE" in out and "cannot say OK" in out and ": OK" not in out
+
+
+def test_an_audit_without_readable_weights_is_incomplete(vl, tmp_path):
+    """Fault: a shard's header is garbage."""
+    broken = _copy(vl, tmp_path / "vl-bad-shard")
+    (broken / "model-00002-of-00002.safetensors").write_bytes(b"\xff" * 64)
+    a = _audit(broken)
+    assert a.status == "INCOMPLETE" and any("model-00002-of-00002.safetensors" in w for w in a.incomplete)
+
+
+def test_audit_finds_a_rank_the_code_and_checkpoint_disagree_on(vl, tmp_path):
+    """Fault: the code builds feed_forward.w3 with rank 128 while the checkpoint holds 256."""
+    broken = _copy(vl, tmp_path / "vl-rank")
+    cfg = json.loads((broken / "config.json").read_text())
+    cfg["plora_config"] = {"feed_forward.w3": {"r": 128, "alpha": 128}}
+    (broken / "config.json").write_text(json.dumps(cfg))
+    a = _audit(broken)
+    assert a.status == "PROBLEMS" and a.exit_code == 1
+    bad = [f for f in a.findings if f.cause == "lora_rank_mismatch" and "disagree" in f.message]
+    assert bad and (bad[0].layer, bad[0].module, bad[0].positions) == (0, "feed_forward.w3", "image")
+
+
+def test_audit_finds_img_size_against_the_position_table(vl, tmp_path):
+    """Fault: config.json's img_size does not fit the resized position table."""
+    broken = _copy(vl, tmp_path / "vl-img-size")
+    cfg = json.loads((broken / "config.json").read_text())
+    cfg["img_size"] = 448
+    (broken / "config.json").write_text(json.dumps(cfg))
+    a = _audit(broken)
+    assert a.status == "PROBLEMS"
+    assert any(f.cause == "config_mismatch" and "448" in f.message and "490 px" in f.message for f in a.findings)
+
+
+def test_unmerged_task_loras_are_a_finding(fixture_models, tmp_path):
+    """XComposer2.5 task LoRAs (lora_web / lora_sft / lora_dpo) left in the checkpoint: the engine ignores them."""
+    from safetensors.torch import load_file, save_file
+
+    folder = _copy(fixture_models["xcomposer2-tiny"], tmp_path / "with-task-loras")
+    tensors = load_file(folder / "model.safetensors")
+    for name in [n for n in tensors if n.endswith(".Plora_A.weight")]:
+        stem = name[: -len(".Plora_A.weight")]
+        for task in ("lora_web", "lora_sft"):
+            tensors[f"{stem}.{task}_A.weight"] = torch.zeros(4, tensors[name].shape[1], dtype=torch.bfloat16)
+            tensors[f"{stem}.{task}_B.weight"] = torch.zeros(tensors[f"{stem}.Plora_B.weight"].shape[0], 4,
+                                                             dtype=torch.bfloat16)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    a = _audit(folder)
+    assert a.task_loras == {"lora_web": 15, "lora_sft": 15}
+    f = [f for f in a.findings if f.cause == "lora_not_applied"]
+    assert len(f) == 1 and f[0].severity == "warning"
+    assert "merge_xcomposer2d5_task.py" in f[0].message and "web" in f[0].message and "write" in f[0].message

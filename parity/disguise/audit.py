@@ -9,9 +9,12 @@ reads PLoRA) and the vision registry (`VISION_MODELS`, the first `match(config)`
 settings, which the source model's `model_info()` returns (parity's registered class, if
 `register_lora_config()` ran in this process, returns parity_lora_config.json's).
 
-The model side is read from the model itself: its code built on the meta device (no weights), PLoRA
-linears found structurally (`parity.reference.anatomy`; a Qwen2 model's q/k/v count as one fused wqkv of
-rank r_q + r_k + r_v and scale 1.0, what a faithful conversion must resolve).
+The model side is read without building the model (`modelside`: safetensors headers, one decoder layer of
+its code built alone, config.json), because a genuine XComposer2 downloads its ViT in `__init__` (a Qwen2
+model's q/k/v count as one fused wqkv of rank r_q + r_k + r_v and scale 1.0, what a faithful conversion must
+resolve). The verdict has three values: OK; PROBLEMS (an error finding: what lmdeploy would do diverges
+from the model; exit 1 in the CLI, like any divergence); INCOMPLETE (no error found, but part of the model
+side could not be read, listed in `incomplete`; exit 2: the folder could not be audited, never OK).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from ..errors import ParityInputError
 from ..points import PLORA_LINEARS, TM_LINEAR_NAMES
 from ..records import Finding
 from .lora import LORA_CONFIG_FILE, is_registered
+from .modelside import TASK_LORAS
 from .qwen2 import XCOMPOSER2_ARCH
 from ..hfconfig import read_hf_config
 
@@ -52,24 +56,44 @@ class DeploymentAudit:
     head_dim: int | None = None
     findings: list[Finding] = field(default_factory=list)
     table: list[dict[str, Any]] = field(default_factory=list)  # {item, lmdeploy, model, ok, note}
+    vision_path: dict[str, Any] = field(default_factory=dict)  # the model's image path (modelside.vision_path)
+    task_loras: dict[str, int] = field(default_factory=dict)   # XComposer2.5 task LoRA -> linears carrying it
+    model_read: list[str] = field(default_factory=list)        # what the model side was read from
+    incomplete: list[str] = field(default_factory=list)        # what could not be inspected, and why
+
+    @property
+    def status(self) -> str:
+        """"PROBLEMS" (an error finding), "INCOMPLETE" (none, but not everything could be read) or "OK"."""
+        if any(f.severity == "error" for f in self.findings):
+            return "PROBLEMS"
+        return "INCOMPLETE" if self.incomplete else "OK"
 
     @property
     def ok(self) -> bool:
-        return not any(f.severity == "error" for f in self.findings)
+        return self.status == "OK"
+
+    @property
+    def exit_code(self) -> int:
+        """The CLI's: 0 OK, 1 PROBLEMS (a divergence), 2 INCOMPLETE (the folder could not be audited)."""
+        return {"OK": 0, "PROBLEMS": 1, "INCOMPLETE": 2}[self.status]
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["ok"] = self.ok
+        d["status"] = self.status
         return d
 
     def summary(self) -> str:
-        lines = [f"Deployment audit of {self.model} with lmdeploy 0.7.1: {'OK' if self.ok else 'PROBLEMS'}"]
+        lines = [f"Deployment audit of {self.model} with lmdeploy 0.7.1: {self.status}"]
         for row in self.table:
             mark = "ok " if row["ok"] else "BAD"
             note = f"  ({row['note']})" if row.get("note") else ""
             lines.append(f"  [{mark}] {row['item']}: lmdeploy {row['lmdeploy']!s} | model {row['model']!s}{note}")
         for f in self.findings:
             lines.append(f"  {f.severity}: {f.cause}: {f.message}")
+        if self.incomplete:
+            lines.append("  INCOMPLETE: the model side could not be fully inspected, so this audit cannot say OK: "
+                         + "; ".join(self.incomplete) + ".")
         return "\n".join(lines)
 
 
@@ -142,33 +166,13 @@ def _lmdeploy_view(path: str) -> dict[str, Any]:
 
 
 def _model_view(path: str, cfg: dict) -> dict[str, Any]:
-    """Per canonical linear and layer: (rank, scale); the qkv bias; head_dim; the vision interface."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Per canonical linear and layer: (rank, scale); the qkv bias; the vision path; task LoRAs; gaps."""
+    from .modelside import read_model_side
 
-    from ..reference.anatomy import discover
-
-    out: dict[str, Any] = {"linears": {}, "bias": False, "vision": False, "error": None}
-    try:
-        with _quiet():
-            config = AutoConfig.from_pretrained(path, trust_remote_code=True)
-            with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(config, trust_remote_code=True)
-    except Exception as e:
-        out["error"] = f"the model could not be built from its code ({type(e).__name__}: {str(e)[:200]})"
-        return out
-    out["vision"] = all(hasattr(model, a) for a in ("vit", "vision_proj"))
-    try:
-        anatomy = discover(model, path)
-    except ParityInputError as e:
-        out["error"] = str(e)
-        return out
-    for layer, lins in anatomy.linears.items():
-        for point, lin in lins.items():
-            out["linears"][(layer, point)] = (lin.rank, lin.scale)
-            if point == "attention.wqkv" and lin.module.bias is not None:
-                out["bias"] = True
-    return out
+    with _quiet():
+        side = read_model_side(Path(path), cfg)
+    return {"linears": side.linears, "bias": side.bias, "vision": bool(side.vision), "side": side,
+            "error": "; ".join(side.missing) or None}
 
 
 def _expected_sub_type(path: Path) -> str | None:
@@ -218,6 +222,8 @@ def audit_deployment(model_dir: str | Path, *, trust_remote_code: bool = False) 
         sub_type=lm["sub_type"], sub_type_expected=_expected_sub_type(path), lora_config=lm["lora_config"],
         lora_registered=is_registered(), model_family=model_family(cfg),
         model_linears=_group(mv["linears"]), qkv_bias=mv["bias"], head_dim=head_dim,
+        vision_path=mv["side"].vision, task_loras=mv["side"].task_loras, model_read=mv["side"].read,
+        incomplete=list(mv["side"].missing),
     )
     _judge(audit, cfg, lm, mv, path)
     return audit
@@ -236,8 +242,7 @@ def _judge(audit: DeploymentAudit, cfg: dict, lm: dict, mv: dict, path: Path) ->
     row = audit.table.append
     for err in lm["errors"]:
         _finding(audit, "error", "config_mismatch", f"{err}.")
-    if mv["error"]:
-        _finding(audit, "warning", "config_mismatch", f"Model side not audited: {mv['error']}.")
+    _judge_model_side(audit, mv["side"], cfg)
 
     # architecture and reader
     ok_reader = audit.reader == "xcomposer2" or not has_plora
@@ -343,3 +348,55 @@ def _judge(audit: DeploymentAudit, cfg: dict, lm: dict, mv: dict, path: Path) ->
             _finding(audit, "error", "shape_mismatch", layer=0, module="attention.wqkv", positions="all",
                      message=(f"head_dim is {audit.head_dim}, but lmdeploy's reader splits wqkv with a hard-coded 128 "
                               "(view(kv_heads, gs + 2, 128, -1)): q/k/v are scrambled without an error."))
+
+
+def _judge_model_side(audit: DeploymentAudit, side, cfg: dict) -> None:
+    """Rows and findings from the model's own description: every PLoRA linear, the vision path, task LoRAs."""
+    row = audit.table.append
+    for linear, g in audit.model_linears.items():
+        row({"item": f"model {linear}", "lmdeploy": "-", "model": f"rank {g['rank']}, scale {g['scale']}",
+             "ok": True, "note": f"{g['layers']} layers; rank from the checkpoint, scale from the code"})
+    for conflict in side.rank_conflicts:
+        layer = int(conflict.split()[1])
+        linear = conflict.split()[2].rstrip(":")
+        _finding(audit, "error", "lora_rank_mismatch", layer=layer, module=linear, positions="image",
+                 message=(f"The checkpoint and the model's code disagree on a PLoRA rank ({conflict}): transformers "
+                          "refuses to load it (size mismatch), and a converted workspace carries the checkpoint's."))
+    v = side.vision
+    if v:
+        hubs = ", ".join(f"{h} {st}" for h, st in v["hub_ids"].items()) or "built from config.json"
+        row({"item": "vision path", "lmdeploy": "-",
+             "model": (f"CLIP ViT ({v['vit_layers']} layers, width {v['vit_width']}, patch {v['patch_size']}, "
+                       f"positions {v['position_grid']} = {v['pixels']} px) -> vision_proj {v['projector']}; "
+                       f"{v['rows_per_image']} rows per {v['pixels']}-px image"
+                       + (f"; separators {', '.join(v['separators'])}" if v["separators"] else "")),
+             "ok": v["img_size"] in (None, v["pixels"]) or bool(v["separators"]),
+             "note": f"img_size {v['img_size']}; vision tower: {hubs}"})
+        if v["img_size"] is not None and v["img_size"] != v["pixels"] and not v["separators"]:
+            _finding(audit, "error", "config_mismatch", positions="image",
+                     message=(f"config.json's img_size is {v['img_size']}, but the checkpoint's ViT position table is "
+                              f"{v['position_grid']} patches of {v['patch_size']} px = {v['pixels']} px: images resized "
+                              f"to {v['img_size']} px cannot go through it (lmdeploy resizes to img_size)."))
+        width_in = int(str(v["projector"]).split(" -> ")[0]) if v["projector"] else None
+        if width_in is not None and width_in != v["vit_width"]:
+            _finding(audit, "error", "shape_mismatch", positions="image",
+                     message=(f"vision_proj takes {width_in} features, but the checkpoint's ViT is {v['vit_width']} "
+                              "wide: image features cannot be projected."))
+        for hub_id, st in v["hub_ids"].items():
+            if st.startswith("MISSING"):
+                _finding(audit, "warning", "config_mismatch", positions="image",
+                         message=(f"The model's code loads {hub_id} by hub id when it is built, and it is not in this "
+                                  "machine's offline Hugging Face cache: `parity run` stops with MissingHubModel and "
+                                  "lmdeploy's vision loader (CLIPVisionConfig.from_pretrained) fails too. Set HF_HOME "
+                                  "to a cache holding it, or pass --hub-model ID=PATH to parity."))
+    if side.task_loras:
+        kinds = ", ".join(f"{k} ({n} linears)" for k, n in sorted(side.task_loras.items()))
+        tasks = sorted({TASK_LORAS[k] for k in side.task_loras})
+        row({"item": "XComposer2.5 task LoRAs", "lmdeploy": "ignored", "model": kinds, "ok": False,
+             "note": "merge per task before converting"})
+        _finding(audit, "warning", "lora_not_applied", positions="image",
+                 message=(f"The checkpoint carries XComposer2.5 task LoRAs that were not merged: {kinds}. lmdeploy's "
+                          "converter ignores them, so TurboMind serves the base chat model only. For the "
+                          f"{'/'.join(tasks)} task, merge them first with lmdeploy's "
+                          "lmdeploy/vl/tools/merge_xcomposer2d5_task.py SRC DST --task "
+                          f"{'|'.join(tasks)} (it writes fp16) and convert and compare the merged folder."))
