@@ -94,6 +94,32 @@ def _qkv_rotary(s: FaultSetup, layer: int, fn) -> None:
     s.edit(_w(layer, "attention.w_qkv"), edit)
 
 
+def _qkv_bias(s: FaultSetup, layer: int, fn) -> None:
+    """Edit the q, k and v parts of a fused w_qkv bias (TurboMind's [q | k | v] order): fn(q, k, v, D)."""
+    m = _shape(s)
+    q, k = m.head_num * m.size_per_head, m.kv_head_num * m.size_per_head
+
+    def edit(b):
+        return torch.cat(fn(*torch.split(b, [q, k, k], dim=-1), m.size_per_head), dim=-1)
+
+    s.edit(_w(layer, "attention.w_qkv", "bias"), edit)
+
+
+def _swap_qk_bias(bq, bk, bv, D):
+    """The k bias where the first kv-width of the q bias belongs, and back."""
+    n = bk.shape[-1]
+    return torch.cat([bk, bq[n:]]), bq[:n].clone(), bv
+
+
+def _bias_not_exported(s: FaultSetup) -> None:
+    """What lmdeploy writes without parity's registration: attn_bias 0 and no bias files."""
+    ws = s.ws()
+    for f in ws.weights_dir.iterdir():
+        if ".attention." in f.name and f.name.endswith(".bias"):
+            f.unlink()
+    s.config(lambda c: c["model_config"].__setitem__("attn_bias", 0))
+
+
 def _wrong_head_dim(s: FaultSetup) -> None:
     """Re-pack layer 0's w_qkv as a converter with head_dim 64 would (it hard-codes 128 upstream)."""
     m = _shape(s)
@@ -265,6 +291,16 @@ CATALOGUE: tuple[Fault, ...] = (
           "lmdeploy's default auto_awq: smoothing scaled the base weights, not Plora_A/Plora_B (--original given)",
           Expected(0, "attention.wqkv", "image", "lora_smoothing_mismatch"),
           _options(original_fixture="xcomposer2-tiny"), model="xcomposer2-tiny-awq"),
+    # --- q/k/v biases of a Qwen2 disguise (exported with attn_bias 1 by parity's registration)
+    Fault("bias_not_exported", "weights", "Qwen2 disguise converted without the registration: no q/k/v biases",
+          Expected(0, "attention.wqkv", "all", "bias_dropped"), _bias_not_exported, model="qwen2-plora-tiny"),
+    Fault("bias_rotary_order_not_applied", "weights", "layer 0's q/k bias left in rotate-half order",
+          Expected(0, "attention.wqkv", "all", "weight_mismatch"),
+          lambda s: _qkv_bias(s, 0, lambda q, k, v, D: (pairs_to_rotary(q, D), pairs_to_rotary(k, D), v)),
+          model="qwen2-plora-tiny"),
+    Fault("bias_q_k_swapped", "weights", "layer 1's k bias where its q bias belongs and back",
+          Expected(1, "attention.wqkv", "all", "weight_mismatch"),
+          lambda s: _qkv_bias(s, 1, _swap_qk_bias), model="qwen2-plora-tiny"),
     # --- numerics
     Fault("nonfinite_weight", "numerics", "one NaN in layer 1's w2 weight",
           Expected(1, "feed_forward.w2", "all", "nonfinite"), lambda s: _nan_at(s, _w(1, "feed_forward.w2"))),
@@ -331,20 +367,34 @@ def run_fault(fault: Fault, models: dict[str, Path], workspaces: dict[str, Path]
 
 
 def catalogue_models(cache: Path, names: list[str]) -> dict[str, Path]:
-    """Model folders for the catalogue's faults: the fixtures, and the quantized fixtures the quant faults use."""
-    from .fixtures import ensure
+    """Model folders for the catalogue's faults: the fixtures, and the Qwen2 originals and the quantized fixtures
+    the quant faults use."""
+    from .fixtures import QWEN2_FIXTURE_NAMES, ensure
     from .quant.quantize import QUANT_FIXTURES, ensure_quantized
 
     models = dict(ensure(cache / "fixtures"))
+    qwen2 = tuple(n for n in names if n in QWEN2_FIXTURE_NAMES)
+    if qwen2:
+        models.update(ensure(cache / "fixtures", qwen2))
     quant = tuple(n for n in names if n in QUANT_FIXTURES)
     if quant:
         models.update(ensure_quantized(cache, quant))
     return models
 
 
+def fault_workspace(model: Path, cache: Path) -> Path:
+    """The clean workspace a fault starts from: the cached conversion (for a Qwen2 PLoRA original, of its
+    disguise, with its lora_config and biases), as `parity run` makes it."""
+    from .hfconfig import read_hf_config
+    from .reference.loader import model_family
+    from .pipeline import RunOptions, workspace_path
+
+    family = model_family(read_hf_config(model, "a fixture model folder"))
+    return workspace_path(RunOptions(model=model, cache_dir=cache), family)
+
+
 def run_catalogue(cache: Path | None = None, names: list[str] | None = None,
                   numeric: str = "fp32") -> list[FaultResult]:
-    from .deploy.convert import convert_cached
     from .places import default_cache_dir
     from .reference.session import ReferenceSession
 
@@ -352,7 +402,7 @@ def run_catalogue(cache: Path | None = None, names: list[str] | None = None,
     faults = [f for f in CATALOGUE if names is None or f.name in names]
     wanted = sorted({f.model for f in faults})
     models = catalogue_models(cache, wanted)
-    workspaces = {m: convert_cached(models[m], cache / "workspaces") for m in wanted}
+    workspaces = {m: fault_workspace(models[m], cache) for m in wanted}
     sessions = {m: ReferenceSession(models[m], trust_remote_code=True) for m in wanted}
     try:
         return [run_fault(f, models, workspaces, sessions, cache, numeric) for f in faults]

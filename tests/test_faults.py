@@ -5,8 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from parity.deploy.convert import convert_cached
-from parity.faults import CATALOGUE, catalogue_models, run_fault
+from parity.faults import CATALOGUE, catalogue_models, fault_workspace, run_fault
 from parity.reference.session import ReferenceSession
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,7 +17,7 @@ def harness(fixture_models):
     cache = REPO / ".cache"
     names = sorted({f.model for f in CATALOGUE})
     models = {**fixture_models, **catalogue_models(cache, names)}
-    workspaces = {m: convert_cached(models[m], cache / "workspaces") for m in names}
+    workspaces = {m: fault_workspace(models[m], cache) for m in names}
     sessions = {m: ReferenceSession(models[m], trust_remote_code=True) for m in names}
     yield models, workspaces, sessions, cache
     for s in sessions.values():
@@ -41,7 +40,7 @@ def test_fault_is_caught_and_localised(fault, harness):
 
 # The deployment-dtype replay must localise the same faults (its floor is coarser; the faults are not).
 EMULATE = ["plora_b_scaled", "lora_scale_one_linear", "rope_base", "ranges_shifted_by_one",
-           "runtime_ignores_plora", "nonfinite_weight"]
+           "runtime_ignores_plora", "nonfinite_weight", "bias_rotary_order_not_applied", "bias_q_k_swapped"]
 
 
 @pytest.mark.parametrize("name", EMULATE)

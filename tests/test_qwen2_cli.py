@@ -118,3 +118,11 @@ def test_parity_lmdeploy_bad_input(disguise_dir, tmp_path, capsys):
     proc = _parity("lmdeploy", "--", "convert", "internlm-xcomposer2", str(broken), "--dst-path", str(tmp_path / "ws"))
     assert proc.returncode == 2 and "parity_lora_config.json" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "ws" / "triton_models" / "weights" / "config.yaml").exists()
+
+
+def test_convert_refuses_kv_replication_with_plora(disguise_dir, tmp_path, capsys):
+    """tp > kv heads: lmdeploy 0.7.1's kv replication cannot reshape a PLoRA B; refused with the reason."""
+    ws = tmp_path / "ws"
+    assert main(["convert", str(disguise_dir), "--out", str(ws), "--tp", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "tp=4 is more than the 2 kv head(s)" in err and "_repeat_kv" in err and not ws.exists()

@@ -151,6 +151,21 @@ def _check_lora_override(lora_config: dict | None) -> dict | None:
     return out
 
 
+def _check_kv_replication(cfg: dict, arch: str, tp: int, model_dir: Path) -> None:
+    """lmdeploy 0.7.1 replicates kv heads when tp > kv heads (`Attn._repeat_kv`), reshaping every exported
+    w_qkv tensor with `hidden_units` rows -- which a PLoRA `Plora_B` (r rows) does not have: the converter
+    fails with a bare reshape error. Refuse it up front with the reason."""
+    if arch != "InternLMXComposer2ForCausalLM":
+        return
+    kv = int(cfg.get("num_key_value_heads") or cfg.get("num_attention_heads") or 0)
+    if kv and tp > kv:
+        raise ParityInputError(
+            f"tp={tp} is more than the {kv} kv head(s) of {model_dir} (config.json num_key_value_heads): lmdeploy "
+            f"0.7.1 then replicates the kv heads (Attn._repeat_kv in turbomind/deploy/module.py), which reshapes the "
+            f"w_qkv LoRA B with hidden_size rows and fails for a PLoRA model. Use tp <= {kv}."
+        )
+
+
 # ------------------------------------------------------------------------------------------ capture
 
 
@@ -401,6 +416,7 @@ def convert(model_dir: str | Path, out_dir: str | Path, tp: int = 1, lora_config
     try:
         with cpu_converter_patches():
             cfg, arch = _validate_model_dir(model_dir)
+            _check_kv_replication(cfg, arch, tp, model_dir)
             from lmdeploy.turbomind.deploy.converter import main
 
             try:

@@ -387,7 +387,8 @@ def disguise(src: str | Path, dst: str | Path, *, trust_remote_code: bool = Fals
     if not fold_exact:
         losses.append(
             f"folding the q/k/v LoRA scales {[proj_scales[q] for q in QKV_PROJECTIONS]} into the fused Plora_B rounds "
-            f"it to {dtype_name} (the scales are not powers of two): a last-bit change of the LoRA on image rows."
+            f"it to {dtype_name} (a scale that is not a power of two, or a power of two below 1 applied to {dtype_name} "
+            f"subnormals): a last-bit change of the LoRA on image rows."
         )
     if rs is not None:
         notes.append(
