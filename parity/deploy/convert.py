@@ -157,8 +157,9 @@ def _check_kv_replication(cfg: dict, arch: str, tp: int, model_dir: Path) -> Non
     fails with a bare reshape error. Refuse it up front with the reason."""
     if arch != "InternLMXComposer2ForCausalLM":
         return
-    kv = int(cfg.get("num_key_value_heads") or cfg.get("num_attention_heads") or 0)
-    if kv and tp > kv:
+    heads = int(cfg.get("num_attention_heads") or 0)
+    kv = int(cfg.get("num_key_value_heads") or heads)
+    if kv and tp > kv and heads % tp == 0:  # (heads % tp != 0: lmdeploy's own assertion says so)
         raise ParityInputError(
             f"tp={tp} is more than the {kv} kv head(s) of {model_dir} (config.json num_key_value_heads): lmdeploy "
             f"0.7.1 then replicates the kv heads (Attn._repeat_kv in turbomind/deploy/module.py), which reshapes the "
