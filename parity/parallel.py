@@ -77,11 +77,11 @@ def run_parallel(opts: "RunOptions", jobs: int = 1) -> "Report":
     if opts.session is not None:
         raise ParityInputError("jobs > 1 cannot share a ReferenceSession across processes; pass session=None or "
                                "jobs=1.")
-    from .pipeline import _cases, runtime_semantics
+    from .pipeline import run_cases, runtime_semantics
 
     runtime_semantics(opts)  # what run_parity refuses before loading anything, refused before spawning
 
-    cases = _cases(opts)  # a bad inputs file fails here, before any conversion or worker
+    cases = run_cases(opts)  # a bad inputs file fails here, before any conversion or worker
     chunks = split_cases(cases, jobs)
     if len(chunks) == 1:
         return run_parity(replace(opts, cases=cases, inputs=None))

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+
+if TYPE_CHECKING:
+    from .trace import Trace
 
 BosPolicy = Literal["first", "every_text"]
 Positions = Literal["image", "text", "all"]
@@ -104,6 +107,85 @@ class ConversionRecord:
     lora_config: dict[str, Any]
     tp: int
     warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What an engine resolved for a run: how it computes, and so how it is judged. The pipeline reads these
+    instead of asking which engine it drives."""
+
+    kind: str                  # "replay" | "turbomind" | ...
+    numeric: str               # the precision the engine is judged at: "fp32" | "emulate"
+    floor_dtype: torch.dtype   # the reference re-run at this dtype gives the noise floor
+    teacher_forced: bool       # infer() also returns a run fed the reference's inputs (else local == e2e)
+    serve_from: str            # "hf" | "workspace"
+    weight_type: str           # the dtype the deployment computes in ("float16", "bfloat16", ...)
+
+
+@dataclass(frozen=True)
+class EngineWarning:
+    """Something the engine noticed about its own deployment (not a judgement of the values): the checks
+    turn it into a Finding with this check name and cause."""
+
+    cause: str
+    message: str
+    check: str = "config"
+
+
+@dataclass(frozen=True)
+class EngineRanges:
+    """How the engine read the call's `input_embedding_ranges` (TurboMind's validation)."""
+
+    valid: bool
+    reason: str | None
+    accepted: tuple[tuple[int, int], ...]
+    row_count_mismatch: bool
+
+
+@dataclass
+class EngineRequest:
+    """One case for an engine: the call, what the reference side holds for it (an engine that can be
+    teacher-forced feeds each module the reference's input; one with follow-up runs reuses the rest), and
+    where to write its traces."""
+
+    case: str
+    call: EngineCall
+    prepared: PreparedInput
+    hf_call: HFCall
+    reference: "Trace"
+    floor_e2e: "Trace | None"      # the reference end to end at the engine's precision, where it was captured
+    same_rows: bool                # the call has the reference's rows (teacher forcing is possible)
+    trace_dir: Path
+    keep_all_parts: bool = False   # write every PLoRA part (--keep-traces), not only those the checks read
+
+
+@dataclass
+class EngineRun:
+    """What an engine returned for one request. `local` is the teacher-forced trace, or `trace` itself when
+    the engine cannot be teacher-forced. Masks are 0/1 per row, None where the engine does not expose them."""
+
+    trace: "Trace"
+    local: "Trace"
+    settings: EngineSettings
+    ranges: EngineRanges | None = None          # None: the engine does not report its range validation
+    image_rows: torch.Tensor | None = None      # rows the engine derived from its ranges
+    lora_rows: torch.Tensor | None = None       # rows the engine applied LoRA on
+    warnings: list[EngineWarning] = field(default_factory=list)
+
+    @property
+    def ranges_rejected(self) -> bool:
+        return self.ranges is not None and not self.ranges.valid
+
+
+@dataclass
+class EngineSummary:
+    """What an engine hands back when deactivated: its part of the report's `engine` section, warnings, and
+    the findings of any follow-up strategy it ran (the live engine's per-layer runs)."""
+
+    report: dict[str, Any] = field(default_factory=dict)
+    warnings: list[EngineWarning] = field(default_factory=list)
+    findings: list["Finding"] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- findings and report

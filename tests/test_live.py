@@ -870,3 +870,20 @@ def _installed(dist: str) -> bool:
         return True
     except metadata.PackageNotFoundError:
         return False
+
+
+def test_pipeline_drives_live_engine_through_engine_interface(fake_turbomind, deep_model, session):
+    """run_parity with --engine turbomind (fake 0.7.1 engine in bf16) goes through the same Engine interface
+    as the replay: judged at the engine's precision, end to end only, per-layer bisection as its follow-up."""
+    from parity.pipeline import RunOptions, run_parity
+
+    report = run_parity(RunOptions(model=deep_model, engine="turbomind", trust_remote_code=True, session=session,
+                                   cache_dir=CACHE, layers="bisect", live={"session_len": 512}))
+    assert report.status == "pass", [f.message for f in report.errors()]
+    e = report.engine
+    assert e["kind"] == "turbomind" and e["numeric"] == "emulate" and e["dtype"] == "bfloat16"
+    assert e["layerwise"]["mode"] == "bisect" and e["layerwise"]["builds"] >= 1
+    assert "layers" in report.timings and fake_turbomind.built
+    assert {p.module for p in report.points} == {"norm", "output"}  # the live engine exposes nothing per layer
+    assert all("floor_e2e" in p.local for p in report.points)  # judged against the end-to-end floor
+    assert not any(c.masks.get("engine") for c in report.cases)  # the live engine does not report its masks

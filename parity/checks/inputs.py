@@ -22,16 +22,15 @@ def first_differing_row(a: torch.Tensor, b: torch.Tensor) -> int | None:
 def run(ctx: CheckContext) -> CheckOutput:
     out = CheckOutput()
     for ct in ctx.cases:
-        info = ct.engine_info or {}
         name = ct.prepared.name
-        if info.get("ranges_valid") is False:
+        if ct.run is not None and ct.run.ranges_rejected:
             out.findings.append(Finding(
                 check="inputs", severity="error", cause="embeddings_skipped", layer=None, module="embeddings",
                 positions="image", case=name,
                 message=("TurboMind rejects these input_embedding_ranges "
-                         f"({info.get('reason') or info.get('warning') or 'invalid ranges'}): it logs '[ImageFeature] "
+                         f"({ct.run.ranges.reason or 'invalid ranges'}): it logs '[ImageFeature] "
                          "Skip invalid input embeddings' and runs with no image features and no LoRA at all."),
-                metrics={"ranges": [list(r) for r in info.get("accepted_ranges", []) or []]},
+                metrics={"ranges": [list(r) for r in ct.run.ranges.accepted]},
             ))
             continue
         if ct.engine_rows is None:

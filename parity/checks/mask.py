@@ -16,16 +16,15 @@ def masks_for(ct) -> dict[str, torch.Tensor]:
     if m is not None:
         out["hf"] = m.to(torch.uint8).reshape(-1)
     # the image rows the engine derived from its ranges (whether or not its LoRA then used them)
-    lora_mask = ct.engine.meta.extras.get("image_mask")
-    if lora_mask is not None:
-        out["engine"] = torch.tensor(lora_mask, dtype=torch.uint8).reshape(-1)
+    if ct.run is not None and ct.run.image_rows is not None:
+        out["engine"] = ct.run.image_rows.to(torch.uint8).reshape(-1)
     return out
 
 
 def run(ctx: CheckContext) -> CheckOutput:
     out = CheckOutput()
     for ct in ctx.cases:
-        if (ct.engine_info or {}).get("ranges_valid") is False or (
+        if (ct.run is not None and ct.run.ranges_rejected) or (
                 ct.engine_mask is not None and not torch.equal(ct.engine_mask, ct.prepared.image_rows.bool())):
             continue  # the inputs check already names skipped embeddings and mis-ranged rows
         masks = masks_for(ct)

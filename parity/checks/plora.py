@@ -19,7 +19,7 @@ def run(ctx: CheckContext) -> CheckOutput:
     out = CheckOutput()
     t = ctx.thresholds
     for ct in ctx.cases:
-        if (ct.engine_info or {}).get("ranges_valid") is False:
+        if ct.run is not None and ct.run.ranges_rejected:
             continue
         image = ct.prepared.image_rows.bool()
         text = ~image

@@ -16,7 +16,7 @@ import torch
 
 from ..deploy.layout import tm_qkv_cols_to_hf
 from ..points import execution_order
-from ..records import PointResult, PreparedInput
+from ..records import EngineRun, PointResult, PreparedInput
 from ..trace import Trace
 from .rowstats import RowStats, row_stats_multi
 from .stream import StatsTrace
@@ -38,7 +38,7 @@ class CaseTraces:
     floor_local: Trace | StatsTrace | None
     engine: Trace
     engine_local: Trace
-    engine_info: dict[str, Any] = field(default_factory=dict)
+    run: EngineRun | None = None  # what the engine reported about this case (ranges, masks, settings)
     # What the engine call asked for (rows via the reference's table, image mask from its ranges)
     engine_rows: torch.Tensor | None = None
     engine_mask: torch.Tensor | None = None

@@ -79,6 +79,14 @@ class ReferenceSession:
             self.floor_model(dtype), call, self._dir(call, case) / f"floor-{fname}", case, side="floor",
             **self._parts))
 
+    def floors(self, call: HFCall, case: str, dtype: torch.dtype, teacher_forced: bool):
+        """(floor_e2e, floor_local) for an engine at `dtype`: a teacher-forced engine needs only the local
+        floor's error statistics; an engine judged end to end gets the end-to-end floor (as values) as both."""
+        if teacher_forced:
+            return None, self.floor_local(call, case, dtype)
+        e2e = self.floor_e2e(call, case, dtype)
+        return e2e, e2e
+
     def _get(self, key, make):
         if key not in self._traces:
             self._traces[key] = make()

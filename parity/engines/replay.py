@@ -1,0 +1,65 @@
+"""The replay engine behind the `Engine` interface: TurboMind's prefill replayed on CPU from the converted
+workspace (parity.deploy.replay), judged at the precision the user asked for, teacher-forced when the
+reference saw the same rows."""
+
+from __future__ import annotations
+
+import torch
+
+from ..deploy.replay import ReplayEngine
+from ..errors import ParityInputError
+from ..points import PLORA_PARTS, UNCHECKED_PARTS
+from ..records import EngineRequest, EngineRun, EngineSettings, EngineSummary
+from .base import EngineSetup, ranges_from_info, trace_writer
+
+
+class ReplayRunner:
+    kind = "replay"
+
+    @classmethod
+    def preflight(cls, layers: str | None, serve_from: str) -> None:
+        if layers:
+            raise ParityInputError("--layers needs --engine turbomind: the replay engine records every layer already.")
+
+    def __init__(self, setup: EngineSetup):
+        self.setup = setup
+        self.engine: ReplayEngine | None = None
+        self.settings: EngineSettings | None = None
+
+    def activate(self) -> EngineSettings:
+        s = self.setup
+        self.engine = ReplayEngine(s.workspace, s.semantics, numeric=s.numeric, serve_from=s.serve_from,
+                                   device=s.device)
+        self.settings = EngineSettings(
+            kind=self.kind, numeric=s.numeric,
+            floor_dtype=torch.float64 if s.numeric == "fp32" else s.workspace.dtype,
+            teacher_forced=True, serve_from=s.serve_from, weight_type=str(s.workspace.model.weight_type))
+        return self.settings
+
+    def infer(self, request: EngineRequest) -> EngineRun:
+        ws = self.setup.workspace
+
+        def writer(name: str, skip) -> object:
+            return trace_writer(request, name, self.kind, ws.model.num_layer, str(ws.dtype), frozenset(skip))
+
+        # Only the PLoRA parts a check reads are written: the checks read the teacher-forced run's parts
+        # (the end-to-end run's only where there is no other), and emulate mode judges the engine's LoRA
+        # delta on the engine's own input, so its teacher-forced run keeps ":input" too.
+        if request.same_rows:  # both runs in one layer-major pass over the weights
+            local_skip = {"base"} if self.settings.numeric == "emulate" else UNCHECKED_PARTS
+            info, local_info = self.engine.run_pair(request.call, writer("engine", PLORA_PARTS),
+                                                    writer("engine_local", local_skip), request.reference)
+        else:  # different rows (a BOS policy or range mismatch): only the engine's own run exists
+            info = local_info = self.engine.run(request.call, writer("engine", UNCHECKED_PARTS))
+        return EngineRun(
+            trace=info["trace"], local=local_info["trace"], settings=self.settings,
+            ranges=ranges_from_info(info),
+            image_rows=torch.tensor(info["image_rows"], dtype=torch.uint8),
+            lora_rows=torch.tensor(info["mask"], dtype=torch.uint8),
+        )
+
+    def deactivate(self) -> EngineSummary:
+        return EngineSummary()
+
+    def close(self) -> None:
+        self.engine = None
