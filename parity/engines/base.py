@@ -30,8 +30,8 @@ class EngineSetup:
     cache_dir: Path = Path(".cache")
     thresholds: Any = None           # parity.compare.thresholds.Thresholds
     session: Any = None              # parity.reference.session.ReferenceSession
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where an engine that can choose
-    #                                                                           computes (parity.device)
+    # where an engine that can choose computes (parity.device)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
 class Engine(Protocol):
