@@ -23,29 +23,16 @@ import pytest
 from .api import assert_parity, run
 
 _MODULES_ENV = "HF_MODULES_CACHE"
-# The controller's folder for the workers' caches: xdist may end a worker before its pytest_unconfigure
-# has run, so the controller (whose unconfigure always runs) removes them all with this folder.
-_ROOT_ENV = "PARITY_HF_MODULES_ROOT"
 _modules_key = pytest.StashKey[str]()
-_previous_root_key = pytest.StashKey["str | None"]()
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_load_initial_conftests(early_config, parser, args):
-    """On an xdist worker, before any conftest can import transformers: a private remote-code cache, inside
-    the controller's folder (made here, in the controller, before it starts any worker)."""
+    """On an xdist worker, before any conftest can import transformers: a private remote-code cache."""
     worker = os.environ.get("PYTEST_XDIST_WORKER")
-    if not worker:
-        if _MODULES_ENV not in os.environ:
-            early_config.stash[_previous_root_key] = os.environ.get(_ROOT_ENV)  # restored (nested pytest runs)
-            root = tempfile.mkdtemp(prefix="parity-hf-modules-")
-            os.environ[_ROOT_ENV] = root
-            early_config.stash[_modules_key] = root
+    if not worker or _MODULES_ENV in os.environ or "transformers" in sys.modules:
         return
-    if _MODULES_ENV in os.environ or "transformers" in sys.modules:
-        return
-    root = os.environ.get(_ROOT_ENV)
-    path = tempfile.mkdtemp(prefix=f"parity-hf-modules-{worker}-", dir=root if root and os.path.isdir(root) else None)
+    path = tempfile.mkdtemp(prefix=f"parity-hf-modules-{worker}-")
     os.environ[_MODULES_ENV] = path
     early_config.stash[_modules_key] = path
 
@@ -56,12 +43,6 @@ def _remove_modules_cache(config):
         shutil.rmtree(path, ignore_errors=True)
         if os.environ.get(_MODULES_ENV) == path:
             del os.environ[_MODULES_ENV]
-        if os.environ.get(_ROOT_ENV) == path:
-            previous = config.stash.get(_previous_root_key, None)
-            if previous is None:
-                del os.environ[_ROOT_ENV]
-            else:
-                os.environ[_ROOT_ENV] = previous
 
 
 def pytest_sessionfinish(session):
