@@ -165,6 +165,7 @@ def test_chain_with_qkv_biases_without_the_registration_fails_with_bias_dropped(
     assert hidden[0].layer == 0 and 0.05 < measured < 1.0          # the biases are ~0.3 on O(1) outputs
     assert f"local error {measured:.3g}" in first.message            # the report states the measured error
     assert {f.module for f in hidden} == {"attention.wqkv"}         # nothing else diverges (teacher-forced)
+    assert any("parity convert" in f.message for f in errors if f.check == "config")  # and says what to do
     assert all(r["status"] == "ok" for r in report.weights_audit)
     assert [r["field"] for r in report.config_audit if not r["ok"]] == ["attn_bias"]
     rows = [r for r in report.plora_table if r["linear"] == "attention.wqkv"]

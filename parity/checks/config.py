@@ -95,7 +95,9 @@ def run(ctx: CheckContext) -> CheckOutput:
     if has_bias and not ws.model.attn_bias:
         out.findings.append(Finding(
             check="config", severity="error", cause="bias_dropped", layer=0, module="attention.wqkv", positions="all",
-            message="The HF model's qkv projection has a bias, but the workspace has attn_bias = 0: the converter dropped it.",
+            message=("The HF model's qkv projection has a bias, but the workspace has attn_bias = 0: the converter dropped it "
+                     "(lmdeploy's xcomposer2 reader exports attention biases only with attn_bias = 1; for a parity disguise "
+                     "`parity convert` and `parity lmdeploy -- ...` set it)."),
         ))
     out.findings += _lora(ctx, out.table)
     return out
