@@ -12,6 +12,7 @@ from typing import Any
 
 from .errors import ParityInputError
 from .records import Report
+from .scratch import out_lock, run_scratch
 
 
 class ParityAssertionError(AssertionError):
@@ -50,7 +51,11 @@ def run(model: str | Path, *, out: str | Path | None = None, jobs: int = 1, **op
     `jobs` > 1 spreads the cases over that many worker processes (`parity.parallel`; clamped to the number
     of cases) and returns the same report as one process would, timings apart. Workers are spawned, so a
     script calling this at its top level needs the usual `if __name__ == "__main__":` guard.
+    Its temporary folders live under one temp root removed when it returns or raises, and `out` is locked
+    for the run (`parity.scratch`): a second run into the same `out` is refused.
     """
+    import contextlib
+
     from .parallel import run_parallel
     from .pipeline import RunOptions
     from .report import write_reports
@@ -59,7 +64,11 @@ def run(model: str | Path, *, out: str | Path | None = None, jobs: int = 1, **op
     for key in ("workspace", "inputs", "cache_dir", "keep_traces"):
         if isinstance(options.get(key), str):
             options[key] = Path(options[key])
-    report = run_parallel(RunOptions(model=Path(model), **options), jobs)
-    if out is not None:
-        write_reports(report, Path(out))
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(run_scratch())
+        if out is not None:
+            stack.enter_context(out_lock(out))
+        report = run_parallel(RunOptions(model=Path(model), **options), jobs)
+        if out is not None:
+            write_reports(report, Path(out))
     return report

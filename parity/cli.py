@@ -12,6 +12,7 @@ from rich.console import Console
 
 from .errors import ParityInputError, followable
 from .places import CACHE_ENV, REPORTS_ROOT, default_cache_dir, default_report_dir
+from .scratch import Terminated, out_lock, run_scratch, terminate_as_exception
 
 err = Console(stderr=True, highlight=False)
 
@@ -209,8 +210,9 @@ def _run(a: argparse.Namespace) -> int:
         low_memory=a.low_memory, device=a.device, original=a.original,
         live={"session_len": a.session_len} if a.session_len else {},
     )
-    report = run_parallel(opts, a.jobs)  # --jobs 1: pipeline.run_parity(opts) in this process
-    paths = write_reports(report, a.out)
+    with out_lock(a.out):
+        report = run_parallel(opts, a.jobs)  # --jobs 1: pipeline.run_parity(opts) in this process
+        paths = write_reports(report, a.out)
     print_summary(report, Console(highlight=False), paths={k: str(v) for k, v in paths.items()})
     return 0 if report.status == "pass" else 1
 
@@ -262,78 +264,86 @@ def _check_writable(out: Path) -> None:
         raise ParityInputError(f"Output folder {out} cannot be written ({probe} is not a writable folder).")
 
 
+def _command(args: argparse.Namespace) -> int:
+    if getattr(args, "hub_model", None):
+        from .reference.modelcode import parse_hub_model, provide
+
+        for spec in args.hub_model:
+            provide(*parse_hub_model(spec))
+    if args.command == "fixtures":
+        from .fixtures import generate
+
+        from .fixtures import FIXTURE_NAMES, GENUINE_FIXTURE_NAMES, QWEN2_FIXTURE_NAMES
+
+        for name, path in generate(args.out, FIXTURE_NAMES + GENUINE_FIXTURE_NAMES + QWEN2_FIXTURE_NAMES).items():
+            Console(highlight=False).print(f"[green]fixture[/] {name}: {path}")
+        return 0
+    if args.command == "convert":
+        from .deploy.convert import convert
+
+        rec = convert(args.model, args.out, tp=args.tp, lmdeploy_defaults=args.lmdeploy_defaults)
+        from .deploy.workspace import Workspace
+
+        bias = Workspace.open(rec.workspace).model.attn_bias
+        Console(highlight=False).print(
+            f"[green]converted[/] {rec.model} -> {rec.workspace} (lmdeploy {rec.lmdeploy_version}, "
+            f"sub-type {rec.sub_type}, lora {rec.lora_config}, attn_bias {bias})")
+        for w in rec.warnings:
+            err.print(f"[yellow]warning:[/] {w}")
+        return 0
+    if args.command == "disguise":
+        from .disguise import disguise
+
+        disguise(args.src, args.dst, trust_remote_code=args.trust_remote_code, overwrite=args.force)
+        return 0  # disguise() prints its summary, losses included
+    if args.command == "quantize":
+        from .quant.quantize import quantize
+
+        rec = quantize(args.model, args.out, w_bits=args.w_bits, group_size=args.group_size, calib=args.calib,
+                       compensate_plora=args.compensate_plora, calib_samples=args.calib_samples,
+                       calib_seqlen=args.calib_seqlen, trust_remote_code=args.trust_remote_code,
+                       overwrite=args.force)
+        Console(highlight=False).print(
+            f"[green]quantized[/] {rec.model} -> {rec.out} (lmdeploy {rec.lmdeploy_version} auto_awq, w{rec.w_bits} "
+            f"g{rec.group_size}, {rec.seconds:.1f} s, PLoRA "
+            f"{'compensated (' + str(len(rec.compensated)) + ' tensors)' if rec.compensate_plora else 'left as lmdeploy leaves it'})")
+        for w in rec.warnings:
+            err.print(f"[yellow]warning:[/] {w}")
+        return 0
+    if args.command == "audit":
+        import json
+
+        from .disguise import audit_deployment
+
+        audit = audit_deployment(args.model, trust_remote_code=args.trust_remote_code)
+        print(audit.summary())
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(audit.to_dict(), indent=1, default=str))
+        return audit.exit_code
+    if args.command == "faults":
+        return _faults(args)
+    if args.command == "lmdeploy":
+        from .lmdeploy_cli import run_lmdeploy_cli
+
+        return run_lmdeploy_cli(args.lmdeploy_args)
+    return _run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        if getattr(args, "hub_model", None):
-            from .reference.modelcode import parse_hub_model, provide
-
-            for spec in args.hub_model:
-                provide(*parse_hub_model(spec))
-        if args.command == "fixtures":
-            from .fixtures import generate
-
-            from .fixtures import FIXTURE_NAMES, GENUINE_FIXTURE_NAMES, QWEN2_FIXTURE_NAMES
-
-            for name, path in generate(args.out, FIXTURE_NAMES + GENUINE_FIXTURE_NAMES + QWEN2_FIXTURE_NAMES).items():
-                Console(highlight=False).print(f"[green]fixture[/] {name}: {path}")
-            return 0
-        if args.command == "convert":
-            from .deploy.convert import convert
-
-            rec = convert(args.model, args.out, tp=args.tp, lmdeploy_defaults=args.lmdeploy_defaults)
-            from .deploy.workspace import Workspace
-
-            bias = Workspace.open(rec.workspace).model.attn_bias
-            Console(highlight=False).print(
-                f"[green]converted[/] {rec.model} -> {rec.workspace} (lmdeploy {rec.lmdeploy_version}, "
-                f"sub-type {rec.sub_type}, lora {rec.lora_config}, attn_bias {bias})")
-            for w in rec.warnings:
-                err.print(f"[yellow]warning:[/] {w}")
-            return 0
-        if args.command == "disguise":
-            from .disguise import disguise
-
-            disguise(args.src, args.dst, trust_remote_code=args.trust_remote_code, overwrite=args.force)
-            return 0  # disguise() prints its summary, losses included
-        if args.command == "quantize":
-            from .quant.quantize import quantize
-
-            rec = quantize(args.model, args.out, w_bits=args.w_bits, group_size=args.group_size, calib=args.calib,
-                           compensate_plora=args.compensate_plora, calib_samples=args.calib_samples,
-                           calib_seqlen=args.calib_seqlen, trust_remote_code=args.trust_remote_code,
-                           overwrite=args.force)
-            Console(highlight=False).print(
-                f"[green]quantized[/] {rec.model} -> {rec.out} (lmdeploy {rec.lmdeploy_version} auto_awq, w{rec.w_bits} "
-                f"g{rec.group_size}, {rec.seconds:.1f} s, PLoRA "
-                f"{'compensated (' + str(len(rec.compensated)) + ' tensors)' if rec.compensate_plora else 'left as lmdeploy leaves it'})")
-            for w in rec.warnings:
-                err.print(f"[yellow]warning:[/] {w}")
-            return 0
-        if args.command == "audit":
-            import json
-
-            from .disguise import audit_deployment
-
-            audit = audit_deployment(args.model, trust_remote_code=args.trust_remote_code)
-            print(audit.summary())
-            if args.json:
-                args.json.parent.mkdir(parents=True, exist_ok=True)
-                args.json.write_text(json.dumps(audit.to_dict(), indent=1, default=str))
-            return audit.exit_code
-        if args.command == "faults":
-            return _faults(args)
-        if args.command == "lmdeploy":
-            from .lmdeploy_cli import run_lmdeploy_cli
-
-            return run_lmdeploy_cli(args.lmdeploy_args)
-        return _run(args)
+        with terminate_as_exception(), run_scratch():
+            return _command(args)
     except ParityInputError as e:
         err.print(f"[bold red]parity: error:[/] {e}", soft_wrap=True)
         return e.exit_code
     except KeyboardInterrupt:
-        err.print("[red]interrupted[/]")
+        err.print("[red]interrupted[/] (temp folders removed)")
         return 130
+    except Terminated as e:
+        err.print(f"[red]terminated[/] by signal {e.signum} (temp folders removed)")
+        return 128 + e.signum
     except SystemExit as e:  # argparse: --help (0) or a usage error (2, already printed)
         return e.code if isinstance(e.code, int) else 2
 
