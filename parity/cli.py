@@ -171,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for an AWQ model: the floating-point model it was quantized from (checks that the AWQ "
                         "smoothing kept PLoRA and reports the cost of quantization, apart from the deployment's "
                         "faithfulness; default: none)")
+    r.add_argument("--decode", type=int, default=0, metavar="N",
+                   help="also generate N tokens greedily on both sides after each prompt and compare them: "
+                        "free-running tokens and teacher-forced steps per layer and module (default 0: prefill "
+                        "only; replay engine)")
     r.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=None,
                    help="keep reference weights in the checkpoint dtype and upcast one layer at a time "
                         "(identical results; default: automatic when float32 weights would not fit)")
@@ -207,7 +211,7 @@ def _run(a: argparse.Namespace) -> int:
         model=a.model, workspace=a.workspace, engine=a.engine, lmdeploy_version=a.lmdeploy_version,
         inputs=a.inputs, numeric=a.numeric, serve_from=a.serve_from, trust_remote_code=a.trust_remote_code,
         thresholds=thresholds, cache_dir=a.cache_dir, keep_traces=a.keep_traces, layers=a.layers,
-        low_memory=a.low_memory, device=a.device, original=a.original,
+        low_memory=a.low_memory, device=a.device, original=a.original, decode=a.decode,
         live={"session_len": a.session_len} if a.session_len else {},
     )
     with out_lock(a.out):

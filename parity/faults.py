@@ -30,6 +30,7 @@ class Expected:
     module: str | None
     positions: str | None
     cause: str
+    step: int | None = None  # decode faults: the generated token whose step first diverges
 
 
 @dataclass
@@ -67,7 +68,7 @@ class FaultSetup:
 @dataclass(frozen=True)
 class Fault:
     name: str
-    kind: str            # weights | config | inputs | version | numerics
+    kind: str            # weights | config | inputs | version | numerics | decode
     description: str
     expected: Expected
     apply: Callable[[FaultSetup], None]
@@ -176,6 +177,17 @@ def _engine_call(fn: Callable[[EngineCall], EngineCall]) -> Callable[[FaultSetup
 
 def _ranges(fn) -> Callable[[FaultSetup], None]:
     return _engine_call(lambda c: replace(c, **fn(list(c.input_embedding_ranges), list(c.input_embeddings))))
+
+
+# Decode faults generate this many tokens after the catalogue's prompt (two images: 74 rows on the fixtures).
+DECODE_STEPS = 8
+CATALOGUE_PROMPT_ROWS = 74
+
+
+def _decode(**deviations) -> Callable[[FaultSetup], None]:
+    from .deploy.decode import DecodeDeviations
+
+    return _options(decode=DECODE_STEPS, decode_deviations=DecodeDeviations(**deviations) if deviations else None)
 
 
 def _noisy_features(call: EngineCall) -> EngineCall:
@@ -304,6 +316,21 @@ CATALOGUE: tuple[Fault, ...] = (
     # --- numerics
     Fault("nonfinite_weight", "numerics", "one NaN in layer 1's w2 weight",
           Expected(1, "feed_forward.w2", "all", "nonfinite"), lambda s: _nan_at(s, _w(1, "feed_forward.w2"))),
+    # --- decode (--decode N): only generated rows differ, so the prefill passes
+    Fault("lora_on_generated_rows", "decode", "the runtime applies PLoRA on generated rows (LoRA mask 1)",
+          Expected(0, "attention.wqkv", "generated", "lora_outside_mask", step=1),
+          _decode(lora_on_generated=True)),
+    Fault("generated_positions_off_by_one", "decode", "generated tokens placed one position late",
+          Expected(0, "attention", "generated", "position_mismatch", step=1), _decode(position_offset=1)),
+    Fault("kv_cache_lower_precision", "decode", "KV cache stored one precision step below the workspace's",
+          Expected(0, "attention", "generated", "kv_cache_precision", step=1), _decode(kv_lower_precision=True)),
+    Fault("rope_base_past_prompt", "decode", "rotary base 1e4 on generated rows only (model: 1e6)",
+          Expected(0, "attention", "generated", "rope_mismatch", step=1), _decode(rope_base_past_prompt=1e4)),
+    Fault("session_truncated", "decode",
+          f"config.yaml session_len {CATALOGUE_PROMPT_ROWS + 6}: room for 5 of the {DECODE_STEPS} tokens asked for",
+          Expected(None, None, None, "session_truncated", step=5),
+          lambda s: (s.config(lambda c: c["model_config"].update(session_len=CATALOGUE_PROMPT_ROWS + 6)),
+                     _decode()(s))),
 )
 
 
@@ -362,7 +389,7 @@ def run_fault(fault: Fault, models: dict[str, Path], workspaces: dict[str, Path]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     d = report.first_divergence
-    got = Expected(d.layer, d.module, d.positions, d.cause) if d else None
+    got = Expected(d.layer, d.module, d.positions, d.cause, d.step) if d else None
     return FaultResult(fault, got, report.status, time.perf_counter() - t, len(report.errors()))
 
 

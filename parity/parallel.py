@@ -234,5 +234,6 @@ def merge_reports(reports: Sequence["Report"], cases: Sequence[str], num_layers:
         points=[p for r in reports for p in r.points],
         cases=[c for r in reports for c in r.cases],
         plora_table=[row for r in reports for row in r.plora_table],
+        decode=[d for r in reports for d in r.decode],
         timings=timings,
     )

@@ -28,7 +28,7 @@ from .engines import EngineSetup, engine_class
 from .errors import EngineRefused, ParityInputError
 from .inputs import default_cases, engine_call, engine_rows, hf_call, load_cases, prepare
 from .places import default_cache_dir
-from .records import (CanonicalInput, CaseSummary, EngineRequest, EngineWarning, Finding, PreparedInput, Report)
+from .records import (CanonicalInput, CaseSummary, DecodeSection, EngineRequest, EngineWarning, Finding, PreparedInput, Report)
 from .reference.loader import ReferenceModel
 from .reference.session import ReferenceSession
 from .verdict import decide, sort_findings
@@ -54,6 +54,8 @@ class RunOptions:
     live: dict[str, Any] = field(default_factory=dict)  # LiveTurboMind options (session_len, dtype, ...)
     device: str = "cpu"                              # cpu | cuda | cuda:N | auto (parity.device)
     original: Path | None = None                     # a quantized model's original: smoothing check, cost report
+    decode: int = 0                                  # generated tokens to compare after the prefill (0: none)
+    decode_deviations: Any = None                    # fault catalogue: parity.deploy.decode.DecodeDeviations
     # Hooks for the fault catalogue: mutate what a stage hands to the next (never used by plain runs).
     mutate_engine_call: Callable[[str, Any], Any] | None = None
     mutate_hf_prepared: Callable[[PreparedInput], PreparedInput] | None = None
@@ -145,6 +147,19 @@ def workspace_path(opts: RunOptions, family: str | None) -> Path:
     return convert_cached(opts.model, opts.cache_dir / "workspaces")
 
 
+MAX_DECODE = 4096
+
+
+def _check_decode(opts: RunOptions) -> None:
+    n = opts.decode
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0 or n > MAX_DECODE:
+        raise ParityInputError(f"--decode must be an integer from 0 to {MAX_DECODE} (generated tokens to compare), "
+                               f"got {n!r}.")
+    if n and not hasattr(engine_class(opts.engine), "decode"):
+        raise ParityInputError(f"--decode needs an engine that decodes (--engine replay); --engine {opts.engine} "
+                               "does not report its generated tokens' values yet.")
+
+
 @contextmanager
 def _timed(timings: dict[str, float], stage: str):
     t = time.perf_counter()
@@ -161,6 +176,7 @@ def run_parity(opts: RunOptions) -> Report:
     if opts.layers not in (None, "every", "bisect"):
         raise ParityInputError(f"--layers must be 'every' or 'bisect', got {opts.layers!r}.")
     engine_class(opts.engine).preflight(opts.layers, opts.serve_from)  # e.g. no TurboMind here: exit 2 before any work
+    _check_decode(opts)
     placement = resolve_device(opts.device)  # exit 2 for --device cuda without CUDA, before any work
     if opts.original is not None:
         from .quant.report import check_original
@@ -191,13 +207,14 @@ def _run_stages(opts: RunOptions, session: ReferenceSession, semantics, cases: l
     engine = engine_class(opts.engine)(EngineSetup(
         model=opts.model, workspace=ws, semantics=semantics, numeric=opts.numeric, serve_from=opts.serve_from,
         options=opts.live, layers=opts.layers, cache_dir=opts.cache_dir, thresholds=opts.thresholds,
-        session=session, device=session.placement.device))
+        session=session, device=session.placement.device, decode_deviations=opts.decode_deviations))
     try:
         settings = engine.activate()
         _check_floor_device(session.placement, settings.floor_dtype)
         refused: list[Finding] = []
         case_traces: list[CaseTraces] = []
         summaries: list[CaseSummary] = []
+        decode_sections: list[DecodeSection] = []
         for case in cases:
             prepared = prepare(case, ref.tokenize, ref.embed_tokens, ref.encode_image, ref.bos_id, ref.decode)
             hf_p = opts.mutate_hf_prepared(prepared) if opts.mutate_hf_prepared else prepared
@@ -220,6 +237,12 @@ def _run_stages(opts: RunOptions, session: ReferenceSession, semantics, cases: l
             except EngineRefused as e:  # TurboMind refuses such a workspace at load time (LoRA byte sizes)
                 refused.append(_engine_refused(e, case.name))
                 continue
+            if opts.decode and same_rows:  # generated tokens: free-running and teacher-forced (issue 18)
+                from .generation import decode_case
+
+                with _timed(timings, "decode"):
+                    decode_sections.append(decode_case(session, engine, request, opts.decode, opts.thresholds,
+                                                       settings))
             asked_rows, asked_mask = engine_rows(ecall, ref.embed_tokens)
             ct = CaseTraces(hf_p, reference, floor_e2e, floor_local, run.trace, run.local, run, asked_rows, asked_mask)
             case_traces.append(ct)
@@ -246,6 +269,11 @@ def _run_stages(opts: RunOptions, session: ReferenceSession, semantics, cases: l
                                                        opts.trust_remote_code)
             findings += found
         names = [c.name for c in cases]
+        if decode_sections:
+            from .checks import decode as decode_check
+
+            _, prefill_first = decide(findings, ref.anatomy.num_layers, names)
+            findings += decode_check.run(decode_sections, prefill_first, opts.thresholds.floor_factor).findings
         status, first = decide(findings, ref.anatomy.num_layers, names)
         findings = sort_findings(findings, ref.anatomy.num_layers, names)
     if opts.keep_traces:
@@ -263,5 +291,5 @@ def _run_stages(opts: RunOptions, session: ReferenceSession, semantics, cases: l
         first_divergence=first, points=points, cases=summaries, config_audit=outputs["config"].table,
         weights_audit=outputs["weights"].table, plora_table=outputs["plora"].table,
         thresholds=opts.thresholds.to_dict(), timings=timings, parity_version=__version__,
-        quantization=quantization,
+        quantization=quantization, decode=decode_sections,
     )

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from .trace import Trace
 
 BosPolicy = Literal["first", "every_text"]
-Positions = Literal["image", "text", "all"]
+Positions = Literal["image", "text", "all", "generated"]  # generated: rows of decode steps
 Severity = Literal["error", "warning", "info"]
 
 # ---------------------------------------------------------------- inputs
@@ -202,6 +202,7 @@ class Finding:
     positions: Positions | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     case: str | None = None
+    step: int | None = None  # decode: index of the generated token (0: predicted by the prefill)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -215,6 +216,7 @@ class Divergence:
     cause: str
     case: str | None = None
     message: str = ""
+    step: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -239,6 +241,11 @@ CAUSES: tuple[str, ...] = (
     "unsupported_version",
     "lora_smoothing_mismatch",   # AWQ smoothing scaled a linear's base weights but not its Plora_A/Plora_B
     "kv_quant_drift",            # the quantized KV cache moves attention beyond its budget
+    # decode phase (issue 18)
+    "position_mismatch",
+    "kv_cache_precision",
+    "session_truncated",
+    "rope_mismatch",
 )
 
 
@@ -280,6 +287,46 @@ class CaseSummary:
     masks: dict[str, list[int]] = field(default_factory=dict)
 
 
+# ---------------------------------------------------------------- decode (issue 18)
+
+
+@dataclass
+class DecodeStep:
+    """One decode forward of an engine: the token fed at `position`, predicting generated token `step`.
+
+    Values are one row each, keyed (layer, point) as in traces (layer None for embeddings, norm, output):
+    `e2e` is the engine's own state (its own KV cache, the reference's tokens), `local` the engine fed the
+    reference's values module by module (its cache built from the reference's keys and values). Step 0 is the
+    prefill's last row: only `e2e[(None, "output")]` is set. What the engine did is reported beside what
+    TurboMind 0.7.1 does (`expected_*`), so a check can say why a step differs.
+    """
+
+    step: int
+    token: int | None
+    position: int | None
+    expected_position: int | None
+    rope_theta: float | None
+    expected_rope_theta: float | None
+    e2e: dict[tuple[int | None, str], torch.Tensor]
+    local: dict[tuple[int | None, str], torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class DecodeSection:
+    """The report's `decode` entry for one case (README, "report.json")."""
+
+    case: str
+    requested: int                          # --decode N: generated tokens asked for
+    prompt_rows: int
+    steps_run: int                          # generated tokens the engine produced (fewer: session ended)
+    matched_prefix: int                     # free-running: tokens equal before the first divergent one
+    first_divergent_step: int | None
+    tokens: list[dict[str, Any]] = field(default_factory=list)   # per step: both tokens, logprobs, top-k
+    points: list[dict[str, Any]] = field(default_factory=list)   # per step/layer/module: local, e2e, floor, ...
+    engine: dict[str, Any] = field(default_factory=dict)         # session_len, kv storage, truncated_at, ...
+    logprob_noise: float = 0.0              # the reference's own logit wobble at the engine's precision
+
+
 @dataclass
 class Report:
     status: Literal["pass", "fail", "error"]
@@ -296,6 +343,7 @@ class Report:
     thresholds: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     parity_version: str = ""
+    decode: list[DecodeSection] = field(default_factory=list)
     written_to: str | None = field(default=None, compare=False)  # the report folder, once written (not in JSON)
     # quantized deployments: {"smoothing": [...], "cost": {...}} (parity.quant); empty otherwise
     quantization: dict[str, Any] = field(default_factory=dict)
@@ -331,4 +379,5 @@ class Report:
             "timings": self.timings,
             "parity_version": self.parity_version,
             "quantization": self.quantization,
+            "decode": [asdict(d) for d in self.decode],
         }

@@ -280,3 +280,37 @@ class Trace:
 
     def plora(self, layer: int, linear: str) -> dict[str, float]:
         return self.meta.plora.get(str(layer), {}).get(linear, {})
+
+
+class TraceRows:
+    """Row ranges of a trace's points, read without loading whole tensors (safetensors slices): a decode step
+    reads one row of a reference captured over the whole sequence. Files stay open until `close()`."""
+
+    def __init__(self, trace: Trace, start: int = 0, stop: int | None = None):
+        self.trace, self.root, self.meta = trace, trace.root, trace.meta
+        self.start, self.stop = start, stop
+        self._handles: dict[Path, Any] = {}
+
+    def at(self, start: int, stop: int) -> "TraceRows":
+        """The same files, another row range (handles shared)."""
+        view = TraceRows(self.trace, start, stop)
+        view._handles = self._handles
+        return view
+
+    def get(self, layer: int | None, point: str) -> torch.Tensor | None:
+        path = self.trace._file(layer, point)
+        f = self._handles.get(path)
+        if f is None:
+            if not path.is_file():
+                return None
+            f = self._handles[path] = self.trace._open(path).__enter__()
+        if point not in f.keys():
+            return None
+        sl = f.get_slice(point)
+        stop = self.stop if self.stop is not None else sl.get_shape()[0]
+        return sl[self.start: stop]
+
+    def close(self) -> None:
+        for f in self._handles.values():
+            f.__exit__(None, None, None)
+        self._handles.clear()

@@ -9,7 +9,7 @@ from parity.faults import CATALOGUE, catalogue_models, fault_workspace, run_faul
 from parity.reference.session import ReferenceSession
 
 REPO = Path(__file__).resolve().parents[1]
-KINDS = {"weights", "config", "inputs", "version", "numerics", "quant"}
+KINDS = {"weights", "config", "inputs", "version", "numerics", "quant", "decode"}
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,8 @@ def test_fault_is_caught_and_localised(fault, harness):
 
 # The deployment-dtype replay must localise the same faults (its floor is coarser; the faults are not).
 EMULATE = ["plora_b_scaled", "lora_scale_one_linear", "rope_base", "ranges_shifted_by_one",
-           "runtime_ignores_plora", "nonfinite_weight", "bias_rotary_order_not_applied", "bias_q_k_swapped"]
+           "runtime_ignores_plora", "nonfinite_weight", "bias_rotary_order_not_applied", "bias_q_k_swapped",
+           "lora_on_generated_rows", "generated_positions_off_by_one", "rope_base_past_prompt", "session_truncated"]
 
 
 @pytest.mark.parametrize("name", EMULATE)

@@ -651,9 +651,11 @@ class ReplayEngine:
         del pool
         return [self._finish(call, s, prep, notes, plora_meta) for s in streams]
 
-    def _layer(self, i: int, lw: _LayerWeights, prep: _Prepared, pool: _Pool, s: _Stream) -> dict[str, torch.Tensor]:
+    def _layer(self, i: int, lw: _LayerWeights, prep: _Prepared, pool: _Pool, s: _Stream,
+               attend: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Decoder layer `i` for one stream: its points, in execution order. Teacher-forced, every module's
-        input is the teacher's value of the point before it (the module's own output is still recorded)."""
+        input is the teacher's value of the point before it (the module's own output is still recorded).
+        `attend` replaces the prefill attention (the decoder's attention reads and writes a KV cache)."""
         teacher, L = s.teacher, prep.L
         forced = teacher is not None
         vals: dict[str, torch.Tensor] = {}
@@ -685,7 +687,7 @@ class ReplayEngine:
         qkv = linear("attention.wqkv", tget(i, "attention_norm") if forced else a_in)
         if forced:
             qkv = tget(i, "attention.wqkv").index_select(-1, self._qkv_index()[1])
-        attn = self._attention(qkv, prep.cos, prep.sin, pool)
+        attn = attend(qkv) if attend is not None else self._attention(qkv, prep.cos, prep.sin, pool)
         vals["attention"] = attn
         wo = linear("attention.wo", tget(i, "attention") if forced else attn)
         h = self.rnd(layer_in + (tget(i, "attention.wo") if forced else wo))

@@ -32,6 +32,7 @@ class EngineSetup:
     session: Any = None              # parity.reference.session.ReferenceSession
     # where an engine that can choose computes (parity.device)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    decode_deviations: Any = None    # fault catalogue only: parity.deploy.decode.DecodeDeviations
 
 
 class Engine(Protocol):
@@ -49,6 +50,11 @@ class Engine(Protocol):
 
     def close(self) -> None:
         """Free what the engine holds; idempotent (the pipeline calls it on every exit path)."""
+
+    # An engine that can generate (`--decode N`) also offers
+    #   decode(request, tokens, teacher) -> Iterator[DecodeStep]: prefill request.call, feed tokens[:-1] one
+    #       per step (step 0 is the prefill's prediction), teacher-forced against `teacher` (a TraceRows);
+    #   decode_info() -> dict: what the last decode did (session_len, KV storage, truncated_at, ...).
 
 
 def trace_writer(request: EngineRequest, name: str, kind: str, num_layers: int, dtype: str,

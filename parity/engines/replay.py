@@ -4,12 +4,14 @@ reference saw the same rows."""
 
 from __future__ import annotations
 
+from typing import Any, Iterator
+
 import torch
 
 from ..deploy.replay import ReplayEngine
 from ..errors import ParityInputError
 from ..points import PLORA_PARTS, UNCHECKED_PARTS
-from ..records import EngineRequest, EngineRun, EngineSettings, EngineSummary
+from ..records import DecodeStep, EngineRequest, EngineRun, EngineSettings, EngineSummary
 from .base import EngineSetup, ranges_from_info, trace_writer
 
 
@@ -57,6 +59,16 @@ class ReplayRunner:
             image_rows=torch.tensor(info["image_rows"], dtype=torch.uint8),
             lora_rows=torch.tensor(info["mask"], dtype=torch.uint8),
         )
+
+    def decode(self, request: EngineRequest, tokens: list[int], teacher) -> Iterator[DecodeStep]:
+        """Greedy decode with a KV cache mirroring TurboMind's (parity.deploy.decode)."""
+        from ..deploy.decode import ReplayDecoder
+
+        self._decoder = ReplayDecoder(self.engine, deviations=self.setup.decode_deviations)
+        return self._decoder.run(request.call, tokens, teacher)
+
+    def decode_info(self) -> dict[str, Any]:
+        return dict(self._decoder.info) if getattr(self, "_decoder", None) is not None else {}
 
     def deactivate(self) -> EngineSummary:
         return EngineSummary()

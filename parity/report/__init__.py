@@ -71,6 +71,8 @@ def render_failure_message(report: Report, top: int = 5) -> str:
         where = []
         if f.case and len(report.cases) > 1:
             where.append(f"case {f.case}")
+        if getattr(f, "step", None) is not None:
+            where.append(f"decode step {f.step}")
         if f.layer is not None:
             where.append(f"layer {f.layer}")
         if f.module:

@@ -204,7 +204,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 # ---------------------------------------------------------------- words
 
-POSITION_WORDS = {"image": "image rows", "text": "text rows", "all": "all rows"}
+POSITION_WORDS = {"image": "image rows", "text": "text rows", "all": "all rows", "generated": "generated row"}
 SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
 
 
@@ -213,11 +213,14 @@ def sorted_findings(findings: Iterable[Any]) -> list[Any]:
     return sorted(findings, key=lambda f: SEVERITY_ORDER.get(getattr(f, "severity", "info"), 3))
 
 
-def where_words(layer: Any, module: Any, positions: Any) -> str:
-    """'Layer 0, module attention.wqkv, image rows' (parts that are None are left out)."""
+def where_words(layer: Any, module: Any, positions: Any, step: Any = None) -> str:
+    """'Layer 0, module attention.wqkv, image rows' (parts that are None are left out); decode findings
+    start with 'Decode step k'."""
     parts = []
+    if step is not None:
+        parts.append(f"Decode step {step}")
     if layer is not None:
-        parts.append(f"Layer {layer}")
+        parts.append(f"layer {layer}" if parts else f"Layer {layer}")
     if module:
         parts.append(f"module {module}" if parts else f"Module {module}")
     if positions:
@@ -240,7 +243,7 @@ def divergence_parts(report: Any, with_case: bool | None = None) -> tuple[str, s
         if report.status == "pass":
             return "", "", "No divergence: every compared point is within its threshold."
         return "", "", "No divergence was located (see the findings)."
-    where = where_words(src.layer, src.module, src.positions)
+    where = where_words(src.layer, src.module, src.positions, getattr(src, "step", None))
     msg = " ".join(str(src.message or "").split())
     if not msg and d is not None:
         # A Divergence without a message: borrow the matching error finding's message.

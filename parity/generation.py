@@ -1,0 +1,34 @@
+"""The decode stage of one case (`--decode N`), after its prefill comparison:
+
+reference greedy tokens -> reference capture over prompt + tokens (with its noise floors) -> the engine
+decoding the same tokens, step by step (`Engine.decode`) -> each step compared as it arrives -> a
+`DecodeSection`.
+"""
+
+from __future__ import annotations
+
+from .compare.decode import DecodeComparator
+from .compare.thresholds import Thresholds
+from .records import DecodeSection, EngineRequest, EngineSettings
+from .reference.decode import greedy
+from .reference.session import ReferenceSession
+from .trace import TraceRows
+
+
+def decode_case(session: ReferenceSession, engine, request: EngineRequest, n: int, thresholds: Thresholds,
+                settings: EngineSettings) -> DecodeSection:
+    ref = session.ref
+    gen = greedy(ref, request.hf_call, n)
+    name = f"{request.case}-decode"
+    reference = session.reference(gen.call, name)
+    floor_local = session.floor_local(gen.call, name, settings.floor_dtype)
+    floor_e2e = session.floor_e2e(gen.call, name, settings.floor_dtype)
+    comparator = DecodeComparator(request.case, gen.tokens, gen.prompt_rows, reference, floor_local, floor_e2e,
+                                  thresholds, settings.numeric, ref.decode)
+    teacher = TraceRows(reference)
+    try:
+        for step in engine.decode(request, gen.tokens, teacher):
+            comparator.add(step)
+    finally:
+        teacher.close()
+    return comparator.finish(engine.decode_info())

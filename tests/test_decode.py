@@ -1,0 +1,179 @@
+"""Decode-phase parity (`--decode N`, issue 18): the KV cache, the replay decoder's O(1)-row steps, clean runs
+with zero error findings in both numeric modes, the free-running divergence, and the report's decode section.
+The decode-only faults are in the catalogue (tests/test_faults.py)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from parity.api import ParityAssertionError, assert_parity, run
+from parity.cli import main
+from parity.deploy.kvcache import DtypeStorage, KVCache, SessionFull
+from parity.faults import catalogue_cases
+from parity.fixtures import IMAGES_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / ".cache"
+
+
+# ------------------------------------------------------------------------------------------ KV cache
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, database=None)
+@given(block=st.integers(1, 7), chunks=st.lists(st.integers(1, 9), min_size=1, max_size=5),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+def test_kv_cache_returns_what_was_stored_across_blocks(block, chunks, dtype):
+    total = sum(chunks)
+    cache = KVCache(num_layers=2, kv_heads=2, dim=4, storage=DtypeStorage(dtype), capacity=total, block_len=block)
+    g = torch.Generator().manual_seed(total)
+    ks, vs = [], []
+    for n in chunks:
+        k, v = torch.randn(n, 2, 4, generator=g), torch.randn(n, 2, 4, generator=g)
+        cache.append(1, k, v)
+        ks.append(k)
+        vs.append(v)
+    K, V = cache.read(1)
+    assert K.shape == (2, total, 4) and K.dtype == torch.float32
+    # stored in the storage dtype: exactly the values rounded to it
+    assert torch.equal(K, torch.cat(ks).transpose(0, 1).to(dtype).float())
+    assert torch.equal(V, torch.cat(vs).transpose(0, 1).to(dtype).float())
+    assert cache.length(1) == total and cache.length(0) == 0
+    # blocks are allocated as the sequence grows, never beyond it
+    blocks = -(-total // block)
+    assert cache.nbytes() == 2 * blocks * 2 * block * 4 * torch.empty((), dtype=dtype).element_size()
+    with pytest.raises(SessionFull):
+        cache.append(1, torch.zeros(1, 2, 4), torch.zeros(1, 2, 4))
+
+
+# ------------------------------------------------------------------------------------------ the decoder
+
+
+@pytest.fixture(scope="module")
+def tiny(fixture_models):
+    from parity.deploy.convert import convert_cached
+    from parity.deploy.workspace import Workspace
+
+    return fixture_models["xcomposer2-tiny"], Workspace.open(convert_cached(fixture_models["xcomposer2-tiny"],
+                                                                           CACHE / "workspaces"))
+
+
+def test_decode_step_runs_one_row_per_linear(tiny, monkeypatch):
+    """Bounded cost: after the prefill, every linear of every decode step sees exactly one row (a real KV
+    cache, no recomputation of the prompt), and the cache grows by one token per step."""
+    from parity.deploy.decode import ReplayDecoder
+    from parity.deploy.replay import ReplayEngine
+    from parity.deploy.versions import semantics_for_run
+    from parity.inputs import engine_call, prepare
+    from parity.reference.loader import load_reference
+
+    model, ws = tiny
+    eng = ReplayEngine(ws, semantics_for_run("0.7.1"), numeric="emulate")
+    rows_seen: list[int] = []
+    real = eng._linear
+
+    def spy(x, lin, rows, pool):  # test double around the engine's own linear
+        rows_seen.append(x.shape[0])
+        return real(x, lin, rows, pool)
+
+    monkeypatch.setattr(eng, "_linear", spy)
+    ref = load_reference(model, trust_remote_code=True)
+    p = prepare(catalogue_cases(IMAGES_DIR)[0], ref.tokenize, ref.embed_tokens, ref.encode_image, ref.bos_id,
+                ref.decode)
+    dec = ReplayDecoder(eng)
+    steps = list(dec.run(engine_call(p), [5, 6, 7, 8, 9, 10], teacher=None))
+    P = len(p.token_ids)
+    linears = 5 * ws.model.num_layer
+    assert [s.step for s in steps] == list(range(6))
+    assert rows_seen[:linears] == [P] * linears          # the prefill
+    assert rows_seen[linears:] == [1] * (5 * linears)    # five decode steps, one row each
+    assert [s.position for s in steps[1:]] == [P + k for k in range(5)]
+    assert dec.info["cache_tokens"] == P + 5 and dec.info["kv_storage"] == "bfloat16"
+
+
+# ------------------------------------------------------------------------------------------ clean runs
+
+
+@pytest.mark.parametrize("name", ["xcomposer2-tiny", "xcomposer2-4khd-tiny"])
+@pytest.mark.parametrize("numeric", ["fp32", "emulate"])
+def test_clean_decode_passes_with_zero_errors(fixture_models, name, numeric, tmp_path):
+    report = run(fixture_models[name], trust_remote_code=True, numeric=numeric, cache_dir=CACHE, decode=32,
+                 cases=catalogue_cases(IMAGES_DIR), out=tmp_path)
+    assert report.errors() == [], [f.message for f in report.errors()]
+    (sec,) = report.decode
+    assert sec.requested == sec.steps_run == 32 and sec.engine["truncated_at"] is None
+    assert len(sec.tokens) == 32 and {p["step"] for p in sec.points} == set(range(1, 32))
+    assert not any(p["exceeded"] for p in sec.points)
+    # every step, layer and module was judged, against a threshold above its floor
+    modules = {(p["layer"], p["module"]) for p in sec.points}
+    assert len(modules) == 9 * 3 + 3
+    assert all(p["threshold"] >= p["floor"] for p in sec.points)
+    data = json.loads((tmp_path / "report.json").read_text())
+    d = data["decode"][0]
+    assert d["steps_run"] == 32 and d["tokens"][0]["ref"]["id"] == sec.tokens[0]["ref"]["id"]
+    assert {"requested", "prompt_rows", "matched_prefix", "first_divergent_step", "tokens", "points", "engine",
+            "logprob_noise"} <= set(d)
+
+
+def test_decode_option_is_validated(fixture_models, capsys):
+    rc = main(["run", str(fixture_models["xcomposer2-tiny"]), "--trust-remote-code", "--decode", "-1"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--decode" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------ free-running
+
+
+def test_free_running_divergence_names_first_token_and_assert_parity_says_step(fixture_models):
+    """PLoRA on generated rows: the teacher-forced step names the cause, the free-running comparison reports
+    the first divergent token with both sides' tokens and log-probabilities, and assert_parity says the step."""
+    from parity.deploy.decode import DecodeDeviations
+
+    from parity.records import CanonicalInput, Segment
+
+    img = sorted(IMAGES_DIR.glob("*.png"))[0]
+    case = CanonicalInput("t", (Segment("text", text="Hello there."), Segment("image", image=img),
+                                Segment("text", text="What is it?")))
+    report = run(fixture_models["xcomposer2-tiny"], trust_remote_code=True, cache_dir=CACHE, decode=8,
+                 cases=[case], decode_deviations=DecodeDeviations(lora_on_generated=True))
+    d = report.first_divergence
+    assert (d.step, d.layer, d.module, d.positions, d.cause) == (1, 0, "attention.wqkv", "generated",
+                                                                  "lora_outside_mask")
+    (sec,) = report.decode
+    k = sec.first_divergent_step
+    assert k is not None and sec.matched_prefix == k
+    assert all(t["match"] for t in sec.tokens[:k]) and not sec.tokens[k]["match"]
+    flips = [f for f in report.findings if f.check == "decode-tokens"]
+    assert len(flips) == 1 and flips[0].step == k and flips[0].cause == "lora_outside_mask"
+    t = sec.tokens[k]
+    assert t["ref"]["text"] in flips[0].message and t["eng"]["text"] in flips[0].message
+    assert t["ref"]["logprob"] >= t["ref_logprob_of_eng"]
+    with pytest.raises(ParityAssertionError, match="decode step 1"):
+        assert_parity(report)
+
+
+def test_near_tie_is_a_warning_and_clear_flip_an_error():
+    """The token judgement alone, on a hand-made section: a flip within the reference's own noise is a
+    warning, a larger one an error."""
+    from parity.checks import decode as decode_check
+    from parity.records import DecodeSection
+
+    def section(gap: float) -> DecodeSection:
+        tok = {"step": 0, "match": False, "ref": {"id": 1, "text": "a", "logprob": -1.0},
+               "eng": {"id": 2, "text": "b", "logprob": -1.0}, "ref_logprob_of_eng": -1.0 - gap,
+               "eng_in_ref_topk": True, "ref_in_eng_topk": True, "ref_gap": gap, "near_tie": gap <= 10 * 0.01,
+               "position": None, "expected_position": None, "rope_theta": None, "expected_rope_theta": None}
+        return DecodeSection(case="c", requested=1, prompt_rows=3, steps_run=1, matched_prefix=0,
+                             first_divergent_step=0, tokens=[tok], engine={}, logprob_noise=0.01)
+
+    (near,) = decode_check.run([section(0.05)], None, 10.0).findings
+    (clear,) = decode_check.run([section(0.5)], None, 10.0).findings
+    assert near.severity == "warning" and "near tie" in near.message
+    assert clear.severity == "error" and "clear flip" in clear.message and clear.cause == "numeric_drift"
