@@ -48,9 +48,9 @@ class DecodeDeviations:
     kv_lower_precision: bool = False         # the cache stored one precision step below the workspace's
 
 
-def lower_precision(dtype: torch.dtype) -> KVStorage:
+def lower_precision(dtype: torch.dtype, device: torch.device | str = "cpu") -> KVStorage:
     """A storage one step below `dtype` (float32 -> bfloat16, 16-bit -> float8 e5m2): the precision fault."""
-    return DtypeStorage(torch.bfloat16 if dtype == torch.float32 else torch.float8_e5m2)
+    return DtypeStorage(torch.bfloat16 if dtype == torch.float32 else torch.float8_e5m2, torch.device(device))
 
 
 class _SeqRows:
@@ -72,9 +72,9 @@ class ReplayDecoder:
     def __init__(self, engine: ReplayEngine, storage: KVStorage | None = None,
                  deviations: DecodeDeviations | None = None):
         self.eng = engine
-        self.faithful = storage or DtypeStorage(engine.T)  # quant_policy 0: the activation dtype
+        self.faithful = storage or DtypeStorage(engine.T, engine.device)  # quant_policy 0: the activation dtype
         self.dev = deviations or DecodeDeviations()
-        self.storage = lower_precision(engine.T) if self.dev.kv_lower_precision else self.faithful
+        self.storage = lower_precision(engine.T, engine.device) if self.dev.kv_lower_precision else self.faithful
         self.session_len = session_len(engine.ws)
         self.block_len = block_len(engine.ws)
         self.info: dict = {}
@@ -94,7 +94,7 @@ class ReplayDecoder:
         n = qkv.shape[0]
         q, k, v = torch.split(qkv, [H * D, KV * D, KV * D], dim=-1)
         cos, sin = e._cos_sin(pos0 + n, theta)
-        cos, sin = cos[pos0:], sin[pos0:]
+        cos, sin = cos[pos0:].to(qkv.device), sin[pos0:].to(qkv.device)
         q = e._rope(q.reshape(n, H, D), cos, sin)
         k = e._rope(k.reshape(n, KV, D), cos, sin)
         cache.append(layer, k, v.reshape(n, KV, D))
@@ -102,7 +102,8 @@ class ReplayDecoder:
         Lk, gs = K.shape[1], H // KV
         qg = q.reshape(n, KV, gs, D).permute(1, 2, 0, 3).reshape(KV, gs * n, D)
         s = torch.bmm(qg, K.transpose(1, 2)).mul_(e.qk_scale).view(KV, gs, n, Lk)
-        future = torch.arange(Lk)[None, :] > (Lk - n + torch.arange(n))[:, None]
+        idx = torch.arange(Lk, device=s.device)
+        future = idx[None, :] > (Lk - n + idx[:n])[:, None]
         s.masked_fill_(future, float("-inf"))
         p = s.sub_(s.amax(-1, keepdim=True)).exp_()
         denom = p.sum(-1, keepdim=True)
@@ -130,11 +131,11 @@ class ReplayDecoder:
         e = self.eng
         prep = e._prepare(call)
         P = prep.L
-        pool = _Pool()
+        pool = _Pool(e.device)
         notes: list[str] = []
         weights = [_LayerWeights(e, i, notes, pool, users=math.inf) for i in range(e.num_layers)]
         norm_w = e._w("norm.weight")
-        out_w = e.ws.tensor("output.weight").float()
+        out_w = e.ws.tensor("output.weight").float().to(e.device)
         table = e.ws.tensor("tok_embeddings.weight")
         streams = {"e2e": (_Stream(None, None), self._cache())}
         if teacher is not None:
@@ -158,7 +159,7 @@ class ReplayDecoder:
                 s.x = vals["layer"]
         _, logits = self._head(streams["e2e"][0].x[-1:], norm_w, out_w)
         yield DecodeStep(step=0, token=None, position=None, expected_position=None, rope_theta=prep.rope_theta,
-                         expected_rope_theta=prep.rope_theta, e2e={(None, "output"): logits})
+                         expected_rope_theta=prep.rope_theta, e2e={(None, "output"): logits.cpu()})
         for k in range(1, len(tokens)):
             if k >= max_new:
                 self.info["truncated_at"] = k
@@ -168,7 +169,7 @@ class ReplayDecoder:
             expected_theta = e._rope_theta(expected + 1)
             theta = self.dev.rope_base_past_prompt or e._rope_theta(pos + 1)
             tok = int(tokens[k - 1])
-            x = e.rnd(table[tok: tok + 1].float())
+            x = e.rnd(table[tok: tok + 1].float().to(e.device))
             mask = torch.tensor([1 if (self.dev.lora_on_generated and e.plora_policy) else 0], dtype=torch.uint8)
             step_prep = _Prepared(1, x, _Rows.of(mask), {}, None, torch.zeros(1, dtype=torch.uint8), theta,
                                   prep.cos[:0], prep.sin[:0])
@@ -191,7 +192,8 @@ class ReplayDecoder:
                                           t.get(None, "norm") if t is not None else None)
                 out[name][(None, "norm")] = norm
                 out[name][(None, "output")] = logits
+            host = {name: {key: v.cpu() for key, v in vals.items()} for name, vals in out.items()}  # one row each
             yield DecodeStep(step=k, token=tok, position=pos, expected_position=expected, rope_theta=theta,
-                             expected_rope_theta=expected_theta, e2e=out["e2e"], local=out.get("local", {}))
+                             expected_rope_theta=expected_theta, e2e=host["e2e"], local=host.get("local", {}))
         self.info["cache_bytes"] = streams["e2e"][1].nbytes()
         self.info["cache_tokens"] = streams["e2e"][1].length()

@@ -41,13 +41,14 @@ class DtypeStorage:
     """`quant_policy` 0: values rounded to one floating dtype (T in emulate mode, float32 in fp32 mode)."""
 
     dtype: torch.dtype
+    device: torch.device = torch.device("cpu")
 
     @property
     def name(self) -> str:
         return str(self.dtype).replace("torch.", "")
 
     def alloc(self, kv_heads: int, block_len: int, dim: int) -> torch.Tensor:
-        return torch.zeros(kv_heads, block_len, dim, dtype=self.dtype)
+        return torch.zeros(kv_heads, block_len, dim, dtype=self.dtype, device=self.device)
 
     def write(self, block: torch.Tensor, offset: int, x: torch.Tensor) -> None:
         block[:, offset: offset + x.shape[1]] = x.to(self.dtype)
@@ -116,7 +117,7 @@ class KVCache:
             ks.append(self.storage.read(lc.k[b], n))
             vs.append(self.storage.read(lc.v[b], n))
         if not ks:
-            empty = torch.zeros(self.kv_heads, 0, self.dim)
+            empty = torch.zeros(self.kv_heads, 0, self.dim, device=getattr(self.storage, "device", None))
             return empty, empty.clone()
         return torch.cat(ks, dim=1), torch.cat(vs, dim=1)
 
