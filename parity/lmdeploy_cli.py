@@ -47,6 +47,12 @@ def run_lmdeploy_cli(argv: list[str]) -> int:
             raise ParityInputError(f"lmdeploy {' '.join(args)} stopped: {code}") from None
         except (ParityInputError, KeyboardInterrupt):
             raise
+        except ImportError as e:  # e.g. `serve` on an install that has only lmdeploy's converter needs
+            raise ParityInputError(
+                f"lmdeploy {' '.join(args)} needs the Python module {e.name or str(e)!r}, which is not installed in "
+                "this environment. parity's setup installs what lmdeploy's converter needs; serving needs lmdeploy's "
+                "full dependencies (pip install lmdeploy==0.7.1) and a CUDA GPU."
+            ) from None
         except Exception as e:  # noqa: BLE001 - lmdeploy's failure, reported as one paragraph
             msg = str(e).strip().replace("\n", " ")[:600] or type(e).__name__
             raise ParityInputError(

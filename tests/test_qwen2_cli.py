@@ -107,6 +107,11 @@ def test_run_converts_the_original_itself(original, tmp_path):
     assert _errors(_report(out)) == []
 
 
+def test_parity_lmdeploy_dispatches_to_lmdeploys_subcommands():
+    proc = _parity("lmdeploy", "--", "serve", "api_server", "--help")
+    assert proc.returncode == 0 and "usage: lmdeploy serve api_server" in proc.stdout
+
+
 def test_parity_lmdeploy_bad_input(disguise_dir, tmp_path, capsys):
     assert main(["lmdeploy"]) == 2
     assert "after --" in capsys.readouterr().err
@@ -126,3 +131,27 @@ def test_convert_refuses_kv_replication_with_plora(disguise_dir, tmp_path, capsy
     assert main(["convert", str(disguise_dir), "--out", str(ws), "--tp", "4"]) == 2
     err = capsys.readouterr().err
     assert "tp=4 is more than the 2 kv head(s)" in err and "_repeat_kv" in err and not ws.exists()
+
+
+def test_serving_path_gets_the_verified_settings(disguise_dir):
+    """What `lmdeploy serve` / `pipeline()` build TurboMind from (`TurboMind._from_hf` -> `get_tm_model`, the
+    settings handed to the C++ engine): with the registration that `parity lmdeploy --` activates, the disguise's
+    lora_config and attn_bias = 1; without it, lmdeploy's own (rank 256, biases dropped)."""
+    from lmdeploy.messages import TurbomindEngineConfig
+
+    from parity.deploy.compat import cpu_converter_patches
+    from parity.deploy.lora_config import LORA_KEYS
+    from parity.disguise import lora_config_registered
+
+    with cpu_converter_patches():
+        from lmdeploy.turbomind.deploy.converter import get_tm_model
+
+        def settings() -> tuple[int, dict]:
+            cfg = get_tm_model(str(disguise_dir), "m", "internlm-xcomposer2", TurbomindEngineConfig(tp=2)).tm_config
+            return int(cfg.model_config.attn_bias), {k: getattr(cfg.lora_config, k) for k in LORA_KEYS}
+
+        plain = settings()
+        with lora_config_registered():
+            served = settings()
+    assert plain[0] == 0 and plain[1]["lora_r"] == 256
+    assert served == (1, read_lora_config(disguise_dir))
