@@ -65,6 +65,19 @@ def test_disguise_convert_run_passes(original, disguise_dir, tmp_path, tp, numer
     assert {r["tensor"]: r["status"] for r in report["weights_audit"]}["layers.1.attention.w_qkv.bias"] == "ok"
 
 
+def test_decode_with_biases_passes(original, disguise_dir, tmp_path):
+    """Generated steps too: the replay decoder adds the q/k/v biases to each new row before the rotary, as
+    TurboMind's decode kernel does (emulate: bf16 KV cache)."""
+    ws = tmp_path / "ws"
+    assert main(["convert", str(disguise_dir), "--out", str(ws)]) == 0
+    out = tmp_path / "report"
+    rc = main(["run", str(original), "--trust-remote-code", "--workspace", str(ws), "--decode", "3",
+               "--numeric", "emulate", "--out", str(out), "--cache-dir", str(tmp_path / "cache")])
+    report = _report(out)
+    assert rc == 0 and _errors(report) == [], [f["message"] for f in _errors(report)]
+    assert report["decode"] and all(d["steps_run"] == 3 and d["first_divergent_step"] is None for d in report["decode"])
+
+
 def test_parity_lmdeploy_runs_lmdeploys_own_convert_with_the_registration(original, disguise_dir, tmp_path):
     """The real `parity` entry point, lmdeploy's own `convert` subcommand: the same bytes as `parity convert`,
     and the run passes on it."""
