@@ -206,7 +206,7 @@ def test_parity_run_on_the_vl_fixture_from_the_offline_cache(vl, tmp_path):
 # ----------------------------------------------------------------------------------------- the audit
 
 
-def _audit(path, **env):
+def _audit(path):
     from parity.disguise import audit_deployment
 
     return audit_deployment(path, trust_remote_code=True)
@@ -315,3 +315,13 @@ def test_unmerged_task_loras_are_a_finding(fixture_models, tmp_path):
     f = [f for f in a.findings if f.cause == "lora_not_applied"]
     assert len(f) == 1 and f[0].severity == "warning"
     assert "merge_xcomposer2d5_task.py" in f[0].message and "web" in f[0].message and "write" in f[0].message
+
+
+def test_low_memory_loading_runs_the_hub_tower_too(vl, vl_ref, provided):
+    """The low-memory loader builds the model with parameters on meta: the nested hub download and resize_pos
+    still work, and the features are the same."""
+    from parity.reference.loader import load_reference
+
+    low = load_reference(vl, trust_remote_code=True, low_memory=True)
+    assert low.applied == vl_ref.applied
+    assert torch.equal(low.encode_image(IMAGE), vl_ref.encode_image(IMAGE))
