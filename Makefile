@@ -64,6 +64,7 @@ faults: setup
 # 7B-shaped models with few layers (cached in .cache/bench): ratios table + reports/bench.json (benchmarks/README.md)
 bench: setup
 	$(BIN)/python benchmarks/bench.py --out reports/bench.json $(ARGS)
+	$(BIN)/python benchmarks/decode_bench.py --out reports/bench-decode.json
 
 # build outputs and the fixture cache only: reports are the user's (delete reports/ yourself)
 clean:

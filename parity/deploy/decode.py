@@ -32,7 +32,7 @@ from typing import Iterator
 import torch
 
 from ..records import DecodeStep, EngineCall
-from .kvcache import DtypeStorage, KVCache, KVStorage, block_len, session_len
+from .kvcache import DtypeStorage, KVCache, KVStorage, block_len, session_len, storage_for_policy
 from .replay import ReplayEngine, _LayerWeights, _Pool, _Prepared, _Rows, _Stream
 
 _PRE, _POST = "embeddings", ("norm", "output")
@@ -70,9 +70,10 @@ class ReplayDecoder:
     side = "replay"
 
     def __init__(self, engine: ReplayEngine, storage: KVStorage | None = None,
-                 deviations: DecodeDeviations | None = None):
+                 deviations: DecodeDeviations | None = None, quant_policy: int = 0):
         self.eng = engine
-        self.faithful = storage or DtypeStorage(engine.T, engine.device)  # quant_policy 0: the activation dtype
+        # what the workspace and quant policy say: quant_policy 0 keeps the activation dtype
+        self.faithful = storage or storage_for_policy(quant_policy, engine.T, engine.device)
         self.dev = deviations or DecodeDeviations()
         self.storage = lower_precision(engine.T, engine.device) if self.dev.kv_lower_precision else self.faithful
         self.session_len = session_len(engine.ws)

@@ -359,6 +359,14 @@ def build_context(report: Report, *, inline_plotlyjs: bool = True) -> dict[str, 
             "is_div_case": div is not None and (div.case == name or (div.case is None and ci == 0)),
         })
 
+    from parity.report import decode_view
+
+    decode = [{
+        "section": sec, "anchor": f"decode-{di}", "tokens": decode_view.token_rows(sec),
+        "steps_fig": add_fig(decode_view.steps_figure(sec), f"fig-decode-steps-{di}"),
+        "heat_fig": add_fig(decode_view.heatmap_figure(sec), f"fig-decode-heat-{di}"),
+        "engine": _kv(sec.engine),
+    } for di, sec in enumerate(report.decode)]
     findings = _finding_rows(report)
     modules = _module_rows(report)
     engine_items, sem_items = _engine_items(report.engine)
@@ -389,6 +397,7 @@ def build_context(report: Report, *, inline_plotlyjs: bool = True) -> dict[str, 
         "findings": findings,
         "many_cases": len(case_names) > 1,
         "cases": cases,
+        "decode": decode,
         "modules": modules,
         "first_in_modules": any(r["first"] for r in modules),
         "plora": _generic_table(report.plora_table, first=("case", "layer", "linear")),
