@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from .compare.decode import DecodeComparator
 from .compare.thresholds import Thresholds
-from .records import DecodeSection, EngineRequest, EngineSettings
+from pathlib import Path
+
+from .records import DecodeSection, DecodeStep, EngineRequest, EngineSettings
 from .reference.decode import greedy
 from .reference.session import ReferenceSession
-from .trace import TraceRows
+from .trace import TraceRows, atomic_save
 
 
 def decode_case(session: ReferenceSession, engine, request: EngineRequest, n: int, thresholds: Thresholds,
@@ -26,9 +28,21 @@ def decode_case(session: ReferenceSession, engine, request: EngineRequest, n: in
     comparator = DecodeComparator(request.case, gen.tokens, gen.prompt_rows, reference, floor_local, floor_e2e,
                                   thresholds, settings.numeric, ref.decode)
     teacher = TraceRows(reference)
+    keep = request.trace_dir / "decode" if request.keep_all_parts else None  # --keep-traces: one file per step
     try:
         for step in engine.decode(request, gen.tokens, teacher):
             comparator.add(step)
+            if keep is not None:
+                _write_step(keep, step)
     finally:
         teacher.close()
     return comparator.finish(engine.decode_info())
+
+
+def _write_step(folder: Path, step: DecodeStep) -> None:
+    """One decode step's values (`e2e/<layer>/<point>`, `local/...`; layer `-` for embeddings, norm, output)."""
+    tensors = {f"{side}/{'-' if layer is None else layer}/{point}": v.contiguous()
+               for side, values in (("e2e", step.e2e), ("local", step.local))
+               for (layer, point), v in values.items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_save(tensors, folder / f"step_{step.step:05d}.safetensors")

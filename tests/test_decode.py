@@ -205,3 +205,24 @@ def test_near_tie_is_a_warning_and_clear_flip_an_error():
     (clear,) = decode_check.run([section(0.5)], None, 10.0).findings
     assert near.severity == "warning" and "near tie" in near.message
     assert clear.severity == "error" and "clear flip" in clear.message and clear.cause == "numeric_drift"
+
+
+def test_decode_steps_stream_to_kept_traces_and_terminal_says_decode(fixture_models, tmp_path):
+    from rich.console import Console
+    from safetensors import safe_open
+
+    from parity.report.terminal import print_summary
+
+    report = run(fixture_models["xcomposer2-tiny"], trust_remote_code=True, cache_dir=CACHE, decode=3,
+                 keep_traces=tmp_path / "traces")
+    assert report.status == "pass"
+    (sec,) = report.decode
+    files = sorted((tmp_path / "traces" / "engine" / sec.case / "decode").glob("step_*.safetensors"))
+    assert [f.name for f in files] == ["step_00000.safetensors", "step_00001.safetensors", "step_00002.safetensors"]
+    with safe_open(str(files[1]), "pt") as f:
+        keys = set(f.keys())
+        assert {"e2e/0/attention", "local/0/attention", "e2e/-/output", "local/2/feed_forward.w2:delta"} <= keys
+        assert f.get_tensor("e2e/0/layer").shape[0] == 1  # one row per step
+    console = Console(record=True, width=100)
+    print_summary(report, console)
+    assert f"Decode {sec.case}: 3/3 tokens, every token matches" in console.export_text()

@@ -49,6 +49,12 @@ def print_summary(report: Report, console: Console | None = None,
         sent.append(divergence_sentence(report))
         console.print(sent)
 
+    for d in getattr(report, "decode", []) or []:  # --decode N: one line per case
+        tail = ("every token matches" if d.first_divergent_step is None else
+                f"first divergent token at step {d.first_divergent_step}")
+        console.print(Text(f"Decode {d.case}: {d.steps_run}/{d.requested} tokens, {tail}, "
+                           f"{sum(1 for p in d.points if p['exceeded'])} step point(s) over threshold", style="dim"))
+
     if errors:
         many = len({f.case for f in errors if f.case}) > 1
         if console.width >= 120:
