@@ -18,8 +18,9 @@ live TurboMind. What is replayed, with the C++ it mirrors (tag v0.7.1):
   0, `y = rnd(x @ W + l)` (one rounding), FP32 accumulation.
 * RMSNorm (`rms_norm.cu`): fp32 sum of squares, `rnd(rnd(x * rsqrt(mean + eps)) * w)`; residual adds in T
   (`BiasResidualRMSNorm`).
-* attention (`unified_attention_layer.cc`, `attention_universal.h`, `kv_cache_utils_v2.cu`): qkv bias added
-  in T, rotary in T with fp32 `cos/sin` rounded to T (`FastRoPE::apply`), adjacent-pair layout,
+* attention (`unified_attention_layer.cc`, `attention_universal.h`, `kv_cache_utils_v2.cu`): qkv bias (only
+  with attn_bias = 1) added in T to the linear's output, after its LoRA delta and before the rotary; rotary
+  in T with fp32 `cos/sin` rounded to T (`FastRoPE::apply`), adjacent-pair layout,
   `inv_freq = exp2(idx * -log2(base) / rot_dim)`, dynamic NTK base only when the context exceeds
   `max_position_embeddings` (`LlamaBatch`), causal GQA with fp32 scores and softmax, unnormalised P rounded
   to T for P@V, fp32 row sum, output rounded to T.

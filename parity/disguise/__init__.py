@@ -5,9 +5,10 @@ weight reader and its vision loader; lmdeploy issue #2437). This package:
 
 * `disguise(src, dst) -> DisguiseRecord` writes the exact XComposer2 equivalent of a Qwen2 PLoRA checkpoint
   (names, grouped wqkv, fused LoRA with folded scales, config, remote code, vision part), refuses what
-  cannot be represented (head_dim != 128) and lists what lmdeploy will lose (q/k/v biases);
+  cannot be represented (head_dim != 128), keeps the q/k/v biases and lists what lmdeploy will lose;
 * writes `parity_lora_config.json`, the lora_config that reproduces the model's per-linear ranks/scales, and
-  `register_lora_config()` makes lmdeploy's own conversion and serving use it;
+  `register_lora_config()` makes lmdeploy's own conversion and serving use it and export the biases
+  (attn_bias = 1); `parity lmdeploy -- ARGS` runs lmdeploy's CLI with it active;
 * `audit_deployment(model_dir) -> DeploymentAudit` says what lmdeploy would pick for a folder (architecture,
   reader, vision model, sub-type, lora_config) and whether it fits the model;
 * `xcomposer2_state_dict(model)` gives a loaded Qwen2 PLoRA model's weights under XComposer2 names (the
