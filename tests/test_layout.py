@@ -212,7 +212,7 @@ def test_names_and_rules():
     with pytest.raises(ParityInputError):
         layout.parse_name("layers.0.attention.wq.weight")
     with pytest.raises(ParityInputError):
-        layout.tm_dtype("int4")
+        layout.tm_dtype("int8")  # no int8 weight type in TurboMind 0.7.1 (int4 is read by parity.quant)
 
 
 # ----------------------------------------------------------------------------- the real converter, bit for bit

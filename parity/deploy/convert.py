@@ -151,20 +151,21 @@ def _check_lora_override(lora_config: dict | None) -> dict | None:
     return out
 
 
-def _check_kv_replication(cfg: dict, arch: str, tp: int, model_dir: Path) -> None:
+def _kv_replication_note(cfg: dict, arch: str, tp: int) -> str:
     """lmdeploy 0.7.1 replicates kv heads when tp > kv heads (`Attn._repeat_kv`), reshaping every exported
-    w_qkv tensor with `hidden_units` rows -- which a PLoRA `Plora_B` (r rows) does not have: the converter
-    fails with a bare reshape error. Refuse it up front with the reason."""
+    w_qkv tensor with `hidden_units` rows -- which a PLoRA `Plora_B` of any other rank does not have: the
+    converter then fails with a bare reshape error. This names the reason beside lmdeploy's own message (a
+    wqkv rank equal to the hidden size converts, so nothing is refused up front)."""
     if arch != "InternLMXComposer2ForCausalLM":
-        return
+        return ""
     heads = int(cfg.get("num_attention_heads") or 0)
     kv = int(cfg.get("num_key_value_heads") or heads)
-    if kv and tp > kv and heads % tp == 0:  # (heads % tp != 0: lmdeploy's own assertion says so)
-        raise ParityInputError(
-            f"tp={tp} is more than the {kv} kv head(s) of {model_dir} (config.json num_key_value_heads): lmdeploy "
-            f"0.7.1 then replicates the kv heads (Attn._repeat_kv in turbomind/deploy/module.py), which reshapes the "
-            f"w_qkv LoRA B with hidden_size rows and fails for a PLoRA model. Use tp <= {kv}."
-        )
+    if not (kv and tp > kv and heads % tp == 0):  # (heads % tp != 0: lmdeploy's own assertion says so)
+        return ""
+    return (f"tp={tp} is more than the {kv} kv head(s) in config.json (num_key_value_heads): lmdeploy 0.7.1 then "
+            f"replicates the kv heads (Attn._repeat_kv in turbomind/deploy/module.py), which reshapes the w_qkv "
+            f"LoRA B with hidden_size rows and fails for a PLoRA model whose wqkv rank is not the hidden size. "
+            f"Use tp <= {kv}.")
 
 
 # ------------------------------------------------------------------------------------------ capture
@@ -417,7 +418,6 @@ def convert(model_dir: str | Path, out_dir: str | Path, tp: int = 1, lora_config
     try:
         with cpu_converter_patches():
             cfg, arch = _validate_model_dir(model_dir)
-            _check_kv_replication(cfg, arch, tp, model_dir)
             from lmdeploy.turbomind.deploy.converter import main
 
             try:
@@ -431,6 +431,9 @@ def convert(model_dir: str | Path, out_dir: str | Path, tp: int = 1, lora_config
                 raise
             except (Exception, SystemExit) as e:  # noqa: BLE001 - converter failures become input errors
                 err = _converter_error(model_dir, e, _untemp(log, tmp, out_dir))
+                note = _kv_replication_note(cfg, arch, tp)
+                if note:
+                    err = ParityInputError(f"{err} {note}")
                 if not semantics.converter_writes_lora:
                     err = ParityInputError(f"{err} Note: lmdeploy {version} cannot convert PLoRA checkpoints at all "
                                            f"({row_for(version).summary}); use lmdeploy 0.7.1.")
