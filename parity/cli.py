@@ -4,6 +4,7 @@ traceback)."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -181,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="cpu", metavar="DEVICE",
                    help="where the reference, its noise floor and the replay compute: cpu (default), cuda, cuda:N "
                         "or auto (a GPU when there is one); float32 stays float32 there (TF32 off)")
+    r.add_argument("--resource-check", action=argparse.BooleanOptionalAction, default=True,
+                   help="refuse a prompt longer than max_position_embeddings, or a run whose memory or disk "
+                        "estimate exceeds what is available (--no-resource-check: run anyway)")
     r.add_argument("--jobs", "-j", type=int, default=1, metavar="N",
                    help="run the cases in N worker processes (each loads its own reference model; clamped to the "
                         "number of cases; default 1)")
@@ -211,7 +215,8 @@ def _run(a: argparse.Namespace) -> int:
         model=a.model, workspace=a.workspace, engine=a.engine, lmdeploy_version=a.lmdeploy_version,
         inputs=a.inputs, numeric=a.numeric, serve_from=a.serve_from, trust_remote_code=a.trust_remote_code,
         thresholds=thresholds, cache_dir=a.cache_dir, keep_traces=a.keep_traces, layers=a.layers,
-        low_memory=a.low_memory, device=a.device, original=a.original, decode=a.decode,
+        low_memory=a.low_memory, device=a.device, resource_check=a.resource_check,
+        original=a.original, decode=a.decode,
         live={"session_len": a.session_len} if a.session_len else {},
     )
     with out_lock(a.out):
@@ -334,7 +339,17 @@ def _command(args: argparse.Namespace) -> int:
     return _run(args)
 
 
+class _WarningLines(logging.Handler):
+    """parity's own log warnings (e.g. the resource guard's time estimate) as `parity: warning:` lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        err.print(f"[yellow]parity: warning:[/] {record.getMessage()}", soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> int:
+    log = logging.getLogger("parity")
+    if not any(isinstance(h, _WarningLines) for h in log.handlers):
+        log.addHandler(_WarningLines(logging.WARNING))
     try:
         args = build_parser().parse_args(argv)
         with terminate_as_exception(), run_scratch():

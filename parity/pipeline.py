@@ -28,6 +28,7 @@ from .engines import EngineSetup, engine_class
 from .errors import EngineRefused, ParityInputError
 from .inputs import default_cases, engine_call, engine_rows, hf_call, load_cases, prepare
 from .places import default_cache_dir
+from .resources import check_resources
 from .records import (CanonicalInput, CaseSummary, DecodeSection, EngineRequest, EngineWarning, Finding, PreparedInput, Report)
 from .reference.loader import ReferenceModel
 from .reference.session import ReferenceSession
@@ -56,6 +57,7 @@ class RunOptions:
     original: Path | None = None                     # a quantized model's original: smoothing check, cost report
     decode: int = 0                                  # generated tokens to compare after the prefill (0: none)
     decode_deviations: Any = None                    # fault catalogue: parity.deploy.decode.DecodeDeviations
+    resource_check: bool = True                      # refuse a run that cannot fit (parity.resources)
     # Hooks for the fault catalogue: mutate what a stage hands to the next (never used by plain runs).
     mutate_engine_call: Callable[[str, Any], Any] | None = None
     mutate_hf_prepared: Callable[[PreparedInput], PreparedInput] | None = None
@@ -215,8 +217,14 @@ def _run_stages(opts: RunOptions, session: ReferenceSession, semantics, cases: l
         case_traces: list[CaseTraces] = []
         summaries: list[CaseSummary] = []
         decode_sections: list[DecodeSection] = []
-        for case in cases:
-            prepared = prepare(case, ref.tokenize, ref.embed_tokens, ref.encode_image, ref.bos_id, ref.decode)
+        # every case laid out first: the resource guard judges their row counts before any capture starts
+        prepared_cases = [prepare(case, ref.tokenize, ref.embed_tokens, ref.encode_image, ref.bos_id, ref.decode)
+                          for case in cases]
+        if opts.resource_check:
+            rows = [(p.name, len(p.token_ids) + opts.decode) for p in prepared_cases]  # prompt + generated
+            check_resources(ref.config, rows, scratch=work, floor_bytes=torch.empty((), dtype=settings.floor_dtype).element_size(),
+                            model=str(opts.model))
+        for case, prepared in zip(cases, prepared_cases):
             hf_p = opts.mutate_hf_prepared(prepared) if opts.mutate_hf_prepared else prepared
             eng_p = opts.mutate_engine_prepared(prepared) if opts.mutate_engine_prepared else prepared
             hcall, ecall = hf_call(hf_p), engine_call(eng_p)

@@ -52,7 +52,7 @@ def env(pristine, tmp_path, monkeypatch) -> dict[str, Path]:
     inputs.write_text(yaml.safe_dump({"cases": [{"name": "c", "segments": [{"text": "Hi "}, {"image": "img.png"}]}]}))
     shutil.copy(sorted(Path(IMAGES_DIR).glob("*.png"))[0], tmp_path / "img.png")
     return {"root": tmp_path, "tmp": tmp, "model": model, "ws": tmp_path / "ws", "inputs": inputs,
-            "out": tmp_path / "report", "cache": tmp_path / "cache"}
+            "out": tmp_path / "report", "cache": tmp_path / "cache", "monkeypatch": monkeypatch}
 
 
 def leftovers(e: dict[str, Path]) -> list[str]:
@@ -349,6 +349,23 @@ def misspelt_option(e):
     return ["run", e["model"], "--trust-remote-code", "--floor-facter", "3"], ("--floor-facter", "--help")
 
 
+def prompt_longer_than_max_positions(e):
+    """The default case has ~10 rows; the model says it takes at most 8 positions."""
+    _json(e["model"] / "config.json", lambda c: c.__setitem__("max_position_embeddings", 8))
+    return (["run", e["model"], "--trust-remote-code", "--workspace", e["ws"]],
+            ("rows", "max_position_embeddings = 8", "config.json"))
+
+
+def not_enough_disk_for_the_traces(e):
+    """Free space is read where the traces go: a TMPDIR on a full disk (simulated: the guard is told 0 bytes)."""
+    import parity.resources
+
+    real = shutil.disk_usage
+    e["monkeypatch"].setattr(parity.resources.shutil, "disk_usage", lambda p: real(p)._replace(free=0))
+    return (["run", e["model"], "--trust-remote-code", "--workspace", e["ws"]],
+            ("Not enough disk", "TMPDIR"))
+
+
 CASES: list[Case] = [
     missing_model, model_is_a_file, no_config_json, config_json_not_json, without_plora_linears, non_xcomposer2_arch,
     no_trust_remote_code, corrupt_safetensors, truncated_safetensors, truncated_workspace_file,
@@ -359,7 +376,8 @@ CASES: list[Case] = [
     convert_missing_model, convert_out_under_a_file, convert_non_xcomposer2,
     inputs_corrupt_png, inputs_not_an_image, inputs_image_symlink_loop, inputs_unknown_case_key,
     inputs_unknown_top_key, inputs_unknown_segment_key, model_symlink_loop, convert_symlink_loop,
-    inverted_thresholds, nonsense_threshold, misspelt_option,
+    inverted_thresholds, nonsense_threshold, misspelt_option, prompt_longer_than_max_positions,
+    not_enough_disk_for_the_traces,
 ]
 
 

@@ -120,9 +120,10 @@ class ReferenceModel:
 
 def _fits_in_memory(path: Path, dtype: torch.dtype) -> bool:
     """Whether the weights at `dtype` take under half the memory available now (the rest is for the run)."""
-    try:
-        avail = int(next(l for l in open("/proc/meminfo") if l.startswith("MemAvailable")).split()[1]) * 1024
-    except (OSError, StopIteration, ValueError):
+    from ..resources import available_memory
+
+    avail = available_memory()
+    if avail is None:
         return True
     stored = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     from .lowmem import storage_dtype
