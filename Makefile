@@ -22,7 +22,7 @@ TRUST_FLAG := $(if $(filter 1 yes true,$(TRUST_REMOTE_CODE)),--trust-remote-code
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile scripts/install-chromium.sh
+$(STAMP): pyproject.toml Makefile scripts/install-chromium.sh scripts/fetch-plotly-partial.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: this takes the CPU build from local disk; unpinned it pulls a multi-GB CUDA build
@@ -31,6 +31,7 @@ $(STAMP): pyproject.toml Makefile scripts/install-chromium.sh
 	# lmdeploy's wheel would drag in a CUDA torch: install it alone, its pure-Python needs come from above
 	$(BIN)/pip install -q --no-deps lmdeploy==0.7.1
 	scripts/install-chromium.sh
+	scripts/fetch-plotly-partial.sh $(BIN)/python
 	touch $(STAMP)
 
 # GPU users: the live engine (--engine turbomind) in its own venv, with lmdeploy 0.7.1's own requirements

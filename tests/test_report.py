@@ -373,3 +373,50 @@ def test_any_metric_values_give_valid_json_and_html(vals, row, text):
             strict_loads(s["body"])
     assert str(markupsafe.escape(text)) in page   # the model path, escaped
     assert EVIL not in page
+
+
+def test_layer_curve_subtitle_agrees_with_the_verdict():
+    """A FAIL whose fault sits inside a module (no layer output over threshold) used to be captioned
+    "0 of 3 layers exceeded" under the FAIL banner."""
+    from parity.report.html_report import build_context
+
+    rep = make_report(True)
+    for p in rep.points:
+        p.exceeded = False  # the fault shows only in the findings (e.g. the weights audit)
+    worst = {c["name"]: c["worst"] for c in build_context(rep, inline_plotlyjs=False)["cases"]}
+    assert "0 of" not in worst["single"]
+    assert "no layer output over threshold, yet 2 error finding(s)" in worst["single"]
+    assert "lora_scale_mismatch" in worst["single"] and "layer 0" in worst["single"]
+    assert "within threshold" in worst["double"]  # no error finding names that case
+    clean = build_context(make_report(False), inline_plotlyjs=False)["cases"]
+    assert all("all 3 layer outputs within threshold" in c["worst"] for c in clean)
+    bad = build_context(make_report(True), inline_plotlyjs=False)["cases"]
+    assert all("3 of 3 layer outputs over threshold" in c["worst"] for c in bad)
+
+
+def test_report_is_small_and_self_contained(tmp_path, monkeypatch):
+    """plotly.js was 4.8 MB of a 4.9 MB report: now the cartesian partial bundle, gzip+base64 (inflated by the
+    browser, tests/test_report_browser.py), so a report is at most 1.5 MB; without the partial bundle the full
+    one is inlined the same way (larger, still offline)."""
+    import base64
+    import gzip
+
+    from parity.report import html_report
+    from parity.report.demo import demo_report
+
+    if not html_report.PARTIAL_BUNDLE.is_file():
+        pytest.skip("the plotly.js partial bundle is not in place: run scripts/fetch-plotly-partial.sh (make setup)")
+    html_report.plotly_bundle.cache_clear()
+    paths = write_reports(demo_report(), tmp_path / "r")
+    page = paths["html"].read_text()
+    assert paths["html"].stat().st_size <= 1.5e6
+    packed = page.split('id="plotly-gz">')[1].split("</script>")[0]
+    js = gzip.decompress(base64.b64decode(packed)).decode()
+    assert js == html_report.PARTIAL_BUNDLE.read_text()
+    monkeypatch.setattr(html_report, "PARTIAL_BUNDLE", tmp_path / "absent.js")
+    html_report.plotly_bundle.cache_clear()
+    try:
+        full = write_reports(demo_report(), tmp_path / "full")["html"]
+        assert 1.5e6 < full.stat().st_size < 2.5e6 and 'id="plotly-gz"' in full.read_text()
+    finally:
+        html_report.plotly_bundle.cache_clear()

@@ -8,7 +8,7 @@
   (temporary file in the same folder + os.replace). An unwritable folder raises ParityInputError naming it.
 - `render_failure_message(report, top=5)`: plain text, the first divergence then one line per top error.
 - `parity.report.json_report`: `write_json`, `read_json` (non-finite floats stored as "nan"/"inf"/"-inf").
-- `parity.report.html_report`: `write_html`, `render_html` (one self-contained file, plotly.js inlined).
+- `parity.report.html_report`: `write_html`, `render_html` (one self-contained file, plotly.js inlined gzip+base64).
 - `parity.report.terminal`: `print_summary(report, console=None, paths=None)`.
 """
 

@@ -1,4 +1,4 @@
-"""report.html: one self-contained page (no network: plotly.js is inlined once) for the person whose
+"""report.html: one self-contained page (no network: plotly.js is inlined once, gzip+base64) for the person whose
 conversion just broke. Top to bottom: verdict banner with the first divergence in plain words, engine /
 model / thresholds, findings (errors first), per case the input with image spans and the mask strip, the
 per-layer error curves and the layer x position heatmap, then the module table and the PLoRA, config and
@@ -50,13 +50,24 @@ TEMPLATES = Path(__file__).parent / "templates"
 MAX_AUDIT_OK_ROWS = 5000   # OK rows of the weights audit listed (collapsed); more are only counted
 
 
-@functools.lru_cache(maxsize=1)
-def _plotlyjs() -> str:
-    from plotly.offline import get_plotlyjs
+PARTIAL_BUNDLE = Path(__file__).parent / "vendor" / "plotly-cartesian.min.js"
 
-    js = get_plotlyjs()
-    # Never the case for plotly's bundle, but a "</script" inside would end the element early.
-    return js.replace("</script", "<\\/script").replace("</SCRIPT", "<\\/SCRIPT")
+
+@functools.lru_cache(maxsize=1)
+def plotly_bundle() -> tuple[str, str]:
+    """(name, gzip+base64 text) of the plotly.js the page inlines: the cartesian partial bundle when
+    scripts/fetch-plotly-partial.sh (run by `make setup`) has put it in place, else the full bundle of the
+    Python plotly package. report.js inflates it in the browser (DecompressionStream): offline either way."""
+    import base64
+    import gzip
+
+    if PARTIAL_BUNDLE.is_file():
+        name, js = "plotly.js cartesian", PARTIAL_BUNDLE.read_text()
+    else:
+        from plotly.offline import get_plotlyjs
+
+        name, js = "plotly.js", get_plotlyjs()
+    return name, base64.b64encode(gzip.compress(js.encode(), compresslevel=9, mtime=0)).decode("ascii")
 
 
 @functools.lru_cache(maxsize=1)
@@ -297,9 +308,10 @@ def _engine_items(engine: dict[str, Any]) -> tuple[list[tuple[str, str]], list[t
     return items, sem_items
 
 
-def _worst(points: Sequence[PointResult], case: str) -> str:
-    """One line about the case's layer curve: the layer with the largest local (else e2e) error."""
-    pts = charts.layer_points(points, case)
+def _worst(report: Report, case: str) -> str:
+    """One line about the case's layer curve: the layer with the largest local (else e2e) error, and how that
+    sits with the verdict (a FAIL whose fault is inside a module may leave every layer output in bounds)."""
+    pts = charts.layer_points(report.points, case)
     best, best_v = None, -1.0
     for p in pts:
         v = to_float((p.local or p.e2e or {}).get("rel_l2"))
@@ -312,8 +324,16 @@ def _worst(points: Sequence[PointResult], case: str) -> str:
         return ""
     n_ex = sum(1 for p in pts if p.exceeded)
     kind = "local" if best.local else "end-to-end"
-    return (f"largest {kind} error at layer {best.layer}: {fmt_num(best_v)} "
-            f"(threshold {fmt_num(best.threshold)}); {n_ex} of {len(pts)} layers exceeded")
+    head = f"largest {kind} error at layer {best.layer}: {fmt_num(best_v)} (threshold {fmt_num(best.threshold)}); "
+    if n_ex:
+        return head + f"{n_ex} of {len(pts)} layer outputs over threshold"
+    errors = [f for f in sorted_findings(report.findings) if f.severity == "error" and f.case in (case, None)]
+    if not errors:
+        return head + f"all {len(pts)} layer outputs within threshold"
+    first = errors[0]
+    where = ", ".join(x for x in (f"layer {first.layer}" if first.layer is not None else "", first.module or "") if x)
+    return head + (f"no layer output over threshold, yet {len(errors)} error finding(s) for this case "
+                   f"(first: {where + ': ' if where else ''}{first.cause}; see Findings)")
 
 
 def build_context(report: Report, *, inline_plotlyjs: bool = True) -> dict[str, Any]:
@@ -355,7 +375,7 @@ def build_context(report: Report, *, inline_plotlyjs: bool = True) -> dict[str, 
             "mask_fig": add_fig(charts.mask_figure(c), f"fig-mask-{ci}") if c else None,
             "curves_fig": add_fig(charts.curves_figure(report.points, name, div), f"fig-curves-{ci}"),
             "heat_fig": add_fig(charts.heatmap_figure(report.points, c, name, div), f"fig-heat-{ci}"),
-            "worst": _worst(report.points, name),
+            "worst": _worst(report, name),
             "is_div_case": div is not None and (div.case == name or (div.case is None and ci == 0)),
         })
 
@@ -407,7 +427,7 @@ def build_context(report: Report, *, inline_plotlyjs: bool = True) -> dict[str, 
         "weights_ok_count": len(w_ok),
         "weights_columns": weights["columns"],
         "figures": figures,
-        "plotlyjs": Markup(_plotlyjs()) if inline_plotlyjs else None,
+        "plotlyjs": plotly_bundle()[1] if inline_plotlyjs else None,
     }
 
 
