@@ -222,8 +222,8 @@ def _run_stages(opts: RunOptions, session: ReferenceSession, semantics, cases: l
                           for case in cases]
         if opts.resource_check:
             rows = [(p.name, len(p.token_ids) + opts.decode) for p in prepared_cases]  # prompt + generated
-            check_resources(ref.config, rows, scratch=work, floor_bytes=torch.empty((), dtype=settings.floor_dtype).element_size(),
-                            model=str(opts.model))
+            check_resources(ref.config, rows, scratch=work, model=str(opts.model),
+                            floor_bytes=torch.empty((), dtype=settings.floor_dtype).element_size())
         for case, prepared in zip(cases, prepared_cases):
             hf_p = opts.mutate_hf_prepared(prepared) if opts.mutate_hf_prepared else prepared
             eng_p = opts.mutate_engine_prepared(prepared) if opts.mutate_engine_prepared else prepared
