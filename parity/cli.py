@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resource-check", action=argparse.BooleanOptionalAction, default=True,
                    help="refuse a prompt longer than max_position_embeddings, or a run whose memory or disk "
                         "estimate exceeds what is available (--no-resource-check: run anyway)")
+    r.add_argument("--measure-floor", action="store_true",
+                   help="measure the noise floor at every point even where no verdict depends on it (slower; "
+                        "default: off, measured only when an error lies between the min and max thresholds)")
     r.add_argument("--jobs", "-j", type=int, default=1, metavar="N",
                    help="run the cases in N worker processes (each loads its own reference model; clamped to the "
                         "number of cases; default 1)")
@@ -216,7 +219,7 @@ def _run(a: argparse.Namespace) -> int:
         inputs=a.inputs, numeric=a.numeric, serve_from=a.serve_from, trust_remote_code=a.trust_remote_code,
         thresholds=thresholds, cache_dir=a.cache_dir, keep_traces=a.keep_traces, layers=a.layers,
         low_memory=a.low_memory, device=a.device, resource_check=a.resource_check,
-        original=a.original, decode=a.decode,
+        measure_floor=a.measure_floor, original=a.original, decode=a.decode,
         live={"session_len": a.session_len} if a.session_len else {},
     )
     with out_lock(a.out):

@@ -22,6 +22,7 @@ from .checks.base import CheckContext
 from .checks.mask import masks_for
 from .checks.registry import run_checks, warning_findings
 from .compare.align import CaseTraces, compare_case
+from .compare.stream import FloorOnDemand
 from .compare.thresholds import Thresholds
 from .device import Placement, judged_precision, resolve_device, supports_float64
 from .engines import EngineSetup, engine_class
@@ -54,6 +55,7 @@ class RunOptions:
     layers: str | None = None                        # "every" | "bisect": per-layer values from the live engine
     live: dict[str, Any] = field(default_factory=dict)  # LiveTurboMind options (session_len, dtype, ...)
     device: str = "cpu"                              # cpu | cuda | cuda:N | auto (parity.device)
+    measure_floor: bool = False                      # measure the noise floor even where no verdict needs it
     original: Path | None = None                     # a quantized model's original: smoothing check, cost report
     decode: int = 0                                  # generated tokens to compare after the prefill (0: none)
     decode_deviations: Any = None                    # fault catalogue: parity.deploy.decode.DecodeDeviations
@@ -234,6 +236,8 @@ def _run_stages(opts: RunOptions, session: ReferenceSession, semantics, cases: l
                 reference = session.reference(hcall, case.name)
                 floor_e2e, floor_local = session.floors(hcall, case.name, settings.floor_dtype,
                                                         settings.teacher_forced)
+                if opts.measure_floor and isinstance(floor_local, FloorOnDemand):
+                    floor_local.resolve()  # else measured on demand, only where a verdict needs it
             # teacher forcing needs the same rows on both sides; with different rows (a BOS policy or range
             # mismatch) only the engine's own run exists and the inputs check names the difference
             same_rows = len(ecall.input_ids) == hf_p.image_rows.numel()

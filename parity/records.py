@@ -266,7 +266,7 @@ class PointResult:
     module: str
     e2e: dict[str, Any]
     local: dict[str, Any] | None
-    floor: float
+    floor: float | None  # None: not measured, the verdict did not depend on it (FloorOnDemand)
     threshold: float
     row_err: list[float] = field(default_factory=list)
     exceeded: bool = False

@@ -60,7 +60,9 @@ def attribute(p: PointResult, prior: list[Finding]) -> tuple[str, Finding | None
     return "numeric_drift", None
 
 
-def _fmt(x: float) -> str:
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "not measured"
     return f"{x:.3g}" if math.isfinite(x) else str(x)
 
 

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from ..compare.align import floor_stats
+from ..compare.align import floor_needed, floor_stats
 from ..compare.rowstats import RowStats, row_stats
 from ..deploy.layout import tm_qkv_cols_to_hf
 from ..points import PLORA_LINEARS, TM_LINEAR_NAMES, plora_key
@@ -65,11 +65,16 @@ def run(ctx: CheckContext) -> CheckOutput:
                     raw = lambda: (expected, e_img)  # noqa: E731
                 else:
                     sti, sel = st, image
-                    fst = floor_stats(ct.floor_local, layer, key, ref)
-                    floor = fst.metrics(image)["rel_l2"] if fst is not None else 0.0
+                    floor = None  # not measured: at or below min_rel, or above max_rel, the floor changes nothing
+                    # the floor is read (and measured, if it has not been) only where it can change the verdict
+                    if floor_needed(ct.floor_local, [sti.metrics(sel)["rel_l2"]], t, ctx.numeric):
+                        fst = floor_stats(ct.floor_local, layer, key, ref)
+                        floor = fst.metrics(image)["rel_l2"] if fst is not None else 0.0
                     raw = lambda: (ref[image], eng[image])  # noqa: E731
                 m = sti.metrics(sel)
-                limit = t.threshold(floor, ctx.numeric)
+                limit = t.threshold(floor or 0.0, ctx.numeric)
+                if floor is None and not m["rel_l2"] <= limit:  # unmeasured: the bound that decides (align.judge)
+                    limit = t.bounds(ctx.numeric)[1]
                 denom, cross, eng_sq = _dots(sti, sel, m, raw)
                 factor = cross / denom if denom > 0 else (0.0 if eng_sq == 0 else math.inf)
                 row.update({"delta_rel_l2": m["rel_l2"], "delta_cosine": m["cosine"], "factor": factor,

@@ -19,7 +19,7 @@ from ..points import execution_order
 from ..records import EngineRun, PointResult, PreparedInput
 from ..trace import Trace
 from .rowstats import RowStats, row_stats_multi
-from .stream import StatsTrace
+from .stream import FloorOnDemand, StatsTrace
 from .thresholds import Thresholds
 
 # Points whose per-row error the report draws as a heatmap.
@@ -29,13 +29,14 @@ ROW_ERROR_POINTS = {"layer", "embeddings", "norm"}
 @dataclass
 class CaseTraces:
     """Everything captured for one case. `floor_*` are the reference at the other precision: `floor_local`
-    as per-row statistics against the reference (`StatsTrace`) or as values (the live path passes the
-    end-to-end floor there), `floor_e2e` as values, only where something reads it (the live path)."""
+    as per-row statistics against the reference (`StatsTrace`, or a `FloorOnDemand` of one) or as values
+    (the live path passes the end-to-end floor there), `floor_e2e` as values, only where something reads it
+    (the live path)."""
 
     prepared: PreparedInput
     reference: Trace
     floor_e2e: Trace | None
-    floor_local: Trace | StatsTrace | None
+    floor_local: Trace | StatsTrace | FloorOnDemand | None
     engine: Trace
     engine_local: Trace
     run: EngineRun | None = None  # what the engine reported about this case (ranges, masks, settings)
@@ -71,11 +72,14 @@ def _bad(x: float) -> bool:
     return not math.isfinite(x)
 
 
-def floor_stats(floor: Trace | StatsTrace | None, layer: int | None, point: str,
+def floor_stats(floor: Trace | StatsTrace | FloorOnDemand | None, layer: int | None, point: str,
                 ref: torch.Tensor) -> RowStats | None:
-    """The floor's row statistics against `ref` at one point, from statistics or from values."""
+    """The floor's row statistics against `ref` at one point, from statistics or from values (a
+    `FloorOnDemand` is measured here if it has not been)."""
     if floor is None:
         return None
+    if isinstance(floor, FloorOnDemand):
+        floor = floor.resolve()
     if isinstance(floor, StatsTrace):
         st = floor.stats(layer, point)
         return st if st is not None and st.rows == (ref.shape[0] if ref.dim() else 1) else None
@@ -83,11 +87,24 @@ def floor_stats(floor: Trace | StatsTrace | None, layer: int | None, point: str,
     return row_stats_multi(ref, [value])[0] if value is not None else None
 
 
+def floor_needed(floor, values, thresholds: Thresholds, numeric: str) -> bool:
+    """Whether `floor` must be read to judge `values` (errors): always for a floor already at hand; for a
+    `FloorOnDemand` not yet measured, only when the floor can change a verdict on one of them."""
+    if floor is None:
+        return False
+    if not isinstance(floor, FloorOnDemand) or floor.measured:
+        return True
+    return any(thresholds.floor_decides(v, numeric) for v in values)
+
+
 def compare_case(ct: CaseTraces, thresholds: Thresholds, numeric: str) -> list[PointResult]:
+    """Every point's metrics, then the judgement. The floor statistics are read only when a judgement needs
+    them (`floor_needed`); unmeasured, a point's `floor` is None and its threshold the bound that decides
+    (min_rel for an error at or below it, max_rel for one above): the verdict the measured floor gives."""
     classes = row_classes(ct.prepared)
     rows = int(ct.prepared.image_rows.numel())
     floor_values = isinstance(ct.floor_local, Trace)  # values (live path) rather than statistics
-    results: list[PointResult] = []
+    measured: list[tuple[int | None, str, torch.Tensor, dict[str, RowStats | None], dict, dict]] = []
     for layer, point in execution_order(ct.reference.num_layers):
         ref = ct.reference.get(layer, point)
         eng = ct.engine.get(layer, point)
@@ -111,21 +128,35 @@ def compare_case(ct: CaseTraces, thresholds: Thresholds, numeric: str) -> list[P
             if fe is not None:
                 others["floor_e2e"] = fe
         st: dict[str, RowStats | None] = dict(zip(others, row_stats_multi(ref, list(others.values()))))
-        if ct.floor_local is not None and not floor_values:
+        e2e = _metrics(st["e2e"], classes)
+        local = _metrics(st.get("local", st["e2e"]), classes)  # no teacher-forced value: local = e2e
+        measured.append((layer, point, ref, st, e2e, local))
+    judged = [v for *_, local in measured for v in (local["rel_l2"], *(c["rel_l2"] for c in local["by_class"].values()))]
+    use_floor = not floor_values and floor_needed(ct.floor_local, judged, thresholds, numeric)
+    results: list[PointResult] = []
+    for layer, point, ref, st, e2e, local in measured:
+        if use_floor:
             st["floor_local"] = floor_stats(ct.floor_local, layer, point, ref)
         if ct.floor_e2e is not None and ct.floor_e2e is ct.floor_local:
             st["floor_e2e"] = st.get("floor_local")
-        e2e = _metrics(st["e2e"], classes)
-        local = _metrics(st.get("local", st["e2e"]), classes)  # no teacher-forced value: local = e2e
         fls = st.get("floor_local")
+        unmeasured = fls is None and isinstance(ct.floor_local, FloorOnDemand) and not use_floor
         floor_local = _metrics(fls, classes) if fls is not None else {"rel_l2": 0.0, "by_class": {}}
-        threshold = thresholds.threshold(floor_local["rel_l2"], numeric)
-        exceeded = _bad(local["rel_l2"]) or local["rel_l2"] > threshold
+
+        def judge(value: float, floor: float) -> tuple[float, bool]:
+            """(threshold, exceeded). Unmeasured floor: the bound that decides whatever the floor is (an error
+            above max_rel exceeds max_rel, one at or below min_rel is within min_rel)."""
+            threshold = thresholds.threshold(floor, numeric)
+            exceeded = _bad(value) or value > threshold
+            if unmeasured:
+                threshold = thresholds.bounds(numeric)[1 if exceeded else 0]
+            return threshold, exceeded
+
+        threshold, exceeded = judge(local["rel_l2"], floor_local["rel_l2"])
         for cls, cm in local["by_class"].items():
             cf = floor_local["by_class"].get(cls, {}).get("rel_l2", floor_local["rel_l2"])
-            cm["floor"] = cf
-            cm["threshold"] = thresholds.threshold(cf, numeric)
-            cm["exceeded"] = _bad(cm["rel_l2"]) or cm["rel_l2"] > cm["threshold"]
+            cm["floor"] = None if unmeasured else cf
+            cm["threshold"], cm["exceeded"] = judge(cm["rel_l2"], cf)
             exceeded = exceeded or cm["exceeded"]
         if ct.floor_e2e is not None:  # only the live path reads it
             fes = st.get("floor_e2e")
@@ -137,7 +168,7 @@ def compare_case(ct: CaseTraces, thresholds: Thresholds, numeric: str) -> list[P
                 module=point,
                 e2e=e2e,
                 local=local,
-                floor=floor_local["rel_l2"],
+                floor=None if unmeasured else floor_local["rel_l2"],
                 threshold=threshold,
                 row_err=st["e2e"].row_errors().tolist() if point in ROW_ERROR_POINTS else [],
                 exceeded=bool(exceeded),

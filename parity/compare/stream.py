@@ -128,3 +128,25 @@ class StatsTrace:
 
     def plora(self, layer: int, linear: str) -> dict[str, float]:
         return self.meta.plora.get(str(layer), {}).get(linear, {})
+
+
+class FloorOnDemand:
+    """A noise floor measured only when a judgement needs it (`Thresholds.floor_decides`).
+
+    threshold = clamp(factor x floor, min_rel, max_rel): an error at or below min_rel passes and one above
+    max_rel fails whatever the floor, so the floor capture (in fp32 mode the reference re-run in float64, a
+    third of a run's time) changes a verdict only for an error inside that band. `resolve()` runs the capture
+    the first time it is called and returns its trace; `measured` says whether it has run."""
+
+    def __init__(self, make):
+        self._make = make
+        self._trace = None
+
+    @property
+    def measured(self) -> bool:
+        return self._trace is not None
+
+    def resolve(self):
+        if self._trace is None:
+            self._trace = self._make()
+        return self._trace

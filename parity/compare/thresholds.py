@@ -10,6 +10,7 @@ Configurable in `[tool.parity]` of the project's pyproject.toml and by CLI flags
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -66,6 +67,12 @@ class Thresholds:
     def threshold(self, floor: float, numeric: str) -> float:
         lo, hi = self.bounds(numeric)
         return min(max(self.floor_factor * floor, lo), hi)
+
+    def floor_decides(self, value: float, numeric: str) -> bool:
+        """Whether the noise floor can change the verdict on an error of `value`: only inside (min_rel,
+        max_rel]. At or below min_rel it passes, above max_rel (or not finite) it fails, whatever the floor."""
+        lo, hi = self.bounds(numeric)
+        return math.isfinite(value) and lo < value <= hi
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -58,8 +58,9 @@ class ReferenceSession:
             self.ref, call, self._dir(call, case) / "reference", case, **self._parts))
 
     def floor_local(self, call: HFCall, case: str, dtype: torch.dtype):
-        """Per-row error statistics of the teacher-forced reference at `dtype` against the fp32 reference."""
-        from ..compare.stream import StatsWriter
+        """Per-row error statistics of the teacher-forced reference at `dtype` against the fp32 reference, as a
+        `FloorOnDemand`: captured the first time a judgement needs them."""
+        from ..compare.stream import FloorOnDemand, StatsWriter
 
         ref = self.reference(call, case)
         fname = str(dtype).replace("torch.", "")
@@ -70,7 +71,7 @@ class ReferenceSession:
             meta = TraceMeta(side="floor-local", case=case, num_layers=model.anatomy.num_layers, dtype=fname)
             return capture_reference(model, call, root, case, side="floor-local", teacher=ref,
                                      writer=StatsWriter(root, meta, against=ref))
-        return self._get((call.content_hash, "floor-local", fname), make)
+        return self._get((call.content_hash, "floor-local", fname), lambda: FloorOnDemand(make))
 
     def floor_e2e(self, call: HFCall, case: str, dtype: torch.dtype) -> Trace:
         """The reference at `dtype`, end to end, as values."""
