@@ -328,7 +328,7 @@ def child_parity(args, watch: Watch) -> dict:
 
     def compare_case(ct, thresholds, numeric):
         roots = {Path(t.root).parent for t in (ct.reference, ct.floor_e2e, ct.floor_local, ct.engine, ct.engine_local)
-                 if t is not None}
+                 if t is not None and getattr(t, "measured", True)}  # an unmeasured FloorOnDemand has no folder
         compare_info["trace_bytes_on_disk"] = sum(dir_bytes(r) for r in roots)
         counted = {"n": 0, "s": 0.0}
         real_get = Trace.get

@@ -20,7 +20,8 @@ behind), and parity's other pure-Python needs. `run` unpacks them in front of th
 2. runs a 7B-shaped model (hidden 4096, 32 heads, 8 kv heads, intermediate 14336, rank-256 PLoRA, a 490 px
    image; `--layers` decoder layers, 8,192-token vocabulary) the same two ways, timed;
 3. compares each GPU report with its CPU twin: the same verdict, first divergence and error findings, and
-   every point's error within the noise floor of the CPU's (|gpu - cpu| <= max(floors)); prints a short table
+   every point's error within the noise floor of the CPU's (|gpu - cpu| <= max(floors); where no verdict
+   needed the floor, so it was not measured, within the threshold); prints a short table
    and writes everything to OUT/device_check.json. Exit 0 when every pair agrees, 1 when one does not, 2 when
    the machine cannot run the check (no CUDA; a missing package, named).
 """
@@ -155,7 +156,10 @@ def compare_reports(cpu: dict, gpu: dict) -> dict[str, Any]:
         if q is None:
             problems.append(f"point {p['case']}/{p['layer']}/{p['module']} only on gpu")
             continue
-        floor = max(float(p["floor"]), float(q["floor"]), 1e-30)
+        # the noise floor; where it was not measured (no verdict needed it), the threshold the point was judged by
+        floors = [x["floor"] for x in (p, q)]
+        floor = max(*(float(x) for x in floors if x is not None), 1e-30) if None not in floors else \
+            max(float(p["threshold"]), float(q["threshold"]))
         for side in ("e2e", "local"):
             x, y = (q.get(side) or {}).get("rel_l2"), (p.get(side) or {}).get("rel_l2")
             if x is None or y is None:

@@ -137,7 +137,7 @@ def _device_check():
 @pytest.fixture(scope="module")
 def cpu_report(fixture_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("devreport")
-    run(fixture_models["xcomposer2-tiny"], trust_remote_code=True, cache_dir=CACHE, out=out)
+    run(fixture_models["xcomposer2-tiny"], trust_remote_code=True, cache_dir=CACHE, out=out, measure_floor=True)
     return json.loads((out / "report.json").read_text())
 
 
@@ -158,6 +158,16 @@ def test_device_check_comparison_agrees_and_names_each_disagreement(cpu_report):
     within = copy.deepcopy(cpu_report)
     next(q for q in within["layers"] if q["local"] and q["floor"] > 0)["local"]["rel_l2"] += 0.5 * p["floor"]
     assert dc.compare_reports(cpu_report, within)["agree"]
+
+    unmeasured = copy.deepcopy(cpu_report)  # floors not measured: judged within the threshold instead
+    for q in unmeasured["layers"]:
+        q["floor"] = None
+    q = next(q for q in unmeasured["layers"] if q["local"])
+    q["local"]["rel_l2"] += 0.5 * q["threshold"]
+    assert dc.compare_reports(unmeasured, unmeasured)["agree"]
+    assert dc.compare_reports(cpu_report, unmeasured)["agree"]
+    q["local"]["rel_l2"] += q["threshold"]
+    assert not dc.compare_reports(cpu_report, unmeasured)["agree"]
 
     failed = copy.deepcopy(cpu_report)
     failed["status"] = "fail"

@@ -36,6 +36,8 @@ def test_on_demand_measures_once():
     f = FloorOnDemand(lambda: calls.append(1) or "trace")
     assert not f.measured and calls == []
     assert f.resolve() == "trace" and f.resolve() == "trace" and f.measured and calls == [1]
+    g = FloorOnDemand(lambda: calls.append(2) or Path("/x/y"))
+    assert g.name == "y" and g.measured and calls == [1, 2]  # any other use measures it, then delegates
 
 
 def _key(report):

@@ -150,3 +150,9 @@ class FloorOnDemand:
         if self._trace is None:
             self._trace = self._make()
         return self._trace
+
+    def __getattr__(self, name: str):
+        """Any other use (`stats`, `root`, ...) is a use of the floor: measured, then delegated."""
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.resolve(), name)
