@@ -18,6 +18,12 @@ from .scratch import Terminated, out_lock, run_scratch, terminate_as_exception
 err = Console(stderr=True, highlight=False)
 
 
+def out_console() -> Console:
+    """stdout for people and for CI logs: on a terminal rich wraps at its width; elsewhere (a pipe, a CI log)
+    nothing is wrapped at rich's default 80 columns, so a finding or a path stays one greppable line."""
+    return Console(highlight=False, soft_wrap=not sys.stdout.isatty())
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Every option's help ends with its default, when it has one worth showing."""
 
@@ -225,7 +231,7 @@ def _run(a: argparse.Namespace) -> int:
     with out_lock(a.out):
         report = run_parallel(opts, a.jobs)  # --jobs 1: pipeline.run_parity(opts) in this process
         paths = write_reports(report, a.out)
-    print_summary(report, Console(highlight=False), paths={k: str(v) for k, v in paths.items()})
+    print_summary(report, out_console(), paths={k: str(v) for k, v in paths.items()})
     return 0 if report.status == "pass" else 1
 
 
@@ -253,7 +259,7 @@ def _faults(a: argparse.Namespace) -> int:
     for r in results:
         table.add_row(r.fault.name, r.fault.kind, fmt(r.fault.expected), fmt(r.got),
                       "[green]✓[/]" if r.detected else "[red]✗[/]")
-    console = Console(highlight=False)
+    console = out_console()
     console.print(table)
     hits = sum(r.detected for r in results)
     console.print(f"detection rate: {hits}/{len(results)} = {hits / max(len(results), 1):.0%} "
@@ -288,7 +294,7 @@ def _command(args: argparse.Namespace) -> int:
         from .fixtures import FIXTURE_NAMES, GENUINE_FIXTURE_NAMES, QWEN2_FIXTURE_NAMES
 
         for name, path in generate(args.out, FIXTURE_NAMES + GENUINE_FIXTURE_NAMES + QWEN2_FIXTURE_NAMES).items():
-            Console(highlight=False).print(f"[green]fixture[/] {name}: {path}")
+            out_console().print(f"[green]fixture[/] {name}: {path}")
         return 0
     if args.command == "convert":
         from .deploy.convert import convert
@@ -297,7 +303,7 @@ def _command(args: argparse.Namespace) -> int:
         from .deploy.workspace import Workspace
 
         bias = Workspace.open(rec.workspace).model.attn_bias
-        Console(highlight=False).print(
+        out_console().print(
             f"[green]converted[/] {rec.model} -> {rec.workspace} (lmdeploy {rec.lmdeploy_version}, "
             f"sub-type {rec.sub_type}, lora {rec.lora_config}, attn_bias {bias})")
         for w in rec.warnings:
@@ -315,7 +321,7 @@ def _command(args: argparse.Namespace) -> int:
                        compensate_plora=args.compensate_plora, calib_samples=args.calib_samples,
                        calib_seqlen=args.calib_seqlen, trust_remote_code=args.trust_remote_code,
                        overwrite=args.force)
-        Console(highlight=False).print(
+        out_console().print(
             f"[green]quantized[/] {rec.model} -> {rec.out} (lmdeploy {rec.lmdeploy_version} auto_awq, w{rec.w_bits} "
             f"g{rec.group_size}, {rec.seconds:.1f} s, PLoRA "
             f"{'compensated (' + str(len(rec.compensated)) + ' tensors)' if rec.compensate_plora else 'left as lmdeploy leaves it'})")

@@ -148,3 +148,18 @@ def test_failing_assert_names_the_report_and_hides_parity_frames(pytester, fixtu
     assert "__tracebackhide__" not in out and "def assert_parity" not in out and "render_failure_message" not in out
     assert "<Report FAIL" in out  # the plain `assert report` shows the short form ...
     assert "PointResult(" not in out and "Finding(" not in out  # ... not the dataclass of every point
+
+
+def test_summary_is_not_hard_wrapped_in_ci_logs(capsys):
+    """Not a terminal (a pipe, a CI log): no line is broken at rich's default 80 columns."""
+    from parity.cli import out_console
+    from parity.report.demo import demo_report
+    from parity.report.terminal import print_summary
+
+    path = "/ci/workspace/" + "deep/" * 20 + "report.html"
+    rep = demo_report()
+    print_summary(rep, out_console(), paths={"html": path})
+    out = capsys.readouterr().out
+    assert path in out.splitlines()[-1]
+    d = rep.first_divergence
+    assert any(d.message[:100] in line for line in out.splitlines()), out

@@ -32,6 +32,12 @@ def _hint(name: str, got: torch.Tensor, hf) -> str:
     return f"no other {stem} matches"
 
 
+def _faithful_copy(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Equal where both are numbers and non-finite at the same places with the same values (NaN == NaN)."""
+    nan = torch.isnan(want)
+    return bool(nan.any()) and torch.equal(torch.isnan(got), nan) and torch.equal(got[~nan], want[~nan])
+
+
 def run(ctx: CheckContext) -> CheckOutput:
     out = CheckOutput()
     ws, hf = ctx.workspace, ctx.hf_tm_tensors
@@ -76,6 +82,18 @@ def run(ctx: CheckContext) -> CheckOutput:
         if torch.equal(got, want):
             ok += 1
             out.table.append({"tensor": name, "status": "ok", "shape": list(got.shape), "max_abs_diff": 0.0})
+            continue
+        if _faithful_copy(got, want):  # unequal only through NaN != NaN: the checkpoint itself is broken
+            bad = int((~torch.isfinite(want)).sum())
+            out.table.append({"tensor": name, "status": "nonfinite in checkpoint", "shape": list(got.shape),
+                              "max_abs_diff": 0.0})
+            out.findings.append(Finding(
+                check="weights", severity="error", cause="nonfinite", layer=layer, module=module,
+                positions="image" if ".lora_" in name else "all",
+                message=(f"The reference is broken, not the conversion: the HF checkpoint's tensor for {name} holds "
+                         f"{bad} non-finite value(s), which the workspace copies faithfully. Fix or re-export the "
+                         "checkpoint; no comparison against it can pass."),
+                metrics={"nonfinite_reference": bad, "tensor": name}))
             continue
         diff = (got.double() - want.double()).abs()
         nonfinite = int((~torch.isfinite(got)).sum())
