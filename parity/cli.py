@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the deployment loads weights (a workspace-served TurboMind has no LoRA)")
     r.add_argument("--inputs", type=user_path, metavar="FILE",
                    help="YAML/JSON file of input cases (default: one built-in text-image-text case)")
+    r.add_argument("--quant-policy", type=int, choices=[0, 4, 8], default=0,
+                   help="TurboMind's KV cache: 8 = u8, 4 = u4, per token and head (emulated in the replay and the "
+                        "reference; its cost is reported against a budget); default: 0 (unquantized)")
     r.add_argument("--original", type=user_path, metavar="MODEL",
                    help="for an AWQ model: the floating-point model it was quantized from (checks that the AWQ "
                         "smoothing kept PLoRA and reports the cost of quantization, apart from the deployment's "
@@ -226,6 +229,7 @@ def _run(a: argparse.Namespace) -> int:
         thresholds=thresholds, cache_dir=a.cache_dir, keep_traces=a.keep_traces, layers=a.layers,
         low_memory=a.low_memory, device=a.device, resource_check=a.resource_check,
         measure_floor=a.measure_floor, original=a.original, decode=a.decode,
+        quant_policy=a.quant_policy,
         live={"session_len": a.session_len} if a.session_len else {},
     )
     with out_lock(a.out):

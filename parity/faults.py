@@ -303,6 +303,8 @@ CATALOGUE: tuple[Fault, ...] = (
           "lmdeploy's default auto_awq: smoothing scaled the base weights, not Plora_A/Plora_B (--original given)",
           Expected(0, "attention.wqkv", "image", "lora_smoothing_mismatch"),
           _options(original_fixture="xcomposer2-tiny"), model="xcomposer2-tiny-awq"),
+    Fault("kv_int4_wrong_scale", "quant", "u4 KV cache (quant_policy 4) read back with scales 1.3x too large",
+          Expected(0, "attention", "all", "numeric_drift"), _options(quant_policy=4, kv_scale_factor=1.3)),
     # --- q/k/v biases of a Qwen2 disguise (exported with attn_bias 1 by parity's registration)
     Fault("bias_not_exported", "weights", "Qwen2 disguise converted without the registration: no q/k/v biases",
           Expected(0, "attention.wqkv", "all", "bias_dropped"), _bias_not_exported, model="qwen2-plora-tiny"),
@@ -376,8 +378,10 @@ def run_fault(fault: Fault, models: dict[str, Path], workspaces: dict[str, Path]
         if "original_fixture" in opts:  # the smoothing check compares with the original fixture model
             opts["original"] = models[opts.pop("original_fixture")]
         cases = catalogue_cases(IMAGES_DIR)
+        # a quantized KV cache changes the reference too: such a fault gets a session of its own
+        session = None if opts.get("quant_policy") else sessions[fault.model]
         run_opts = RunOptions(model=models[fault.model], workspace=ws, trust_remote_code=True, cases=cases,
-                              numeric=numeric, cache_dir=cache, session=sessions[fault.model], **opts)
+                              numeric=numeric, cache_dir=cache, session=session, **opts)
         if bos:
             from .inputs import prepare
 

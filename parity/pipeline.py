@@ -60,6 +60,8 @@ class RunOptions:
     decode: int = 0                                  # generated tokens to compare after the prefill (0: none)
     decode_deviations: Any = None                    # fault catalogue: parity.deploy.decode.DecodeDeviations
     resource_check: bool = True                      # refuse a run that cannot fit (parity.resources)
+    quant_policy: int = 0                            # TurboMind's KV cache: 0 fp, 8 u8, 4 u4 (parity.quant.kv)
+    kv_scale_factor: float = 1.0                     # fault catalogue only: the engine's KV cache read with a wrong scale
     # Hooks for the fault catalogue: mutate what a stage hands to the next (never used by plain runs).
     mutate_engine_call: Callable[[str, Any], Any] | None = None
     mutate_hf_prepared: Callable[[PreparedInput], PreparedInput] | None = None
@@ -179,9 +181,18 @@ def run_parity(opts: RunOptions) -> Report:
     semantics = runtime_semantics(opts)
     if opts.layers not in (None, "every", "bisect"):
         raise ParityInputError(f"--layers must be 'every' or 'bisect', got {opts.layers!r}.")
+    if opts.quant_policy not in (0, 4, 8):
+        raise ParityInputError(f"--quant-policy must be 0, 4 or 8 (TurboMind's KV cache: fp, u4, u8), got "
+                               f"{opts.quant_policy!r}.")
+    if opts.quant_policy and opts.engine != "replay":
+        raise ParityInputError("--quant-policy is emulated by the replay engine; passing it to a live TurboMind is not "
+                               "wired in parity yet. Run it with --engine replay.")
     engine_class(opts.engine).preflight(opts.layers, opts.serve_from)  # e.g. no TurboMind here: exit 2 before any work
     _check_decode(opts)
     placement = resolve_device(opts.device)  # exit 2 for --device cuda without CUDA, before any work
+    if opts.quant_policy and opts.session is not None:
+        raise ValueError("a shared ReferenceSession holds captures without the quantized KV cache; run --quant-policy "
+                         "with a session of its own")
     if opts.original is not None:
         from .quant.report import check_original
 
@@ -208,9 +219,16 @@ def _run_stages(opts: RunOptions, session: ReferenceSession, semantics, cases: l
         ws = Workspace.open(workspace_path(opts, ref.family))
     record = ws.conversion_record()
     warnings = [EngineWarning(cause="config_mismatch", message=w) for w in (record.warnings if record else [])]
+    options = dict(opts.live)
+    if opts.quant_policy:  # the reference reads K and V back from the same quantized cache as the deployment
+        from .quant.kv import bits_for_policy
+        from .quant.kv_reference import turbomind_kv
+
+        session.kv_cache = turbomind_kv(bits_for_policy(opts.quant_policy), ws.dtype)
+        options.update(kv_bits=bits_for_policy(opts.quant_policy), kv_scale_factor=opts.kv_scale_factor)
     engine = engine_class(opts.engine)(EngineSetup(
         model=opts.model, workspace=ws, semantics=semantics, numeric=opts.numeric, serve_from=opts.serve_from,
-        options=opts.live, layers=opts.layers, cache_dir=opts.cache_dir, thresholds=opts.thresholds,
+        options=options, layers=opts.layers, cache_dir=opts.cache_dir, thresholds=opts.thresholds,
         session=session, device=session.placement.device, decode_deviations=opts.decode_deviations))
     try:
         settings = engine.activate()
@@ -279,6 +297,12 @@ def _run_stages(opts: RunOptions, session: ReferenceSession, semantics, cases: l
 
             found, quantization = quantization_section(opts.model, opts.original, [ct.prepared for ct in case_traces],
                                                        opts.trust_remote_code)
+            findings += found
+        if opts.quant_policy:  # what the quantized KV cache costs, against its budget
+            from .quant.report import kv_cache_section
+
+            found, quantization["kv_cache"] = kv_cache_section(ref, [ct.prepared for ct in case_traces],
+                                                               opts.quant_policy, ws.dtype)
             findings += found
         names = [c.name for c in cases]
         if decode_sections:

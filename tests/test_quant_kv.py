@@ -60,3 +60,47 @@ def test_constant_rows_and_policy():
     assert bits_for_policy(0) == 0 and bits_for_policy(4) == 4 and bits_for_policy(8) == 8
     with pytest.raises(ValueError):
         bits_for_policy(2)
+
+
+@pytest.mark.parametrize("policy", [8, 4])
+def test_quantized_kv_cache_replay_is_faithful_and_its_cost_is_reported(fixture_models, policy):
+    from parity.pipeline import RunOptions, run_parity
+
+    report = run_parity(RunOptions(model=fixture_models["xcomposer2-tiny"], trust_remote_code=True,
+                                   quant_policy=policy))
+    assert report.status == "pass", [f.message for f in report.errors()]
+    kv = report.quantization["kv_cache"]
+    assert kv["bits"] == policy and {r["layer"] for r in kv["rows"]} == {0, 1, 2}
+    assert all(0 < r["drift"] < (0.02 if policy == 8 else 0.2) for r in kv["rows"])
+    assert not any(r["over_budget"] for r in kv["rows"])
+
+
+def test_kv_cost_names_a_cache_over_its_budget(fixture_models, monkeypatch):
+    """The budget check itself: a cache read back with a wrong scale (on the reference side) is over budget."""
+    import parity.quant.kv_reference as kv_reference
+    from parity.fixtures import IMAGES_DIR
+    from parity.inputs import default_cases, prepare
+    from parity.quant.report import kv_cache_section
+    from parity.reference.loader import load_reference
+
+    ref = load_reference(fixture_models["xcomposer2-tiny"], trust_remote_code=True)
+    case = default_cases(sorted(IMAGES_DIR.glob("*.png"))[0])[0]
+    p = prepare(case, ref.tokenize, ref.embed_tokens, ref.encode_image, ref.bos_id, ref.decode)
+    findings, section = kv_cache_section(ref, [p], 4, torch.bfloat16)
+    assert findings == [] and section["rows"]
+    right = kv_reference.turbomind_kv
+    monkeypatch.setattr(kv_reference, "turbomind_kv", lambda bits, dtype: right(bits, dtype, scale_factor=1.3))
+    findings, _ = kv_cache_section(ref, [p], 4, torch.bfloat16)
+    assert [(f.layer, f.module, f.cause) for f in findings] == [(0, "attention", "kv_quant_drift")]
+
+
+def test_quant_policy_bad_input(fixture_models, tmp_path, capsys):
+    from parity.cli import main
+
+    m = str(fixture_models["xcomposer2-tiny"])
+    assert main(["run", m, "--trust-remote-code", "--quant-policy", "2", "--out", str(tmp_path / "r")]) == 2
+    capsys.readouterr()
+    assert main(["run", m, "--trust-remote-code", "--quant-policy", "4", "--engine", "turbomind",
+                 "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "emulated by the replay" in " ".join(err.split()) and "Traceback" not in err

@@ -319,7 +319,11 @@ class ReplayEngine:
         serve_from: str = "hf",
         resolve: Callable[[Any, int, str], tuple[int, float]] | None = None,
         device: torch.device | str = "cpu",
+        kv_bits: int = 0,
+        kv_scale_factor: float = 1.0,
     ):
+        """`kv_bits` 8 or 4: TurboMind's quantized KV cache (`--quant-policy`, parity.quant.kv); `kv_scale_factor`
+        only for the fault catalogue (a cache read back with a wrong scale)."""
         if numeric not in NUMERIC_MODES:
             raise ValueError(f"numeric must be one of {NUMERIC_MODES}, got {numeric!r}")
         if serve_from not in SERVE_FROM:
@@ -338,6 +342,7 @@ class ReplayEngine:
         self.eps = float(m.norm_eps)
         self.vocab = int(m.vocab_size)
         wt = str(getattr(m, "weight_type", "") or "").lower()
+        self.kv_bits, self.kv_scale_factor = int(kv_bits), float(kv_scale_factor)
         self.quantized = callable(getattr(workspace, "deployed_tensor", None))  # int4: parity.quant.workspace
         if wt and wt not in _WEIGHT_DTYPES and not self.quantized:
             raise ParityInputError(
@@ -476,6 +481,11 @@ class ReplayEngine:
         q = self._rope(q.reshape(L, H, D), cos, sin)
         k = self._rope(k.reshape(L, KV, D), cos, sin)
         v = v.reshape(L, KV, D)
+        if self.kv_bits:  # the prefill attention reads K (rotated) and V back from the quantized cache
+            from ..quant.kv import kv_roundtrip
+
+            k = kv_roundtrip(k.cpu(), self.kv_bits, self.weight_dtype, self.kv_scale_factor).to(k.device, k.dtype)
+            v = kv_roundtrip(v.cpu(), self.kv_bits, self.weight_dtype, self.kv_scale_factor).to(v.device, v.dtype)
         if not self.emulating:
             o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
                                                v.transpose(0, 1)[None], is_causal=True, scale=self.qk_scale,

@@ -30,8 +30,10 @@ class ReplayRunner:
 
     def activate(self) -> EngineSettings:
         s = self.setup
+        # options: kv_bits / kv_scale_factor for a quantized KV cache (--quant-policy, parity.quant.kv)
         self.engine = ReplayEngine(s.workspace, s.semantics, numeric=s.numeric, serve_from=s.serve_from,
-                                   device=s.device)
+                                   device=s.device, kv_bits=int(s.options.get("kv_bits", 0)),
+                                   kv_scale_factor=float(s.options.get("kv_scale_factor", 1.0)))
         self.settings = EngineSettings(
             kind=self.kind, numeric=s.numeric,
             floor_dtype=torch.float64 if s.numeric == "fp32" else s.workspace.dtype,

@@ -126,3 +126,29 @@ def quantization_cost(model: Path, original: Path, prepared_cases: list[Prepared
                          "quantized": "the AWQ model (dequantized weights)",
                          "budget": f"original with round-to-nearest int4 (g{group}) of its base weights, no smoothing"},
             "over_budget_factor": OVER_BUDGET_FACTOR, "rows": rows}
+
+
+def kv_cache_cost(ref, prepared_cases: list[PreparedInput], bits: int, dtype: torch.dtype) -> dict[str, Any]:
+    """Per layer and position class: how far TurboMind's quantized KV cache moves each decoder layer's output
+    (relative L2 against the same model with an unquantized cache), and the budget: the same storage format with
+    exact arithmetic in between (`kv_reference.ideal_kv`). `over_budget`: more than OVER_BUDGET_FACTOR times
+    the budget (and above float32 noise)."""
+    from .kv_reference import ideal_kv, quantized_kv_cache, turbomind_kv
+
+    runs: dict[str, list[list[torch.Tensor]]] = {}
+    for name, quantizer in (("plain", None), ("turbomind", turbomind_kv(bits, dtype)), ("budget", ideal_kv(bits, dtype))):
+        with quantized_kv_cache(ref.model, quantizer):
+            runs[name] = [_layer_outputs(ref, p) for p in prepared_cases]
+    rows: list[dict[str, Any]] = []
+    for c, prepared in enumerate(prepared_cases):
+        for layer, base in enumerate(runs["plain"][c]):
+            for cls, mask in _classes(prepared).items():
+                if not bool(mask.any()):
+                    continue
+                tm = _rel(runs["turbomind"][c][layer][mask], base[mask])
+                budget = _rel(runs["budget"][c][layer][mask], base[mask])
+                rows.append({"case": prepared.name, "layer": layer, "class": cls, "rows": int(mask.sum()),
+                             "drift": tm, "budget": budget,
+                             "over_budget": tm > OVER_BUDGET_FACTOR * budget and tm > 1e-5})
+    return {"bits": bits, "dtype": str(dtype).replace("torch.", ""), "over_budget_factor": OVER_BUDGET_FACTOR,
+            "rows": rows}

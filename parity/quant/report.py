@@ -42,3 +42,27 @@ def quantization_section(model: Path, original: Path, prepared: list[PreparedInp
     cost = quantization_cost(model, original, prepared, trust_remote_code)
     return findings, {"original": str(original), "smoothing": [v.row() for v in verdicts],
                       "smoothing_kept": not findings, "cost": cost}
+
+
+def kv_cache_section(ref, prepared: list[PreparedInput], quant_policy: int,
+                     dtype) -> tuple[list[Finding], dict[str, Any]]:
+    """The KV cache's cost per layer and position class (`parity.quant.cost.kv_cache_cost`) and a `kv_quant_drift`
+    finding at the first layer where it exceeds its budget."""
+    from .cost import kv_cache_cost
+    from .kv import bits_for_policy
+
+    cost = kv_cache_cost(ref, prepared, bits_for_policy(quant_policy), dtype)
+    over = [r for r in cost["rows"] if r["over_budget"]]
+    findings = []
+    if over:
+        first = min(over, key=lambda r: r["layer"])
+        where = sorted({r["class"] for r in over if r["layer"] == first["layer"]})
+        findings.append(Finding(
+            check="quant", severity="error", cause="kv_quant_drift", layer=first["layer"], module="attention",
+            positions=where[0] if len(where) == 1 and where[0] in ("image", "text") else "all", case=first["case"],
+            message=(f"The u{cost['bits']} KV cache (quant_policy {quant_policy}) moves layer {first['layer']}'s output by "
+                     f"{first['drift']:.3g} on {first['class']} rows, more than {cost['over_budget_factor']:g}x its "
+                     f"budget {first['budget']:.3g} (the same storage format with exact arithmetic); {len(over)} (layer, class) "
+                     "points are over budget."),
+            metrics={"drift": first["drift"], "budget": first["budget"], "over": len(over)}))
+    return findings, cost

@@ -30,10 +30,13 @@ from .loader import ReferenceModel, load_reference
 
 class ReferenceSession:
     def __init__(self, model: Path, trust_remote_code: bool, root: Path | None = None,
-                 low_memory: bool | None = None, all_parts: bool = False, placement: Placement | None = None):
+                 low_memory: bool | None = None, all_parts: bool = False, placement: Placement | None = None,
+                 kv_cache=None):
         """`all_parts`: record every PLoRA part (also the linears' inputs and base outputs, which no check
         reads) for someone who keeps the traces to debug with. `placement`: the device the reference computes
-        on (default CPU; `parity.device`)."""
+        on (default CPU; `parity.device`). `kv_cache`: a K/V quantizer every attention reads through (a quantized
+        KV cache, `parity.quant.kv_reference`; default none)."""
+        self.kv_cache = kv_cache
         self.model = Path(model)
         self._parts = {"parts": PLORA_PARTS} if all_parts else {}
         self.placement = placement or resolve_device("cpu")
@@ -90,7 +93,13 @@ class ReferenceSession:
 
     def _get(self, key, make):
         if key not in self._traces:
-            self._traces[key] = make()
+            if self.kv_cache is None:
+                self._traces[key] = make()
+            else:
+                from ..quant.kv_reference import quantized_kv_cache
+
+                with quantized_kv_cache(self.ref.model, self.kv_cache):
+                    self._traces[key] = make()
         return self._traces[key]
 
     def close(self) -> None:
