@@ -92,6 +92,12 @@ def test_w4a16_replay_is_faithful_and_the_report_separates_quantization(quantize
         image = [r["smoothing"] for r in cost if r["class"] == "image"]
         assert (min(image) > 2e-2) if errors else (max(image) < 1e-2), image
         assert all(0 < r["quantized"] < 1 and 0 < r["budget"] < 1 for r in cost)
+        # the HTML report shows the section apart from the verdict: smoothing table, a cost chart per case
+        from parity.report.html_report import render_html
+
+        html = render_html(report, inline_plotlyjs=False)
+        assert 'id="quantization"' in html and 'id="fig-quant-cost-0"' in html
+        assert ("Did the AWQ smoothing keep PLoRA? " + ("No" if errors else "Yes")) in html
 
 
 def test_4khd_quantized_runs_clean(quantized, fixture_models):

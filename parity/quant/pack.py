@@ -10,13 +10,11 @@ Dequantization, two ways:
   15 significant bits) — the AWQ model's own weights, the reference side's;
 * `dequantize_turbomind`: what TurboMind's int4 GEMM computes (v0.7.1): at load, `fuse_scales_and_zeros`
   stores (s, fp16(-z*s)) (kernels/gemm/cast.cu); in the main loop every weight is `__hfma(q, s, -z*s)` in half
-  (kernels/gemm/transform.h): one fp16 rounding of the exact q*s + m. The sum is exact in float64 and numpy's
-  float64 -> float16 conversion rounds once (to nearest even), so the result is bit-exact.
+  (kernels/gemm/transform.h): one fp16 rounding of the exact q*s + m (bit-exact, see the function).
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -26,11 +24,15 @@ NATURAL_ORDER = tuple(range(8))
 def _unpack(x: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
     if x.dtype != torch.int32:
         raise TypeError(f"packed u4 tensors are int32, got {x.dtype}")
-    nib = [((x >> (4 * i)) & 15).to(torch.uint8) for i in range(8)]
-    cols: list[torch.Tensor] = [torch.empty(0)] * 8
-    for i, c in enumerate(order):
-        cols[c] = nib[i]
-    return torch.stack(cols, dim=-1).reshape(*x.shape[:-1], x.shape[-1] * 8)
+    # little-endian bytes: byte j of an int32 holds nibbles 2j (low) and 2j + 1 (high)
+    b = x.contiguous().view(torch.uint8).reshape(*x.shape, 4)
+    nib = torch.stack((b & 15, b >> 4), dim=-1).reshape(*x.shape, 8)  # nibble i at [..., i]
+    if order != NATURAL_ORDER:
+        inverse = [0] * 8
+        for i, c in enumerate(order):
+            inverse[c] = i
+        nib = nib[..., inverse]  # column c takes the nibble that holds it
+    return nib.reshape(*x.shape[:-1], x.shape[-1] * 8)
 
 
 def _pack(u: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
@@ -67,28 +69,31 @@ def pack_rows(u: torch.Tensor) -> torch.Tensor:
     return _pack(u, NATURAL_ORDER)
 
 
-def _per_row(t: torch.Tensor, rows: int, group_size: int) -> torch.Tensor:
-    """[rows / group_size, n] -> [rows, n]: each group's value repeated over its input rows."""
+def _grouped(q: torch.Tensor, t: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [in, out] as [in/g, g, out] and t [in/g, out] as [in/g, 1, out] (broadcast over each group's rows)."""
+    rows, cols = q.shape
     if group_size < 1 or rows % group_size or t.shape[0] * group_size != rows:
         raise ValueError(f"{t.shape[0]} groups of {group_size} rows do not cover {rows} input rows")
-    return t.repeat_interleave(group_size, dim=0)
+    return q.reshape(rows // group_size, group_size, cols), t.unsqueeze(1)
 
 
 def dequantize_exact(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
     """(q - z) * s in float32, exact. q [in, out] u4, zeros/scales [in/g, out]; returns [in, out]."""
-    z = _per_row(zeros.float(), q.shape[0], group_size)
-    s = _per_row(scales.to(torch.float16).float(), q.shape[0], group_size)
-    return (q.float() - z) * s
+    qg, z = _grouped(q, zeros.float(), group_size)
+    s = scales.to(torch.float16).float().unsqueeze(1)
+    return ((qg.float() - z) * s).reshape(q.shape)
 
 
 def dequantize_turbomind(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
-    """TurboMind's fp16 weights: hfma(q, s, fp16(-z*s)). q [in, out] u4, zeros/scales [in/g, out] fp16."""
+    """TurboMind's fp16 weights: hfma(q, s, fp16(-z*s)). q [in, out] u4, zeros/scales [in/g, out] fp16.
+
+    Exact in float32 before the one rounding: with s = S * 2^k (S < 2^11), q*s and m = fp16(-z*s) are integer
+    multiples of 2^k below 2^16 * 2^k, so q*s + m has at most 17 significant bits; float32 -> float16 rounds
+    once, to nearest even."""
     s16 = scales.to(torch.float16)
-    m16 = (-(zeros.to(torch.float16).float()) * s16.float()).to(torch.float16)  # -z*s exact in fp32, one rounding
-    s = _per_row(s16.double(), q.shape[0], group_size)
-    m = _per_row(m16.double(), q.shape[0], group_size)
-    exact = (q.double() * s + m).numpy()  # exact in float64
-    return torch.from_numpy(exact.astype(np.float16))
+    m = (-(zeros.to(torch.float16).float()) * s16.float()).to(torch.float16).float()  # -z*s exact, one rounding
+    qg, s = _grouped(q, s16.float(), group_size)
+    return (qg.float() * s + m.unsqueeze(1)).reshape(q.shape).to(torch.float16)
 
 
 def quantize_rtn(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

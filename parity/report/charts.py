@@ -344,3 +344,36 @@ def mask_figure(case: CaseSummary) -> dict | None:
     out = _fig_dict(fig)
     out["data"][0].update(z=z, x=list(range(n)), y=names, text=text, customdata=hover_val)
     return out
+
+
+_CLASS_DASH = {"image": "solid", "text": "dash", "bos": "dot"}
+
+
+def quant_cost_figure(rows: Sequence[dict[str, Any]], series: Sequence[tuple[str, str]], case: str) -> dict | None:
+    """Quantization cost per layer: one line per (series, position class), log scale. `series` is
+    [(row key, label)], e.g. [("smoothing", "smoothing alone"), ("quantized", ...), ("budget", ...)]."""
+    rows = [r for r in rows if r.get("case") == case]
+    if not rows:
+        return None
+    palette = ["#7c3aed", "#2563eb", "#6b7280", "#ea580c"]
+    fig = go.Figure()
+    for si, (key, label) in enumerate(series):
+        for cls in ("image", "text", "bos"):
+            pts = sorted((r["layer"], _finite_or_none(r.get(key))) for r in rows if r.get("class") == cls)
+            if not pts or all(y is None for _, y in pts):
+                continue
+            fig.add_trace(go.Scatter(
+                x=[x for x, _ in pts], y=[y for _, y in pts], name=f"{label}, {cls} rows", mode="lines+markers",
+                line=dict(color=palette[si % len(palette)], dash=_CLASS_DASH[cls], width=2), marker=dict(size=6),
+                hovertemplate=f"{label}, {cls} rows<br>layer %{{x}}: %{{y:.3g}}<extra></extra>",
+            ))
+    if not fig.data:
+        return None
+    fig.update_layout(**_base_layout(
+        340,
+        xaxis=dict(title=dict(text="layer", standoff=4), dtick=1, zeroline=False),
+        yaxis=dict(title="relative L2 vs unquantized", type="log", exponentformat="power"),
+        legend=dict(orientation="h", yanchor="top", y=-0.2, x=0, font=dict(size=11)),
+        margin=dict(l=70, r=20, t=24, b=40),
+    ))
+    return _fig_dict(fig)

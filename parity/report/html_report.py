@@ -336,6 +336,34 @@ def _worst(report: Report, case: str) -> str:
                    f"(first: {where + ': ' if where else ''}{first.cause}; see Findings)")
 
 
+def _quantization(report: Report, add_fig) -> dict[str, Any] | None:
+    """The quantization section (`report.quantization`): smoothing check, cost of weight quantization and of the
+    KV cache, each a table and a chart per layer and position class (per case)."""
+    q = report.quantization or {}
+    if not q:
+        return None
+    out: dict[str, Any] = {"original": q.get("original"), "smoothing_kept": q.get("smoothing_kept")}
+    if q.get("smoothing"):
+        out["smoothing"] = _generic_table(
+            [{**{k: v for k, v in r.items() if k not in ("module", "status")}, "status": r["status"],
+              "ok": r["status"] != "not compensated"} for r in q["smoothing"]], first=("layer", "tensor", "status"))
+    charts_out = []
+    for key, series in (("cost", (("smoothing", "smoothing alone"), ("quantized", "quantized"),
+                                  ("budget", "round-to-nearest budget"))),
+                        ("kv_cache", (("drift", "KV cache"), ("budget", "budget")))):
+        section = q.get(key)
+        if not section:
+            continue
+        out[key] = _generic_table([{**r, "ok": not r.get("over_budget")} for r in section.get("rows", [])],
+                                  first=("case", "layer", "class"))
+        for i, case in enumerate(dict.fromkeys(r["case"] for r in section.get("rows", []))):
+            fid = add_fig(charts.quant_cost_figure(section["rows"], series, case), f"fig-quant-{key}-{i}")
+            if fid:
+                charts_out.append({"key": key, "case": case, "fig": fid})
+    out["charts"] = charts_out
+    return out
+
+
 def build_context(report: Report, *, inline_plotlyjs: bool = True) -> dict[str, Any]:
     div = report.first_divergence
     figures: list[dict[str, Any]] = []
@@ -387,6 +415,7 @@ def build_context(report: Report, *, inline_plotlyjs: bool = True) -> dict[str, 
         "heat_fig": add_fig(decode_view.heatmap_figure(sec), f"fig-decode-heat-{di}"),
         "engine": _kv(sec.engine),
     } for di, sec in enumerate(report.decode)]
+    quant = _quantization(report, add_fig)
     findings = _finding_rows(report)
     modules = _module_rows(report)
     engine_items, sem_items = _engine_items(report.engine)
@@ -426,6 +455,7 @@ def build_context(report: Report, *, inline_plotlyjs: bool = True) -> dict[str, 
         "weights_ok": w_ok[:MAX_AUDIT_OK_ROWS],
         "weights_ok_count": len(w_ok),
         "weights_columns": weights["columns"],
+        "quant": quant,
         "figures": figures,
         "plotlyjs": plotly_bundle()[1] if inline_plotlyjs else None,
     }
