@@ -342,7 +342,8 @@ def _quantization(report: Report, add_fig) -> dict[str, Any] | None:
     q = report.quantization or {}
     if not q:
         return None
-    out: dict[str, Any] = {"original": q.get("original"), "smoothing_kept": q.get("smoothing_kept")}
+    out: dict[str, Any] = {"original": q.get("original"), "smoothing_kept": q.get("smoothing_kept"),
+                           "smoothing": None, "cost": None, "kv_cache": None}
     if q.get("smoothing"):
         out["smoothing"] = _generic_table(
             [{**{k: v for k, v in r.items() if k not in ("module", "status")}, "status": r["status"],
