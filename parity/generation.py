@@ -20,7 +20,13 @@ from .trace import TraceRows, atomic_save
 def decode_case(session: ReferenceSession, engine, request: EngineRequest, n: int, thresholds: Thresholds,
                 settings: EngineSettings) -> DecodeSection:
     ref = session.ref
-    gen = greedy(ref, request.hf_call, n)
+    if session.kv_cache is None:
+        gen = greedy(ref, request.hf_call, n)
+    else:  # --quant-policy: the reference decodes reading K and V through the same quantized cache
+        from .quant.kv_reference import quantized_kv_cache
+
+        with quantized_kv_cache(ref.model, session.kv_cache):
+            gen = greedy(ref, request.hf_call, n)
     name = f"{request.case}-decode"
     reference = session.reference(gen.call, name)
     floor_local = session.floor_local(gen.call, name, settings.floor_dtype)

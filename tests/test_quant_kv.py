@@ -104,3 +104,25 @@ def test_quant_policy_bad_input(fixture_models, tmp_path, capsys):
                  "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "emulated by the replay" in " ".join(err.split()) and "Traceback" not in err
+
+
+def test_decode_reads_the_quantized_cache(fixture_models):
+    import json
+
+    from parity.pipeline import RunOptions, run_parity
+
+    report = run_parity(RunOptions(model=fixture_models["xcomposer2-tiny"], trust_remote_code=True, quant_policy=4,
+                                   decode=3))
+    assert report.status == "pass", [f.message for f in report.errors()]
+    assert '"kv_storage": "u4' in json.dumps(report.to_dict(), default=str)
+
+
+def test_quantized_storage_round_trips_like_the_cache():
+    from parity.quant.kv import QuantizedStorage
+
+    st = QuantizedStorage(8, torch.float16)
+    block = st.alloc(2, 4, 16)
+    x = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(3))
+    st.write(block, 1, x)
+    assert torch.equal(st.read(block, 4)[:, 1:], kv_roundtrip(x, 8).float())
+    assert st.nbytes(block) == 2 * 4 * 16 + 2 * (2 * 4) * 2

@@ -66,7 +66,13 @@ class ReplayRunner:
         """Greedy decode with a KV cache mirroring TurboMind's (parity.deploy.decode)."""
         from ..deploy.decode import ReplayDecoder
 
-        self._decoder = ReplayDecoder(self.engine, deviations=self.setup.decode_deviations)
+        storage = None
+        if self.engine.kv_bits:  # --quant-policy: the cache holds TurboMind's u8/u4 codes (parity.quant.kv)
+            from ..quant.kv import QuantizedStorage
+
+            storage = QuantizedStorage(self.engine.kv_bits, self.engine.weight_dtype, self.engine.device,
+                                       self.engine.kv_scale_factor)
+        self._decoder = ReplayDecoder(self.engine, storage=storage, deviations=self.setup.decode_deviations)
         return self._decoder.run(request.call, tokens, teacher)
 
     def decode_info(self) -> dict[str, Any]:

@@ -84,3 +84,39 @@ def kv_roundtrip(x: torch.Tensor, bits: int, dtype: torch.dtype = torch.float16,
                  scale_factor: float = 1.0) -> torch.Tensor:
     """x [..., head_dim] stored in a `bits`-bit KV cache and read back (in `dtype`)."""
     return dequantize_kv(quantize_kv(x, bits, dtype, scale_factor), dtype)
+
+
+@dataclass(frozen=True)
+class QuantizedStorage:
+    """A `parity.deploy.kvcache.KVStorage` holding TurboMind's u8/u4 codes with a scale and zero per token and
+    head (in `dtype`): the decode path's cache with `--quant-policy`."""
+
+    bits: int
+    dtype: torch.dtype = torch.float16
+    device: torch.device = torch.device("cpu")
+    scale_factor: float = 1.0  # fault catalogue only
+
+    @property
+    def name(self) -> str:
+        return f"u{self.bits} ({str(self.dtype).replace('torch.', '')} scale and zero)"
+
+    def alloc(self, kv_heads: int, block_len: int, dim: int) -> dict:
+        return {"q": torch.zeros(kv_heads, block_len, dim, dtype=torch.uint8),
+                "scale": torch.zeros(kv_heads, block_len, 1, dtype=self.dtype),
+                "zero": torch.zeros(kv_heads, block_len, 1, dtype=self.dtype)}
+
+    def write(self, block: dict, offset: int, x: torch.Tensor) -> None:
+        kv = quantize_kv(x.detach().cpu(), self.bits, self.dtype, self.scale_factor)
+        n = x.shape[1]
+        block["q"][:, offset: offset + n] = kv.q
+        block["scale"][:, offset: offset + n] = kv.scale
+        block["zero"][:, offset: offset + n] = kv.zero
+
+    def read(self, block: dict, n: int) -> torch.Tensor:
+        kv = KVQuant(block["q"][:, :n], block["scale"][:, :n], block["zero"][:, :n], self.bits)
+        return dequantize_kv(kv, self.dtype).float().to(self.device)
+
+    def nbytes(self, block: dict) -> int:
+        # what TurboMind allocates: bits per value plus the two T-sized parameters per token and head
+        q = block["q"]
+        return q.numel() * self.bits // 8 + 2 * block["scale"].numel() * block["scale"].element_size()
