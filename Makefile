@@ -66,6 +66,7 @@ faults: setup
 bench: setup
 	$(BIN)/python benchmarks/bench.py --out reports/bench.json $(ARGS)
 	$(BIN)/python benchmarks/decode_bench.py --out reports/bench-decode.json
+	$(BIN)/python benchmarks/int4_replay.py --out reports/bench-int4.json
 
 # build outputs and the fixture cache only: reports are the user's (delete reports/ yourself)
 clean:

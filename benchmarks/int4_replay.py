@@ -111,7 +111,8 @@ def main(argv=None) -> int:
             times[side] = best
         ratio = times["int4"] / times["fp"]
         out["modes"][numeric] = {"fp_s": times["fp"], "int4_s": times["int4"], "ratio": ratio, "ok": ratio <= GOAL}
-        print(f"int4 replay / fp replay ({numeric}, {args.layers} layer(s) at 7B shapes, {len(ecall.input_ids)} rows): "
+        print(f"int4 replay / fp replay ({numeric}, {args.layers} layer(s) of hidden {spec.hidden}, "
+              f"{len(ecall.input_ids)} rows): "
               f"{times['int4']:.2f} s / {times['fp']:.2f} s = {ratio:.2f} (goal <= {GOAL}) "
               f"{'ok' if ratio <= GOAL else 'OVER'}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
