@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from parity.errors import ParityInputError
 from parity.fixtures import CLIP_HUB_ID, GENUINE_FIXTURE_NAMES, IMAGES_DIR, ensure, hf_home, hub_snapshot
@@ -325,3 +327,57 @@ def test_low_memory_loading_runs_the_hub_tower_too(vl, vl_ref, provided):
     low = load_reference(vl, trust_remote_code=True, low_memory=True)
     assert low.applied == vl_ref.applied
     assert torch.equal(low.encode_image(IMAGE), vl_ref.encode_image(IMAGE))
+
+
+def test_parity_builds_the_rows_the_models_own_chat_builds(vl_ref):
+    """bos_policy every_text is what the 7b / vl-7b chat does: the embeddings and image mask parity prepares
+    equal the model's own `interleav_wrap_chat` for the same prompt and image."""
+    from parity.inputs import prepare
+    from parity.records import CanonicalInput, Segment
+
+    meta = "You are a helpful assistant."
+    query = "<ImageHere>Describe the image."
+    feats = vl_ref.encode_image(IMAGE)
+    with torch.no_grad():
+        inputs, im_mask = vl_ref.model.interleav_wrap_chat(vl_ref.tokenizer, query, feats[None], [], meta)
+    before = f"[UNUSED_TOKEN_146]system\n{meta}[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]user\n"
+    after = "Describe the image.[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]assistant\n"
+    case = CanonicalInput("chat", (Segment("text", text=before), Segment("image", image=IMAGE),
+                                   Segment("text", text=after)), bos_policy="every_text")
+    p = prepare(case, vl_ref.tokenize, vl_ref.embed_tokens, vl_ref.encode_image, vl_ref.bos_id, vl_ref.decode)
+    assert torch.equal(p.image_rows, im_mask[0].cpu())
+    assert torch.equal(p.embeddings, inputs["inputs_embeds"][0].float().cpu())
+    assert int(p.bos_rows.sum()) == 2  # a BOS before each text part, also the one after the image
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sizes=st.lists(st.integers(1, 40), min_size=1, max_size=12), shards=st.integers(1, 5))
+def test_sharded_weights_hold_every_tensor_once(sizes, shards):
+    """Property: the shards and their index cover every tensor exactly once, in name order, none empty."""
+    from safetensors.torch import load
+
+    from parity.fixtures.generator import weight_files
+
+    tensors = {f"t{i:02d}": torch.arange(n, dtype=torch.float32) + i for i, n in enumerate(sizes)}
+    if shards > len(tensors):
+        with pytest.raises(ValueError, match="at least one"):
+            weight_files(tensors, shards)
+        return
+    files = weight_files(tensors, shards)
+    if shards == 1:
+        assert set(files) == {"model.safetensors"}
+        assert load(files["model.safetensors"]).keys() == tensors.keys()
+        return
+    index = json.loads(files.pop("model.safetensors.index.json"))
+    assert set(index["weight_map"]) == set(tensors)
+    assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in tensors.values())
+    seen = {}
+    for fname, data in files.items():
+        part = load(data)
+        assert part, f"{fname} is empty"
+        for name, t in part.items():
+            assert name not in seen and index["weight_map"][name] == fname
+            seen[name] = t
+    assert set(seen) == set(tensors) and all(torch.equal(seen[k], tensors[k]) for k in tensors)
+    order = [n for f in sorted(files) for n in sorted(load(files[f]))]
+    assert order == sorted(tensors)
