@@ -1,6 +1,6 @@
 """parity: layer-by-layer numerical parity between an HF PLoRA model and its TurboMind deployment."""
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["run", "assert_parity", "__version__"]
 

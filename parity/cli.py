@@ -56,7 +56,7 @@ def _version() -> str:
     """parity's version and the lmdeploy / torch it runs with (read from package metadata: no heavy imports)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from . import __version__
+    from .version import __version__
 
     def installed(name: str) -> str:
         try:

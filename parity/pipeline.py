@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import __version__
+from .version import __version__
 from .checks.base import CheckContext
 from .checks.mask import masks_for
 from .checks.registry import run_checks, warning_findings

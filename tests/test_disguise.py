@@ -27,7 +27,7 @@ from parity.disguise import (
     unregister_lora_config,
     xcomposer2_state_dict,
 )
-from parity.disguise.qwen2 import AttnShape, fuse_qkv_lora, fuse_qkv_rows, split_qkv_rows
+from parity.reference.qwen2 import AttnShape, fuse_qkv_lora, fuse_qkv_rows, split_qkv_rows
 from parity.errors import ParityInputError
 from parity.fixtures import (
     IMAGES_DIR,

@@ -38,7 +38,7 @@ from parity.compare.thresholds import Thresholds
 from parity.deploy import live
 from parity.deploy.convert import convert_cached
 from parity.deploy.replay import ReplayEngine
-from parity.deploy.truncate import (LORA_OVERRIDE_NAME, MARKER_NAME, NOLORA_OVERRIDE, TruncatedModels,
+from parity.deploy.truncate import (LORA_CONFIG_FILE, MARKER_NAME, NOLORA_OVERRIDE, TruncatedModels,
                                     lora_override, write_truncated)
 from parity.deploy.versions import semantics_for
 from parity.deploy.workspace import Workspace
@@ -228,7 +228,7 @@ def test_truncated_copy_contents(deep_model, tmp_path):
     assert marker["tensors_dropped"] == len(src) - len(dst)
     for name in ("modeling_internlm_xcomposer2.py", "tokenizer.json", "generation_config.json"):
         assert (tmp_path / "k2" / name).read_bytes() == (deep_model / name).read_bytes()
-    assert not (tmp_path / "k2" / LORA_OVERRIDE_NAME).exists()
+    assert not (tmp_path / "k2" / LORA_CONFIG_FILE).exists()
 
     # PLoRA off = the same engine and kernel path with Plora_B zero (not lora_policy '', which fuses w1/w3)
     marker = write_truncated(deep_model, tmp_path / "nolora", LAYERS, "nolora")
@@ -508,7 +508,7 @@ class FakeInstance:
         from lmdeploy.messages import EngineOutput, ResponseType
         from lmdeploy.turbomind.turbomind import TurboMindInstance
 
-        from parity.deploy.replay import _WEIGHT_DTYPES, validate_ranges
+        from parity.deploy.replay import WEIGHT_DTYPES, validate_ranges
         from parity.records import EngineCall
 
         self.tm.requests.append(dict(session_id=session_id, sequence_start=sequence_start,
@@ -521,7 +521,7 @@ class FakeInstance:
         emb_buf, range_buf = TurboMindInstance.prepare_embeddings(self, input_embeddings, input_embedding_ranges)
         if emb_buf is not None:  # what the C++ engine receives: one sequence's int8 buffer and [k, 2] ranges
             hidden = int(self.tm.config.model_config.hidden_units)
-            dtype = _WEIGHT_DTYPES[self.tm.config.weight_type]
+            dtype = WEIGHT_DTYPES[self.tm.config.weight_type]
             embs = [emb_buf[0].view(dtype).reshape(-1, hidden)]
             ranges = [tuple(r) for r in range_buf[0].tolist()]
             if not validate_ranges(len(input_ids), embs, ranges, hidden, dtype)["valid"]:

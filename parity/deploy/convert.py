@@ -49,12 +49,11 @@ import yaml
 from ..errors import ParityInputError, followable
 from ..records import ConversionRecord
 from .compat import cpu_converter_patches, installed_lmdeploy_version
-from .lora_config import LORA_KEYS
+from .folder_config import LORA_CONFIG_FILE, disguise_model_info
+from .lora_config import check_lora_override
 from .workspace import CONFIG_NAME, RECORD_NAME, load_record
 
 LOG_NAME = "parity-conversion.log"
-_LORA_TYPES = {"lora_policy": str, "lora_r": int, "lora_scale": (int, float), "lora_max_wo_r": int,
-               "lora_rank_pattern": str, "lora_scale_pattern": str}
 
 # lmdeploy's ModelType names -> the sub-type recorded
 SUB_TYPES = {"XCOMPOSER2": "7b", "XCOMPOSER2_4KHD": "4khd", "XCOMPOSER2D5": "2.5"}
@@ -102,7 +101,7 @@ def _arch_from_config(cfg: dict, cfg_path: Path) -> str:
     )
 
 
-def _validate_model_dir(model_dir: Path) -> tuple[dict, str]:
+def validate_model_dir(model_dir: Path) -> tuple[dict, str]:
     if not model_dir.exists():
         raise ParityInputError(f"Model folder {model_dir} does not exist; expected a local Hugging Face model folder.")
     if not model_dir.is_dir():
@@ -130,25 +129,6 @@ def _validate_model_dir(model_dir: Path) -> tuple[dict, str]:
                 "TurboMind config."
             )
     return cfg, arch
-
-
-def _check_lora_override(lora_config: dict | None) -> dict | None:
-    if lora_config is None:
-        return None
-    if not isinstance(lora_config, dict):
-        raise ParityInputError(f"lora_config override must be a mapping of {', '.join(LORA_KEYS)}; got {type(lora_config).__name__}.")
-    out = {}
-    for k, v in lora_config.items():
-        if k not in _LORA_TYPES:
-            raise ParityInputError(f"lora_config override has unknown key {k!r}; expected only {', '.join(LORA_KEYS)}.")
-        if not isinstance(v, _LORA_TYPES[k]) or isinstance(v, bool):
-            raise ParityInputError(f"lora_config override key {k!r} is {v!r}; expected {_LORA_TYPES[k]}.")
-        out[k] = float(v) if k == "lora_scale" else v
-    from .lora_config import parse_pattern
-
-    parse_pattern(out.get("lora_rank_pattern", ""), "int", "lora_rank_pattern")
-    parse_pattern(out.get("lora_scale_pattern", ""), "float", "lora_scale_pattern")
-    return out
 
 
 def _kv_replication_note(cfg: dict, arch: str, tp: int) -> str:
@@ -181,7 +161,7 @@ class _ListHandler(logging.Handler):
 
 
 @contextlib.contextmanager
-def _captured(log: list[str], warn_out: list[str]) -> Iterator[None]:
+def captured_output(log: list[str], warn_out: list[str]) -> Iterator[None]:
     """Swallow lmdeploy's prints / tqdm / logger / warnings into `log` (and warnings+ into `warn_out`)."""
     from lmdeploy.utils import get_logger
 
@@ -224,7 +204,7 @@ def _captured(log: list[str], warn_out: list[str]) -> Iterator[None]:
 # ------------------------------------------------------------------------------------------ sub-type
 
 
-def _ixc_expected(model_dir: Path) -> tuple[str | None, str | None]:
+def ixc_expected(model_dir: Path) -> tuple[str | None, str | None]:
     """(sub-type the checkpoint's ixc_utils.py text implies, the entry point name) or (None, None)."""
     path = model_dir / "ixc_utils.py"
     if not path.is_file():
@@ -281,7 +261,7 @@ def _sub_type_name(model_type: Any) -> str:
 
 
 @contextlib.contextmanager
-def _lora_override(arch: str, override: dict | None) -> Iterator[None]:
+def patched_lora_config(arch: str, override: dict | None) -> Iterator[None]:
     """Patch the source model class's `model_info()` so the written lora_config (and attn_bias) is `override`
     merged over what lmdeploy chose (this process only)."""
     if not override:
@@ -394,11 +374,9 @@ def convert(model_dir: str | Path, out_dir: str | Path, tp: int = 1, lora_config
             "lmdeploy is not installed in this environment; install the pinned converter with "
             "`pip install --no-deps lmdeploy==0.7.1` plus its pure-Python needs (pyproject extra 'lmdeploy-cpu')."
         )
-    override = _check_lora_override(lora_config)
+    override = check_lora_override(lora_config)
     extra: dict[str, Any] = {}
     if model_dir.is_dir() and not lmdeploy_defaults:
-        from ..disguise.lora import LORA_CONFIG_FILE, disguise_model_info
-
         # a disguise folder: what the registration would give lmdeploy (the given lora_config wins)
         info = disguise_model_info(model_dir, override) if (model_dir / LORA_CONFIG_FILE).is_file() else None
         if info is not None:
@@ -417,12 +395,12 @@ def convert(model_dir: str | Path, out_dir: str | Path, tp: int = 1, lora_config
     t0 = time.perf_counter()
     try:
         with cpu_converter_patches():
-            cfg, arch = _validate_model_dir(model_dir)
+            cfg, arch = validate_model_dir(model_dir)
             from lmdeploy.turbomind.deploy.converter import main
 
             try:
-                with _captured(log, warn), _observe_xcomposer_type(seen), \
-                        _lora_override(arch, {**(override or {}), **extra} or None):
+                with captured_output(log, warn), _observe_xcomposer_type(seen), \
+                        patched_lora_config(arch, {**(override or {}), **extra} or None):
                     chat_template = _chat_template(model_dir)
                     t1 = time.perf_counter()
                     _call_main(main, model_dir, tmp, tp, model_dir.name, chat_template)
@@ -442,7 +420,7 @@ def convert(model_dir: str | Path, out_dir: str | Path, tp: int = 1, lora_config
                 # the reader did not ask (another lmdeploy code path): ask lmdeploy ourselves
                 from lmdeploy.vl.model.xcomposer2 import get_xcomposer_type
 
-                with _captured(log, warn):
+                with captured_output(log, warn):
                     seen.append(get_xcomposer_type(str(model_dir))[0])
         log = _untemp(log, tmp, out_dir)
 
@@ -463,9 +441,9 @@ def convert(model_dir: str | Path, out_dir: str | Path, tp: int = 1, lora_config
             )
         if semantics.converter_writes_lora and not semantics.runtime_applies_plora:
             warn.append(f"lmdeploy {version}: {row_for(version).summary} Deploy with lmdeploy 0.7.1 for PLoRA.")
-        expected_sub, entry = _ixc_expected(model_dir)
+        expected_sub, entry = ixc_expected(model_dir)
         if expected_sub is not None and sub_type != expected_sub:
-            with _captured(log, []):
+            with captured_output(log, []):
                 reason = _import_failure(model_dir, entry)  # type: ignore[arg-type]
             if expected_sub == "4khd" and override is not None:
                 consequence = (

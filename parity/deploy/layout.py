@@ -104,7 +104,7 @@ from typing import TYPE_CHECKING as _TYPE_CHECKING, Mapping as _Mapping
 from ..errors import ParityInputError as _ParityInputError
 
 if _TYPE_CHECKING:  # pragma: no cover
-    from .workspace import ModelShape
+    from .shapes import ModelShape
 
 LMDEPLOY_READER_HEAD_DIM = 128
 

@@ -25,7 +25,7 @@ Every lmdeploy call here follows lmdeploy 0.7.1's source (site-packages/lmdeploy
   turbomind/deploy/config.py:111/159  TurbomindModelConfig (TurboMind.config): .weight_type, .session_len,
                                .model_config.num_layer, .to_dict()['lora_config']
   turbomind/deploy/source_model/xcomposer2.py  Xcomposer2Model.model_info(): the lora_config override
-                               patches it in this process (parity.deploy.convert._lora_override)
+                               patches it in this process (parity.deploy.convert.patched_lora_config)
   messages.py:21/107           GenerationConfig(max_new_tokens, top_k, output_logits, output_last_hidden_state)
   messages.py:155              TurbomindEngineConfig(dtype, tp, session_len, max_batch_size,
                                cache_max_entry_count, max_prefill_token_num)
@@ -306,10 +306,10 @@ class LiveTurboMind:
                 f"{WORKSPACE_TRAP}"
             )
         else:
-            from .convert import _validate_model_dir
+            from .convert import validate_model_dir
 
             # the checks `parity convert` makes (config.json, architecture lmdeploy supports, weights, keys)
-            self._hf_config, self._arch = _validate_model_dir(self.model_dir)
+            self._hf_config, self._arch = validate_model_dir(self.model_dir)
         from .truncate import lora_override
 
         self.lora_override = lora_config if lora_config is not None else lora_override(self.model_dir)
@@ -384,10 +384,11 @@ class LiveTurboMind:
         if self.lora_override is None or self.serve_from != "hf":
             yield
             return
-        from .convert import _check_lora_override, _lora_override
+        from .convert import patched_lora_config
+        from .lora_config import check_lora_override
 
         # the same patch `parity convert --lora-config` uses: the source model's model_info() in this process
-        with _lora_override(self._arch, _check_lora_override(self.lora_override)):
+        with patched_lora_config(self._arch, check_lora_override(self.lora_override)):
             yield
 
     # ---------------------------------------------------------------- requests
@@ -403,12 +404,12 @@ class LiveTurboMind:
     def check_ranges(self, call: EngineCall) -> dict[str, Any]:
         """TurboMind's range check (the replay's mirror of it, `replay.validate_ranges`), made before the call:
         a rejected range list makes TurboMind drop every image embedding with only a C++ log line."""
-        from .replay import _WEIGHT_DTYPES, validate_ranges
+        from .replay import WEIGHT_DTYPES, validate_ranges
 
         try:
             return validate_ranges(len(call.input_ids), list(call.input_embeddings),
                                    [tuple(r) for r in call.input_embedding_ranges], self.hidden_units,
-                                   _WEIGHT_DTYPES.get(self.weight_type, torch.float16))
+                                   WEIGHT_DTYPES.get(self.weight_type, torch.float16))
         except ValueError as e:  # lmdeploy's prepare_embeddings asserts it: the request would fail
             raise LiveEngineError(f"The engine call cannot be sent to TurboMind: {e}") from None
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 from ..errors import ParityInputError
 
 if TYPE_CHECKING:
-    from .workspace import LoraSettings
+    from .shapes import LoraSettings
 
 TM_LINEARS: tuple[str, ...] = (
     "attention.w_qkv",
@@ -43,6 +43,27 @@ TM_LINEARS: tuple[str, ...] = (
 LORA_KEYS: tuple[str, ...] = (
     "lora_policy", "lora_r", "lora_scale", "lora_max_wo_r", "lora_rank_pattern", "lora_scale_pattern",
 )
+_LORA_TYPES = {"lora_policy": str, "lora_r": int, "lora_scale": (int, float), "lora_max_wo_r": int,
+               "lora_rank_pattern": str, "lora_scale_pattern": str}
+
+
+def check_lora_override(lora_config: dict | None) -> dict | None:
+    """A lora_config given to override the converter's (`parity convert --lora-config`, a disguise's
+    parity_lora_config.json): known keys, their types, and patterns that parse as TurboMind parses them."""
+    if lora_config is None:
+        return None
+    if not isinstance(lora_config, dict):
+        raise ParityInputError(f"lora_config override must be a mapping of {', '.join(LORA_KEYS)}; got {type(lora_config).__name__}.")
+    out = {}
+    for k, v in lora_config.items():
+        if k not in _LORA_TYPES:
+            raise ParityInputError(f"lora_config override has unknown key {k!r}; expected only {', '.join(LORA_KEYS)}.")
+        if not isinstance(v, _LORA_TYPES[k]) or isinstance(v, bool):
+            raise ParityInputError(f"lora_config override key {k!r} is {v!r}; expected {_LORA_TYPES[k]}.")
+        out[k] = float(v) if k == "lora_scale" else v
+    parse_pattern(out.get("lora_rank_pattern", ""), "int", "lora_rank_pattern")
+    parse_pattern(out.get("lora_scale_pattern", ""), "float", "lora_scale_pattern")
+    return out
 
 
 def f32(x: float) -> float:

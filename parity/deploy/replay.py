@@ -61,7 +61,8 @@ UNEMULATED = (
     "flash-attention tiling (online-softmax rescaling per KV tile) and cuBLAS split-K summation order.",
 )
 
-_WEIGHT_DTYPES = {
+# config.yaml weight_type (and its aliases) -> the dtype the deployment computes in
+WEIGHT_DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
     "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
     "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
@@ -344,12 +345,12 @@ class ReplayEngine:
         wt = str(getattr(m, "weight_type", "") or "").lower()
         self.kv_bits, self.kv_scale_factor = int(kv_bits), float(kv_scale_factor)
         self.quantized = callable(getattr(workspace, "deployed_tensor", None))  # int4: parity.quant.workspace
-        if wt and wt not in _WEIGHT_DTYPES and not self.quantized:
+        if wt and wt not in WEIGHT_DTYPES and not self.quantized:
             raise ParityInputError(
                 f"config.yaml model_config.weight_type is {wt!r}; the replay engine handles float16, bfloat16 and "
                 "float32 workspaces (a quantized workspace cannot be replayed weight by weight)."
             )
-        self.weight_dtype = getattr(workspace, "dtype", None) or _WEIGHT_DTYPES.get(wt, torch.float16)
+        self.weight_dtype = getattr(workspace, "dtype", None) or WEIGHT_DTYPES.get(wt, torch.float16)
         self.T = self.weight_dtype if numeric == "emulate" else torch.float32
         self.emulating = self.T != torch.float32
         att = dict(getattr(workspace, "attention", {}) or {})

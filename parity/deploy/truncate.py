@@ -39,11 +39,11 @@ import torch
 
 from ..errors import ParityInputError
 from ..hfconfig import read_hf_config
+from .folder_config import LORA_CONFIG_FILE, read_lora_file
 
 Variant = Literal["lora", "nolora"]
 VARIANTS: tuple[str, ...] = ("lora", "nolora")
 
-LORA_OVERRIDE_NAME = "parity_lora_config.json"
 MARKER_NAME = "parity_truncation.json"
 NOLORA_OVERRIDE: dict[str, Any] = {"lora_policy": ""}
 # Bump when what a copy contains changes: part of the cache key.
@@ -64,17 +64,12 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 
 
 def lora_override(model_dir: str | Path) -> dict[str, Any] | None:
-    """The lora_config override a folder asks for (`parity_lora_config.json`), or None."""
-    path = Path(model_dir) / LORA_OVERRIDE_NAME
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ParityInputError(f"{path} is not valid JSON ({e}); expected a lora_config mapping such as "
-                               f"{json.dumps(NOLORA_OVERRIDE)}.") from None
-    if not isinstance(data, dict):
-        raise ParityInputError(f"{path} must hold a JSON object (a lora_config mapping), got {type(data).__name__}.")
+    """The lora_config override a folder asks for (`parity_lora_config.json`, possibly partial such as
+    NOLORA_OVERRIDE), or None."""
+    data = read_lora_file(model_dir)
+    if data is not None and not isinstance(data, dict):
+        raise ParityInputError(f"{Path(model_dir) / LORA_CONFIG_FILE} must hold a JSON object (a lora_config "
+                               f"mapping such as {json.dumps(NOLORA_OVERRIDE)}), got {type(data).__name__}.")
     return data
 
 
@@ -193,7 +188,7 @@ def write_truncated(source: str | Path, dest: str | Path, keep_layers: int, vari
     dest.mkdir(parents=True)
     weight_names = {s.name for s in w.shards} | ({w.index.name} if w.index else set())
     for p in sorted(source.iterdir()):
-        if p.name in weight_names or p.name in ("config.json", LORA_OVERRIDE_NAME, MARKER_NAME, "__pycache__"):
+        if p.name in weight_names or p.name in ("config.json", LORA_CONFIG_FILE, MARKER_NAME, "__pycache__"):
             continue
         if p.name.startswith(("pytorch_model", "model")) and p.name.endswith((".bin", ".safetensors", ".index.json")):
             continue  # the language model's weights in another format: they would hold the dropped layers

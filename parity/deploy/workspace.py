@@ -25,40 +25,10 @@ from ..errors import ParityInputError
 from ..records import ConversionRecord
 from . import layout
 from .lora_config import LORA_KEYS, parse_pattern, resolve
+from .shapes import LoraSettings, ModelShape
 
 CONFIG_NAME = "config.yaml"
 RECORD_NAME = "parity-conversion.json"
-
-
-@dataclass
-class ModelShape:
-    head_num: int
-    kv_head_num: int
-    size_per_head: int
-    hidden_units: int
-    num_layer: int
-    inter_size: list[int]
-    norm_eps: float
-    vocab_size: int
-    weight_type: str
-    tp: int
-    attn_bias: int
-    model_arch: str
-    embedding_size: int = 0  # rows of tok_embeddings when they differ from vocab_size (0: same)
-    group_size: int = 0      # quantization group size (int4 workspaces)
-
-
-@dataclass
-class LoraSettings:
-    lora_policy: str = ""
-    lora_r: int = 0
-    lora_scale: float = 0.0
-    lora_max_wo_r: int = 0
-    lora_rank_pattern: str = ""
-    lora_scale_pattern: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 # ------------------------------------------------------------------------------------------ config checks

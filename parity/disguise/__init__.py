@@ -37,18 +37,19 @@ _EXPORTS = {
     "DeploymentAudit": "audit",
     "lmdeploy_vision_features": "vision",
     "disguised_workspace": "chain",
-    "xcomposer2_state_dict": "qwen2",
-    "is_qwen2_plora": "qwen2",
-    "QWEN2_PLORA_ARCH": "qwen2",
+    "xcomposer2_state_dict": "parity.reference.qwen2",  # the Qwen2 <-> XComposer2 mapping: reference side
+    "is_qwen2_plora": "parity.reference.qwen2",
+    "QWEN2_PLORA_ARCH": "parity.reference.qwen2",
 }
 
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:  # lazy: parity.reference imports parity.disguise.qwen2
+def __getattr__(name: str) -> Any:  # lazy: `import parity.disguise` stays cheap
     if name in _EXPORTS:
         import importlib
 
-        mod = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
+        where = _EXPORTS[name]
+        mod = importlib.import_module(where if "." in where else f"{__name__}.{where}")
         return getattr(mod, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

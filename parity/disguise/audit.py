@@ -32,7 +32,7 @@ from ..points import PLORA_LINEARS, TM_LINEAR_NAMES
 from ..records import Finding
 from .lora import LORA_CONFIG_FILE, is_registered
 from .modelside import TASK_LORAS
-from .qwen2 import XCOMPOSER2_ARCH
+from ..reference.qwen2 import XCOMPOSER2_ARCH
 from ..hfconfig import read_hf_config
 
 _SUB_TYPES = {"XCOMPOSER2": "7b", "XCOMPOSER2_4KHD": "4khd", "XCOMPOSER2D5": "2.5"}
@@ -176,9 +176,9 @@ def _model_view(path: str, cfg: dict) -> dict[str, Any]:
 
 
 def _expected_sub_type(path: Path) -> str | None:
-    from ..deploy.convert import _ixc_expected
+    from ..deploy.convert import ixc_expected
 
-    return _ixc_expected(path)[0]
+    return ixc_expected(path)[0]
 
 
 def _group(values: dict[tuple[int, str], tuple[int, float]]) -> dict[str, dict[str, Any]]:

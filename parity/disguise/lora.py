@@ -19,13 +19,12 @@ rotary-permuted, tp-split, a zero `wo.bias`), which TurboMind adds to q/k/v befo
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from ..deploy.folder_config import LORA_CONFIG_FILE, disguise_model_info, read_lora_config, validated_lora_config
 from ..errors import ParityInputError
 
-LORA_CONFIG_FILE = "parity_lora_config.json"
 
 _REGISTRY_NAME = "xcomposer2"
 _state: dict[str, Any] = {"original": None, "ours": None}
@@ -50,56 +49,6 @@ def lora_config_for_disguise(linears: Mapping[tuple[int, str], tuple[int, float]
         if got != (r, f32(s)):
             raise AssertionError(f"lora_config_for does not round-trip layers.{layer}.{name}: {got} != {(r, s)}")
     return cfg
-
-
-def _validated(cfg: Any, where: str) -> dict[str, Any]:
-    from ..deploy.convert import _check_lora_override
-    from ..deploy.lora_config import LORA_KEYS
-
-    if not isinstance(cfg, dict):
-        raise ParityInputError(f"{where}: expected a JSON object with the keys {', '.join(LORA_KEYS)}.")
-    missing = [k for k in LORA_KEYS if k not in cfg]
-    if missing:
-        raise ParityInputError(f"{where}: missing key(s) {', '.join(missing)}; expected all of {', '.join(LORA_KEYS)}.")
-    try:
-        return _check_lora_override(cfg)  # type checks and pattern parsing, as `parity convert` does
-    except ParityInputError as e:
-        raise ParityInputError(f"{where}: {e}") from None
-
-
-def read_lora_config(model_dir: str | Path) -> dict[str, Any] | None:
-    """The folder's `parity_lora_config.json` (validated), or None when it has none."""
-    path = Path(model_dir) / LORA_CONFIG_FILE
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ParityInputError(f"{path} is not valid JSON ({e}); expected the lora_config written by `parity disguise`.") from None
-    return _validated(data, str(path))
-
-
-def disguise_qkv_bias(model_dir: str | Path) -> bool:
-    """Whether the disguise in `model_dir` carries q/k/v biases (XComposer2's config.json flag `bias`)."""
-    path = Path(model_dir) / "config.json"
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ParityInputError(f"{path} is not readable JSON ({e}); expected the config.json `parity disguise` wrote.") from None
-    bias = cfg.get("bias", False) if isinstance(cfg, dict) else None
-    if not isinstance(bias, bool):
-        raise ParityInputError(f"{path}: 'bias' is {bias!r}; expected true or false (XComposer2's q/k/v/o bias flag).")
-    return bias
-
-
-def disguise_model_info(model_dir: str | Path, lora_config: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
-    """What parity adds to lmdeploy's `model_info()` for a disguise folder: its lora_config (`lora_config`, else
-    the folder's parity_lora_config.json) and `attn_bias` (1 when its q/k/v carry biases). None for a folder
-    without parity_lora_config.json (and no `lora_config`): lmdeploy's own settings stay."""
-    cfg = dict(lora_config) if lora_config is not None else read_lora_config(model_dir)
-    if cfg is None:
-        return None
-    return {**cfg, "attn_bias": int(disguise_qkv_bias(model_dir))}
 
 
 def _key(path: str | Path) -> str:
@@ -156,7 +105,7 @@ def register_lora_config(model_path: str | Path | None = None, lora_config: Mapp
         if not Path(model_path).is_dir():
             raise ParityInputError(f"register_lora_config: model folder {model_path} does not exist.")
         if lora_config is not None:
-            cfg = _validated(dict(lora_config), "register_lora_config(lora_config=...)")
+            cfg = validated_lora_config(dict(lora_config), "register_lora_config(lora_config=...)")
         else:
             cfg = read_lora_config(model_path)
             if cfg is None:

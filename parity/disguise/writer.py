@@ -36,7 +36,7 @@ from ..errors import ParityInputError
 from ..hfconfig import read_hf_config
 from ..points import PLORA_LINEARS
 from .lora import LORA_CONFIG_FILE, lora_config_for_disguise
-from .qwen2 import (
+from ..reference.qwen2 import (
     PROJECTION_TO_LINEAR,
     PROJECTIONS,
     QKV_PROJECTIONS,
@@ -139,7 +139,7 @@ def _scales_from_code(src: Path) -> dict[tuple[int, str], tuple[int, float]]:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .qwen2 import module_scales
+    from ..reference.qwen2 import module_scales
 
     try:
         config = AutoConfig.from_pretrained(str(src), trust_remote_code=True)

@@ -96,9 +96,9 @@ def quantization_cost(model: Path, original: Path, prepared_cases: list[Prepared
     """Per layer and position class: the drift of each variant against the original (see module doc)."""
     from ..reference.loader import load_reference
     from .awq_folder import awq_config
-    from .smoothing import _States, recovered_scales
+    from .smoothing import SmoothingStates, recovered_scales
 
-    st = _States(original, model)
+    st = SmoothingStates(original, model)
     scales = recovered_scales(st)
     group = awq_config(model).group_size
     outputs: dict[str, list[list[torch.Tensor]]] = {}

@@ -91,7 +91,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.norm(a - b)) / d if d else 0.0
 
 
-class _States:
+class SmoothingStates:
     """The original's and the quantized model's tensors (an AWQ folder's linears dequantized on demand)."""
 
     def __init__(self, original: Path | str, quantized: Path | str):
@@ -116,7 +116,7 @@ class _States:
         return self.get("quant", f"{prefix}.weight")
 
 
-def recovered_scales(st: _States) -> dict[tuple[int, str], torch.Tensor]:
+def recovered_scales(st: SmoothingStates) -> dict[tuple[int, str], torch.Tensor]:
     """(layer, norm or producing linear) -> the smoothing scale s recovered from the weights (see module doc)."""
     norm_pairs, fc_pairs = smoothing_pairs()
     out: dict[tuple[int, str], torch.Tensor] = {}
@@ -135,7 +135,7 @@ def recovered_scales(st: _States) -> dict[tuple[int, str], torch.Tensor]:
 def check_smoothing(original: Path | str, quantized: Path | str) -> list[TensorVerdict]:
     """Every PLoRA tensor of every smoothed pair of `quantized` (an AWQ folder, or a smoothed fp folder) against
     `original`."""
-    st = _States(original, quantized)
+    st = SmoothingStates(original, quantized)
     scales = recovered_scales(st)
     norm_pairs, fc_pairs = smoothing_pairs()
     out: list[TensorVerdict] = []

@@ -7,7 +7,7 @@ LM head and the embedding table are found by name among a few known spellings.
 Qwen2-style models have three PLoRA projections `self_attn.{q,k,v}_proj` where XComposer2 has one `wqkv`.
 They become one canonical `attention.wqkv` linear whose module is a `FusedQKV` view: the exact XComposer2
 equivalent (grouped output columns, fused LoRA `A = cat(A_q, A_k, A_v)`, `B = blockdiag(s_q B_q, s_k B_k,
-s_v B_v)` re-packed, scale 1.0 -- `parity.disguise.qwen2`). Its rank is r_q + r_k + r_v and its scale 1.0:
+s_v B_v)` re-packed, scale 1.0 -- `parity.reference.qwen2`). Its rank is r_q + r_k + r_v and its scale 1.0:
 what a faithful conversion of the model (`parity disguise`) must make the engine resolve.
 """
 
@@ -65,7 +65,7 @@ class FusedQKV(nn.Module):
 
     def __init__(self, q: nn.Module, k: nn.Module, v: nn.Module, heads: int, kv_heads: int, head_dim: int):
         super().__init__()
-        from ..disguise.qwen2 import AttnShape
+        from .qwen2 import AttnShape
 
         object.__setattr__(self, "parts", {"q": q, "k": k, "v": v})  # not registered as children
         self.shape = AttnShape(heads, kv_heads, head_dim)
@@ -79,13 +79,13 @@ class FusedQKV(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        from ..disguise.qwen2 import fuse_qkv_rows
+        from .qwen2 import fuse_qkv_rows
 
         return fuse_qkv_rows(*(m.weight for m in self.parts.values()), self.shape)
 
     @property
     def bias(self) -> torch.Tensor | None:
-        from ..disguise.qwen2 import fuse_qkv_rows
+        from .qwen2 import fuse_qkv_rows
 
         b = [m.bias for m in self.parts.values()]
         if all(x is None for x in b):
@@ -95,7 +95,7 @@ class FusedQKV(nn.Module):
         return fuse_qkv_rows(*b, self.shape)
 
     def _fused(self) -> tuple[torch.Tensor, torch.Tensor]:
-        from ..disguise.qwen2 import fuse_qkv_lora
+        from .qwen2 import fuse_qkv_lora
 
         ms = list(self.parts.values())
         a, b = fuse_qkv_lora(tuple(m.Plora_A.weight for m in ms), tuple(m.Plora_B.weight for m in ms),
@@ -112,7 +112,7 @@ class FusedQKV(nn.Module):
         return _Frozen(self._fused()[1])
 
     def forward(self, x: torch.Tensor, im_mask: torch.Tensor | None = None) -> torch.Tensor:
-        from ..disguise.qwen2 import fuse_qkv_rows
+        from .qwen2 import fuse_qkv_rows
 
         q, k, v = (m(x, im_mask) for m in self.parts.values())
         return fuse_qkv_rows(q.reshape(-1, q.shape[-1]).t(), k.reshape(-1, k.shape[-1]).t(),

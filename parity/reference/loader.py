@@ -33,7 +33,7 @@ def is_xcomposer2(cfg: dict[str, Any]) -> bool:
 
 def model_family(cfg: dict[str, Any]) -> str | None:
     """"xcomposer2", "qwen2-plora" or None (not a model parity compares)."""
-    from ..disguise.qwen2 import is_qwen2_plora
+    from .qwen2 import is_qwen2_plora
 
     if is_xcomposer2(cfg):
         return "xcomposer2"
@@ -107,7 +107,7 @@ class ReferenceModel:
         wqkv, fused LoRA with folded scales; `parity.disguise.xcomposer2_state_dict`).
         """
         if self.family == "qwen2-plora":
-            from ..disguise.qwen2 import xcomposer2_state_dict
+            from .qwen2 import xcomposer2_state_dict
 
             return xcomposer2_state_dict(self.model)
         return self.model.state_dict()
@@ -212,6 +212,6 @@ def _load_model(path: Path, trust_remote_code: bool, dtype: torch.dtype, low_mem
 def _raised_in_model_code(exc: BaseException, path: Path) -> bool:
     import traceback
 
-    from .modelcode import _model_frame
+    from .modelcode import model_frame
 
-    return _model_frame(traceback.extract_tb(exc.__traceback__), path) is not None
+    return model_frame(traceback.extract_tb(exc.__traceback__), path) is not None

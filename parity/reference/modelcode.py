@@ -86,7 +86,7 @@ def provided() -> dict[str, Path]:
     return {str(k): Path(v) for k, v in mapping.items()}
 
 
-def _model_frame(frames, model: Path) -> traceback.FrameSummary | None:
+def model_frame(frames, model: Path) -> traceback.FrameSummary | None:
     """The innermost frame of the model's own code (its folder, or transformers' copy of its modules)."""
     found = None
     for frame in frames:
@@ -124,7 +124,7 @@ def resolving_hub_models(model: Path) -> Iterator[list[str]]:
             try:
                 return original.__func__(cls, name, *args, **kwargs)
             except OSError as e:
-                caller = _model_frame(traceback.extract_stack(), model)
+                caller = model_frame(traceback.extract_stack(), model)
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 raise MissingHubModel(key, model, _describe(caller), first) from None
         return classmethod(from_pretrained)
@@ -165,7 +165,7 @@ def apply_clip_geometry(model) -> list[str]:
 
 def model_code_error(exc: BaseException, model: Path, doing: str, expected: str) -> ParityInputError:
     """One paragraph for an exception raised in (or under) the model's own code."""
-    frame = _model_frame(traceback.extract_tb(exc.__traceback__), model)
+    frame = model_frame(traceback.extract_tb(exc.__traceback__), model)
     first = (str(exc).strip().splitlines() or [""])[0]
     return ParityInputError(
         f"{_describe(frame)} of the model in {model} raised {type(exc).__name__}: {first} while {doing}. "
