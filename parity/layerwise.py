@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .compare.metrics import by_class, compare
+from .compare.metrics import by_class, compare, fmt_metric
 from .compare.thresholds import Thresholds
 from .records import EngineCall, Finding, HFCall, PreparedInput
 from .trace import Trace
@@ -409,10 +409,6 @@ class PloraTarget:
         return cls.from_traces(target, ref_no, floor_no)
 
 
-def _fmt(x: float) -> str:
-    return f"{x:.3g}" if math.isfinite(x) else str(x)
-
-
 def _effect_metrics(ref: torch.Tensor, eng: torch.Tensor, classes: dict[str, torch.Tensor]) -> dict[str, Any]:
     """compare() of two effects, with per-class errors measured against the *whole* reference effect's norm:
     rows the LoRA cannot reach (before the first image) have an exactly-zero reference effect, where a
@@ -467,27 +463,27 @@ def plora_effect(targets: Sequence[tuple[PloraTarget, EngineCall]], models,
             exc = not math.isfinite(rel) or rel > thr
         else:
             exc = _bad(m["rel_l2"]) or m["rel_l2"] > thr
-        cause, msg = None, (f"The engine's PLoRA effect matches the reference's (relative error {_fmt(m['rel_l2'])}, "
-                            f"threshold {_fmt(thr)}; magnitude ratio {_fmt(ratio)}).")
+        cause, msg = None, (f"The engine's PLoRA effect matches the reference's (relative error {fmt_metric(m['rel_l2'])}, "
+                            f"threshold {fmt_metric(thr)}; magnitude ratio {fmt_metric(ratio)}).")
         if ref_n == 0.0 and float(torch.linalg.vector_norm(pt.effect)) == 0.0:
             msg = "The reference's PLoRA changes nothing on this case (no image rows or zero LoRA)."
             if exc:
                 cause = "lora_outside_mask"
                 msg = ("The reference's PLoRA changes nothing on this case, but deploying with and without LoRA "
-                       f"changes the engine's final hidden state (relative {_fmt(m['rel_l2'])}).")
+                       f"changes the engine's final hidden state (relative {fmt_metric(m['rel_l2'])}).")
         elif exc and ratio < NOT_APPLIED_RATIO:
             cause = "lora_not_applied"
             msg = (f"The engine applies no PLoRA: deploying the model with and without LoRA changes its final hidden "
-                   f"state on image rows by {_fmt(eng_n)}, {_fmt(100 * ratio)}% of the reference's change "
-                   f"({_fmt(ref_n)}). TurboMind ran as if the model had no PLoRA.")
+                   f"state on image rows by {fmt_metric(eng_n)}, {fmt_metric(100 * ratio)}% of the reference's change "
+                   f"({fmt_metric(ref_n)}). TurboMind ran as if the model had no PLoRA.")
         elif exc and cos > pt.thresholds.delta_cosine and abs(ratio - 1) > pt.thresholds.scale_tolerance:
             cause = "lora_scale_mismatch"
             msg = (f"The engine's PLoRA effect points the same way as the reference's (cosine {cos:.6f}) but is "
-                   f"{_fmt(ratio)}x its size on image rows: a wrong LoRA scale.")
+                   f"{fmt_metric(ratio)}x its size on image rows: a wrong LoRA scale.")
         elif exc:
             cause = "weight_mismatch"
-            msg = (f"The engine's PLoRA effect differs from the reference's: relative error {_fmt(m['rel_l2'])} "
-                   f"(threshold {_fmt(thr)}, floor {_fmt(floor)}), cosine {cos:.4f}, magnitude ratio {_fmt(ratio)}.")
+            msg = (f"The engine's PLoRA effect differs from the reference's: relative error {fmt_metric(m['rel_l2'])} "
+                   f"(threshold {fmt_metric(thr)}, floor {fmt_metric(floor)}), cosine {cos:.4f}, magnitude ratio {fmt_metric(ratio)}.")
         out.append(PloraEffect(case=pt.case, metrics=m, ref_norm=ref_n, eng_norm=eng_n, ratio=ratio, cosine=cos,
                                floor=floor, threshold=thr, exceeded=exc, cause=cause, message=msg))
     return out
@@ -533,15 +529,15 @@ def _run_findings(run: list[LayerResult], case: str, not_applied: set[str], engi
     r = run[0]
     cause = "lora_not_applied" if case in not_applied and r.positions == "image" else (
         "nonfinite" if r.metrics.get("nonfinite_eng", 0) > r.metrics.get("nonfinite_ref", 0) else "numeric_drift")
-    classes = ", ".join(f"{c} {_fmt(m['rel_l2'])}" for c, m in r.metrics.get("by_class", {}).items())
+    classes = ", ".join(f"{c} {fmt_metric(m['rel_l2'])}" for c, m in r.metrics.get("by_class", {}).items())
     why = {"lora_not_applied": " The engine applies no PLoRA (see the PLoRA on/off finding).",
            "numeric_drift": " The final-norm output cannot say which module inside the layer caused it; run the "
                             "replay engine on the same model for module-level attribution."}.get(cause, "")
     out = [Finding(
         check="hidden", severity="error", cause=cause, layer=r.layer, module="layer", positions=r.positions, case=case,
         message=(f"layer {r.layer} ({engine}, model truncated to {r.layers_kept} layers): its final-norm output "
-                 f"differs from the reference's norm(hidden) by {_fmt(r.metrics['rel_l2'])} > threshold "
-                 f"{_fmt(r.threshold)} (noise floor {_fmt(r.floor)}) on {r.positions} rows [{classes}]." + why),
+                 f"differs from the reference's norm(hidden) by {fmt_metric(r.metrics['rel_l2'])} > threshold "
+                 f"{fmt_metric(r.threshold)} (noise floor {fmt_metric(r.floor)}) on {r.positions} rows [{classes}]." + why),
         metrics={"e2e_rel_l2": r.metrics["rel_l2"], "floor": r.floor, "threshold": r.threshold,
                  "max_abs": r.metrics["max_abs"], "max_abs_row": r.metrics["max_abs_row"],
                  "max_abs_col": r.metrics["max_abs_col"], "layers_kept": r.layers_kept, "engine": engine},
@@ -551,7 +547,7 @@ def _run_findings(run: list[LayerResult], case: str, not_applied: set[str], engi
         out.append(Finding(
             check="hidden", severity="info", cause=cause, layer=rest[0], module="layer", positions="all", case=case,
             message=(f"layers {rest[0]}..{rest[-1]} ({engine}) stay diverged (relative errors "
-                     f"{', '.join(_fmt(x.metrics['rel_l2']) for x in run[1:])}): a consequence of layer {r.layer}."),
+                     f"{', '.join(fmt_metric(x.metrics['rel_l2']) for x in run[1:])}): a consequence of layer {r.layer}."),
             metrics={"layers": rest, "e2e_rel_l2": [x.metrics["rel_l2"] for x in run[1:]]},
         ))
     return out

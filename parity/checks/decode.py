@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from ..records import DecodeSection, Divergence, Finding
 from .base import CheckOutput
-from .hidden import _fmt
+from ..compare.metrics import fmt_metric
 
 
 def _cause(sec: DecodeSection, point: dict, step: dict | None, prefill: Divergence | None) -> tuple[str, str]:
@@ -21,7 +21,7 @@ def _cause(sec: DecodeSection, point: dict, step: dict | None, prefill: Divergen
     if lora:
         p = lora[0]
         return "lora_outside_mask", (f"layer {p['layer']} {p['module'].split(':')[0]} added a LoRA delta (max |delta| "
-                                     f"{_fmt(p['max_abs'])}) on a generated row, where TurboMind's mask is 0.")
+                                     f"{fmt_metric(p['max_abs'])}) on a generated row, where TurboMind's mask is 0.")
     if step is not None and step["position"] != step["expected_position"]:
         return "position_mismatch", (f"the token was placed at position {step['position']}; TurboMind places it "
                                      f"at {step['expected_position']} (prompt rows + step - 1).")
@@ -67,8 +67,8 @@ def run(sections: list[DecodeSection], prefill: Divergence | None, floor_factor:
             grouped[key] = Finding(
                 check="decode", severity="error", cause=cause, layer=p["layer"], module=p["module"],
                 positions="generated", case=sec.case, step=p["step"],
-                message=(f"decode step {p['step']}, {where}: teacher-forced error {_fmt(p['local'])} exceeds "
-                         f"{_fmt(p['threshold'])} (noise floor {_fmt(p['floor'])}); end-to-end {_fmt(p['e2e'])}. "
+                message=(f"decode step {p['step']}, {where}: teacher-forced error {fmt_metric(p['local'])} exceeds "
+                         f"{fmt_metric(p['threshold'])} (noise floor {fmt_metric(p['floor'])}); end-to-end {fmt_metric(p['e2e'])}. "
                          f"Cause: {why}"),
                 metrics={**{k: p[k] for k in ("local", "e2e", "floor", "threshold", "max_abs")},
                          "steps": [p["step"]]})
@@ -89,9 +89,9 @@ def run(sections: list[DecodeSection], prefill: Divergence | None, floor_factor:
                 check="decode-tokens", severity="warning" if near else "error", cause=cause, module="output",
                 positions="generated", case=sec.case, step=k,
                 message=(f"Free-running generation diverges at step {k} after {sec.matched_prefix} matching tokens: "
-                         f"reference {t['ref']['text']!r} (logprob {_fmt(t['ref']['logprob'])}), engine "
-                         f"{t['eng']['text']!r} (logprob {_fmt(t['eng']['logprob'])}); the reference's gap between "
-                         f"them is {_fmt(gap)} against a tie threshold of {_fmt(tie)} "
+                         f"reference {t['ref']['text']!r} (logprob {fmt_metric(t['ref']['logprob'])}), engine "
+                         f"{t['eng']['text']!r} (logprob {fmt_metric(t['eng']['logprob'])}); the reference's gap between "
+                         f"them is {fmt_metric(gap)} against a tie threshold of {fmt_metric(tie)} "
                          f"({'a near tie' if near else 'a clear flip'}); engine token in the reference's top-k: "
                          f"{t['eng_in_ref_topk']}, reference token in the engine's: {t['ref_in_eng_topk']}."),
                 metrics={"ref_gap": gap, "tie_threshold": tie, "matched_prefix": sec.matched_prefix,

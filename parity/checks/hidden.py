@@ -3,9 +3,8 @@ cause attributed from the other checks' findings (weights, config, LoRA, mask, i
 
 from __future__ import annotations
 
-import math
-
 from ..compare.align import exceeded_positions
+from ..compare.metrics import fmt_metric
 from ..records import Finding, PointResult
 from .base import CheckContext, CheckOutput
 
@@ -60,12 +59,6 @@ def attribute(p: PointResult, prior: list[Finding]) -> tuple[str, Finding | None
     return "numeric_drift", None
 
 
-def _fmt(x: float | None) -> str:
-    if x is None:
-        return "not measured"
-    return f"{x:.3g}" if math.isfinite(x) else str(x)
-
-
 def run(ctx: CheckContext, prior: list[Finding]) -> CheckOutput:
     out = CheckOutput()
     for p in ctx.points:
@@ -74,7 +67,7 @@ def run(ctx: CheckContext, prior: list[Finding]) -> CheckOutput:
         pos = exceeded_positions(p)
         cause, source = attribute(p, prior)
         by = p.local.get("by_class", {})
-        classes = ", ".join(f"{c} {_fmt(m['rel_l2'])}" for c, m in by.items())
+        classes = ", ".join(f"{c} {fmt_metric(m['rel_l2'])}" for c, m in by.items())
         why = f" Cause: {source.message}" if source is not None else (
             " No conversion or config finding explains it: numeric drift beyond the noise floor."
             if cause == "numeric_drift" else "")
@@ -82,8 +75,8 @@ def run(ctx: CheckContext, prior: list[Finding]) -> CheckOutput:
         out.findings.append(Finding(
             check="hidden", severity="error", cause=cause, layer=p.layer, module=p.module, positions=pos,
             case=p.case,
-            message=(f"{where}: local error {_fmt(p.local['rel_l2'])} exceeds {_fmt(p.threshold)} "
-                     f"(noise floor {_fmt(p.floor)}) on {pos} rows [{classes}]; end-to-end {_fmt(p.e2e['rel_l2'])}."
+            message=(f"{where}: local error {fmt_metric(p.local['rel_l2'])} exceeds {fmt_metric(p.threshold)} "
+                     f"(noise floor {fmt_metric(p.floor)}) on {pos} rows [{classes}]; end-to-end {fmt_metric(p.e2e['rel_l2'])}."
                      + why),
             metrics={"local_rel_l2": p.local["rel_l2"], "e2e_rel_l2": p.e2e["rel_l2"], "floor": p.floor,
                      "threshold": p.threshold, "max_abs": p.local["max_abs"],

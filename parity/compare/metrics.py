@@ -8,6 +8,7 @@ them for the same pair should call `row_stats` once and use its methods.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -34,3 +35,11 @@ def row_errors(ref: torch.Tensor, eng: torch.Tensor) -> torch.Tensor:
 def by_class(ref: torch.Tensor, eng: torch.Tensor, classes: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
     """Metrics restricted to row classes (e.g. image / text / bos); classes with no rows are left out."""
     return row_stats(ref, eng).by_class(classes)
+
+
+def fmt_metric(x: float | None) -> str:
+    """A metric as findings show it: three significant digits, nan/inf as such, None as not measured (a
+    floor the verdict did not need)."""
+    if x is None:
+        return "not measured"
+    return f"{x:.3g}" if math.isfinite(x) else str(x)

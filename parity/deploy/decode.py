@@ -33,7 +33,7 @@ import torch
 
 from ..records import DecodeStep, EngineCall
 from .kvcache import DtypeStorage, KVCache, KVStorage, block_len, session_len, storage_for_policy
-from .replay import ReplayEngine, _LayerWeights, _Pool, _Prepared, _Rows, _Stream
+from .replay import ReplayEngine, LayerWeights, BufferPool, PreparedCall, MaskedRows, TraceStream
 
 _PRE, _POST = "embeddings", ("norm", "output")
 
@@ -132,15 +132,15 @@ class ReplayDecoder:
         e = self.eng
         prep = e._prepare(call)
         P = prep.L
-        pool = _Pool(e.device)
+        pool = BufferPool(e.device)
         notes: list[str] = []
-        weights = [_LayerWeights(e, i, notes, pool, users=math.inf) for i in range(e.num_layers)]
+        weights = [LayerWeights(e, i, notes, pool, users=math.inf) for i in range(e.num_layers)]
         norm_w = e._w("norm.weight")
         out_w = e.ws.tensor("output.weight").float().to(e.device)
         table = e.ws.tensor("tok_embeddings.weight")
-        streams = {"e2e": (_Stream(None, None), self._cache())}
+        streams = {"e2e": (TraceStream(None, None), self._cache())}
         if teacher is not None:
-            streams["local"] = (_Stream(None, _SeqRows(teacher, 0, P)), self._cache())
+            streams["local"] = (TraceStream(None, _SeqRows(teacher, 0, P)), self._cache())
         self.info = {"session_len": self.session_len, "kv_storage": self.storage.name,
                      "kv_expected": self.faithful.name, "block_len": self.block_len, "prompt_rows": P,
                      "truncated_at": None, "requested": len(tokens)}
@@ -172,7 +172,7 @@ class ReplayDecoder:
             tok = int(tokens[k - 1])
             x = e.rnd(table[tok: tok + 1].float().to(e.device))
             mask = torch.tensor([1 if (self.dev.lora_on_generated and e.plora_policy) else 0], dtype=torch.uint8)
-            step_prep = _Prepared(1, x, _Rows.of(mask), {}, None, torch.zeros(1, dtype=torch.uint8), theta,
+            step_prep = PreparedCall(1, x, MaskedRows.of(mask), {}, None, torch.zeros(1, dtype=torch.uint8), theta,
                                   prep.cos[:0], prep.sin[:0])
             out: dict[str, dict] = {name: {(None, _PRE): x} for name in streams}
             for name, (s, cache) in streams.items():

@@ -154,7 +154,7 @@ def validate_ranges(
 # ------------------------------------------------------------------------------------------------ run state
 
 
-class _Pool:
+class BufferPool:
     """Scratch buffers reused within one run.
 
     A fresh multi-megabyte tensor costs more in first-touch page faults than the copy into it (bf16 -> fp32 of
@@ -197,7 +197,7 @@ def _empty_huge(n: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 @dataclass
-class _Rows:
+class MaskedRows:
     """The LoRA mask (uint8 [rows]) and its runs of 1s: the rows a PLoRA branch is computed on."""
 
     mask: torch.Tensor
@@ -206,7 +206,7 @@ class _Rows:
     count: int
 
     @classmethod
-    def of(cls, mask: torch.Tensor) -> "_Rows":
+    def of(cls, mask: torch.Tensor) -> "MaskedRows":
         runs: list[tuple[int, int]] = []
         gaps: list[tuple[int, int]] = []
         start, prev = 0, None
@@ -236,12 +236,12 @@ class _Rows:
 
 
 @dataclass
-class _Prepared:
+class PreparedCall:
     """What one engine call gives every stream of a run: embeddings, masks, rotary tables."""
 
     L: int
     x: torch.Tensor
-    rows: _Rows
+    rows: MaskedRows
     rc: dict[str, Any]
     warning: str | None
     image_rows: torch.Tensor
@@ -251,7 +251,7 @@ class _Prepared:
 
 
 @dataclass
-class _Stream:
+class TraceStream:
     """One pass through the layers: end to end (teacher None) or teacher-forced, with its own writer."""
 
     writer: TraceWriter
@@ -259,12 +259,12 @@ class _Stream:
     x: torch.Tensor | None = None  # the hidden state the stream's next layer starts from (end to end)
 
 
-class _LayerWeights:
+class LayerWeights:
     """One layer's weights, read once from the workspace; each linear is upcast on first use (into pooled
     buffers) and handed back to the pool when every stream of the run has used it: a single run holds one
     upcast linear at a time, `run_pair` shares each layer's upcast weights between its two streams."""
 
-    def __init__(self, engine: "ReplayEngine", layer: int, notes: list[str], pool: _Pool, users: int):
+    def __init__(self, engine: "ReplayEngine", layer: int, notes: list[str], pool: BufferPool, users: int):
         self.engine, self.pool, self.users = engine, pool, users
         self.raw = {p: engine._load_linear(layer, p, notes) for p in PLORA_LINEARS}
         self.meta = {p: {"rank": r["rank"], "scale": r["scale"], "applied": r["apply"]} for p, r in self.raw.items()}
@@ -395,7 +395,7 @@ class ReplayEngine:
             return x * inv * w
         return self.rnd(self.rnd(x * inv) * w)
 
-    def _linear(self, x: torch.Tensor, lin: dict[str, Any], rows: _Rows, pool: _Pool) -> dict[str, torch.Tensor]:
+    def _linear(self, x: torch.Tensor, lin: dict[str, Any], rows: MaskedRows, pool: BufferPool) -> dict[str, torch.Tensor]:
         """One linear with its PLoRA branch. The branch is computed on the masked rows only (`rows.runs`) and
         scattered into a zero delta: the values TurboMind adds on masked rows, exact zeros elsewhere."""
         acc = x @ lin["W"]
@@ -469,7 +469,7 @@ class ReplayEngine:
         rot = torch.stack([y0, y1], dim=-1).reshape(*x.shape[:-1], r)
         return torch.cat([rot, x[..., r:]], dim=-1) if r < x.shape[-1] else rot
 
-    def _attention(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pool: _Pool) -> torch.Tensor:
+    def _attention(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pool: BufferPool) -> torch.Tensor:
         """qkv: [rows, (H+2KV)*D] TurboMind layout (bias already added). Returns [rows, H*D].
 
         Each kv head serves its H/KV query heads without copies. fp32 mode: torch's fused causal attention
@@ -526,7 +526,7 @@ class ReplayEngine:
 
     def _load_linear(self, layer: int, point: str, notes: list[str]) -> dict[str, Any]:
         """A linear's tensors in the workspace dtype (W [in, out], A, B when applied; bias in fp32), checked as
-        TurboMind checks them at load time. `_LayerWeights.get` upcasts them."""
+        TurboMind checks them at load time. `LayerWeights.get` upcasts them."""
         prefix = f"layers.{layer}.{_LINEAR_TENSORS[point]}"
         # int4 (W4A16): the exact dequantization in fp32 mode, TurboMind's fp16 dequantization when emulating
         read = self.ws.deployed_tensor if (self.quantized and self.emulating) else self.ws.tensor
@@ -587,7 +587,7 @@ class ReplayEngine:
     def run(self, call: EngineCall, writer: TraceWriter, teacher: Trace | None = None) -> dict[str, Any]:
         """One prefill of `call`: end to end, or teacher-forced (every module fed `teacher`'s own input).
         Streams the trace to `writer`; returns the run's info (ranges, masks, rope, ...; "trace": the Trace)."""
-        return self._run(call, [_Stream(writer, teacher)])[0]
+        return self._run(call, [TraceStream(writer, teacher)])[0]
 
     @torch.no_grad()
     def run_pair(self, call: EngineCall, writer_e2e: TraceWriter, writer_local: TraceWriter,
@@ -597,10 +597,10 @@ class ReplayEngine:
         bit-identical to the two separate runs'. Returns (info_e2e, info_local)."""
         if teacher is None:
             raise ValueError("run_pair needs the teacher trace for its teacher-forced run.")
-        e2e, local = self._run(call, [_Stream(writer_e2e, None), _Stream(writer_local, teacher)])
+        e2e, local = self._run(call, [TraceStream(writer_e2e, None), TraceStream(writer_local, teacher)])
         return e2e, local
 
-    def _prepare(self, call: EngineCall) -> _Prepared:
+    def _prepare(self, call: EngineCall) -> PreparedCall:
         ids = [int(t) for t in call.input_ids]
         L = len(ids)
         if L == 0:
@@ -628,7 +628,7 @@ class ReplayEngine:
             image_rows[b:e] = 1
         rope_theta = self._rope_theta(L)
         cos, sin = (t.to(self.device) for t in self._cos_sin(L, rope_theta))
-        return _Prepared(L, x, _Rows.of(mask), rc, warning, image_rows, rope_theta, cos, sin)
+        return PreparedCall(L, x, MaskedRows.of(mask), rc, warning, image_rows, rope_theta, cos, sin)
 
     def _tget(self, teacher: Trace, layer: int | None, point: str, L: int) -> torch.Tensor:
         v = teacher.get(layer, point)
@@ -640,16 +640,16 @@ class ReplayEngine:
                              f"call has {L} rows. Teacher and engine must run the same input.")
         return self.rnd(v)
 
-    def _run(self, call: EngineCall, streams: list[_Stream]) -> list[dict[str, Any]]:
+    def _run(self, call: EngineCall, streams: list[TraceStream]) -> list[dict[str, Any]]:
         prep = self._prepare(call)
         for s in streams:
             s.writer.pre("embeddings", prep.x)  # never modified afterwards
             s.x = prep.x
         notes: list[str] = []
         plora_meta: dict[str, dict[str, dict[str, Any]]] = {}
-        pool = _Pool(self.device)
+        pool = BufferPool(self.device)
         for i in range(self.num_layers):
-            lw = _LayerWeights(self, i, notes, pool, users=len(streams))
+            lw = LayerWeights(self, i, notes, pool, users=len(streams))
             plora_meta[str(i)] = lw.meta
             for s in streams:
                 vals = self._layer(i, lw, prep, pool, s)
@@ -663,7 +663,7 @@ class ReplayEngine:
         del pool
         return [self._finish(call, s, prep, notes, plora_meta) for s in streams]
 
-    def _layer(self, i: int, lw: _LayerWeights, prep: _Prepared, pool: _Pool, s: _Stream,
+    def _layer(self, i: int, lw: LayerWeights, prep: PreparedCall, pool: BufferPool, s: TraceStream,
                attend: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Decoder layer `i` for one stream: its points, in execution order. Teacher-forced, every module's
         input is the teacher's value of the point before it (the module's own output is still recorded).
@@ -717,7 +717,7 @@ class ReplayEngine:
         vals["layer"] = self.rnd(h + (tget(i, "feed_forward.w2") if forced else w2))
         return vals
 
-    def _head(self, streams: list[_Stream], prep: _Prepared, pool: _Pool) -> None:
+    def _head(self, streams: list[TraceStream], prep: PreparedCall, pool: BufferPool) -> None:
         """Final RMSNorm and logits for every stream (the LM head upcast once, chunk by chunk)."""
         last = self.num_layers - 1
         norm_w = self._w("norm.weight")
@@ -746,7 +746,7 @@ class ReplayEngine:
         for s, p in zip(streams, parts):
             s.writer.post("output", p[0] if len(p) == 1 else torch.cat(p, dim=-1))
 
-    def _finish(self, call: EngineCall, s: _Stream, prep: _Prepared, notes: list[str],
+    def _finish(self, call: EngineCall, s: TraceStream, prep: PreparedCall, notes: list[str],
                 plora_meta: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
         rc, teacher, writer = prep.rc, s.teacher, s.writer
         mask = prep.rows.mask
