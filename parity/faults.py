@@ -21,7 +21,7 @@ import yaml
 from .deploy.layout import hf_qkv_cols_to_tm, pairs_to_rotary, rotary_to_pairs, split_merged, tm_qkv_cols_to_hf
 from .deploy.workspace import Workspace
 from .quant import faults as qf
-from .records import CanonicalInput, EngineCall, Segment
+from .records import CanonicalInput, Chat, EngineCall, Segment
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,7 @@ class Fault:
     expected: Expected
     apply: Callable[[FaultSetup], None]
     model: str = "xcomposer2-tiny"
+    cases: Callable[[Path], list[CanonicalInput]] | None = None  # built in a scratch folder; default: catalogue_cases
 
 
 def _w(layer: int, linear: str, kind: str = "weight") -> str:
@@ -190,6 +191,30 @@ def _decode(**deviations) -> Callable[[FaultSetup], None]:
     return _options(decode=DECODE_STEPS, decode_deviations=DecodeDeviations(**deviations) if deviations else None)
 
 
+def _vision(**kw) -> Callable[[FaultSetup], None]:
+    from .deploy.image_input import VisionFault
+
+    return _options(lmdeploy_vision_fault=VisionFault(**kw))
+
+
+def one_image_cases() -> list[CanonicalInput]:
+    """One repo image in a chat: what a 4KHD model needs (it tiles every image ~25 times: 3,817 rows here)."""
+    from .fixtures import IMAGES_DIR
+
+    image = sorted(Path(IMAGES_DIR).glob("*.png"))[0]
+    return [CanonicalInput("one-image", (), chat=Chat("Describe it.", (image,), "You are a helpful assistant."))]
+
+
+def hd_cases(folder: Path) -> list[CanonicalInput]:
+    """One image of 1000 x 500 px asked about in a chat: XComposer2.5 tiles it 1 x 2 (1,241 rows) and places it
+    before the chat template."""
+    from .fixtures.generator import make_hd_image
+
+    path = Path(folder) / "wide.png"
+    make_hd_image(1000, 500).save(path)
+    return [CanonicalInput("hd-chat", (), chat=Chat("What is in the image?", (path,), "You are a helpful assistant."))]
+
+
 def _noisy_features(call: EngineCall) -> EngineCall:
     g = torch.Generator().manual_seed(0)
     embs = [e + 0.05 * e.std() * torch.randn(e.shape, generator=g) for e in call.input_embeddings]
@@ -250,7 +275,7 @@ CATALOGUE: tuple[Fault, ...] = (
           lambda s: s.config(lambda c: c["lora_config"].update(
               lora_rank_pattern="attention.wqkv:8,attention.wo:256",
               lora_scale_pattern="attention.wqkv:2.0,attention.wo:1.0")),
-          model="xcomposer2-4khd-tiny"),
+          model="xcomposer2-4khd-tiny", cases=lambda folder: one_image_cases()),
     Fault("lora_policy_missing", "config", "lora_policy empty: no PLoRA at all",
           Expected(0, "attention.wqkv", "image", "lora_not_applied"), _set("lora_config", "lora_policy", "")),
     Fault("norm_eps", "config", "norm_eps 1e-2 (model: 1e-5)",
@@ -277,6 +302,19 @@ CATALOGUE: tuple[Fault, ...] = (
           _options(mutate_hf_bos="every_text")),
     Fault("image_features_differ", "inputs", "the engine receives slightly different image features",
           Expected(None, "embeddings", "image", "input_mismatch"), _engine_call(_noisy_features)),
+    # --- the high-resolution image path (lmdeploy's own preprocessing and vision forward against HF's)
+    Fault("hd_separators_swapped", "inputs", "2.5: lmdeploy's vision model has plora_glb_GN and plora_sub_GN exchanged",
+          Expected(None, "embeddings", "image", "input_mismatch"), _vision(swap_separators=True),
+          model="xcomposer2d5-tiny", cases=hd_cases),
+    Fault("hd_image_placement", "inputs", "2.5: the image token placed as 7b does (after the user header), not "
+          "before the chat template", Expected(None, "embeddings", "all", "im_mask_mismatch"),
+          _vision(placement_sub_type="7b"), model="xcomposer2d5-tiny", cases=hd_cases),
+    Fault("hd_tiles_out_of_order", "inputs", "2.5: the first two 560-px tiles exchanged before lmdeploy's ViT",
+          Expected(None, "embeddings", "image", "input_mismatch"), _vision(swap_tiles=True),
+          model="xcomposer2d5-tiny", cases=hd_cases),
+    Fault("hd_num_differs", "inputs", "2.5: lmdeploy preprocesses with hd_num 1 (HF: 24): one tile instead of 1 x 2",
+          Expected(None, "embeddings", "image", "input_mismatch"), _vision(hd_num=1),
+          model="xcomposer2d5-tiny", cases=hd_cases),
     # --- version semantics
     Fault("runtime_ignores_plora", "version", "lmdeploy 0.8.0 runtime (drops LoRA weights silently)",
           Expected(0, "attention.wqkv", "image", "lora_not_applied"), _options(lmdeploy_version="0.8.0")),
@@ -377,7 +415,7 @@ def run_fault(fault: Fault, models: dict[str, Path], workspaces: dict[str, Path]
         bos = opts.pop("mutate_hf_bos", None)
         if "original_fixture" in opts:  # the smoothing check compares with the original fixture model
             opts["original"] = models[opts.pop("original_fixture")]
-        cases = catalogue_cases(IMAGES_DIR)
+        cases = fault.cases(tmp) if fault.cases else catalogue_cases(IMAGES_DIR)
         # a quantized KV cache changes the reference too: such a fault gets a session of its own
         session = None if opts.get("quant_policy") else sessions[fault.model]
         run_opts = RunOptions(model=models[fault.model], workspace=ws, trust_remote_code=True, cases=cases,

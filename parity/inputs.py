@@ -19,7 +19,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ParityInputError, followable
-from .records import BosPolicy, CanonicalInput, EngineCall, HFCall, PreparedInput, Segment
+from .records import BosPolicy, CanonicalInput, Chat, EngineCall, HFCall, PreparedInput, Segment
 
 # lmdeploy puts this id at image rows of `input_ids` (IMAGE_DUMMY_TOKEN_INDEX); the rows are overwritten.
 PLACEHOLDER_ID = 0
@@ -28,7 +28,8 @@ SYSTEM = "[UNUSED_TOKEN_146]system\nYou are a helpful assistant.[UNUSED_TOKEN_14
 
 
 def default_cases(image: Path) -> list[CanonicalInput]:
-    """The built-in case: system text, one image, a question (XComposer2's chat template)."""
+    """The built-in case: system text, one image, a question (XComposer2's chat template). Given as a chat too,
+    so a sub-type that places its image elsewhere (2.5: before the template) is laid out by each side's code."""
     return [
         CanonicalInput(
             name="default",
@@ -37,6 +38,7 @@ def default_cases(image: Path) -> list[CanonicalInput]:
                 Segment("image", image=image),
                 Segment("text", text="What is in the image?[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]assistant\n"),
             ),
+            chat=Chat("What is in the image?", (image,), "You are a helpful assistant."),
         )
     ]
 
@@ -62,10 +64,25 @@ class SegmentSpec(_Schema):
         return self
 
 
+class ChatSpec(_Schema):
+    """A case as one chat turn: each side places the images where its own code does (`records.Chat`)."""
+
+    query: str
+    images: list[str] = Field(default_factory=list)
+    system: str = ""
+
+
 class CaseSpec(_Schema):
     name: Optional[str] = None
     bos_policy: BosPolicy = "first"
-    segments: list[SegmentSpec] = Field(min_length=1)
+    segments: Optional[list[SegmentSpec]] = Field(None, min_length=1)
+    chat: Optional[ChatSpec] = None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "CaseSpec":
+        if (self.segments is None) == (self.chat is None):
+            raise ValueError("expected exactly one of `segments: [...]` or `chat: {query, images, system}`")
+        return self
 
     @field_validator("name", mode="before")
     @classmethod
@@ -75,7 +92,8 @@ class CaseSpec(_Schema):
 
 
 class InputsFile(_Schema):
-    """`cases: [{name?, bos_policy?, segments: [{text} | {image}]}]` (a bare list of cases is accepted too)."""
+    """`cases: [{name?, bos_policy?, segments: [{text} | {image}] | chat: {query, images?, system?}}]` (a bare
+    list of cases is accepted too)."""
 
     cases: list[CaseSpec] = Field(min_length=1)
 
@@ -90,14 +108,20 @@ def _where(loc: Sequence[Any]) -> str:
 
 def _model_at(loc: Sequence[Any]) -> type[BaseModel] | None:
     """The schema model that holds the thing at `loc` (for listing the keys it allows)."""
+    def unwrap(t: Any) -> Any:  # Optional[X] -> X
+        args = typing.get_args(t)
+        return next(a for a in args if a is not type(None)) if type(None) in args else t
+
     t: Any = InputsFile
     for part in loc:
+        t = unwrap(t)
         if isinstance(part, int):
             t = typing.get_args(t)[0] if typing.get_args(t) else None
         elif isinstance(t, type) and issubclass(t, BaseModel) and part in t.model_fields:
             t = t.model_fields[part].annotation
         else:
             return None
+    t = unwrap(t)
     return t if isinstance(t, type) and issubclass(t, BaseModel) else None
 
 
@@ -165,14 +189,23 @@ def load_cases(path: Path | str) -> list[CanonicalInput]:
             raise ParityInputError(f"{where}: the case name {name!r} is used twice; names must be unique.")
         names.add(name)
         segs = []
-        for m, s in enumerate(raw.segments):
+        for m, s in enumerate(raw.segments or ()):
             if s.text is not None:
                 segs.append(Segment("text", text=s.text))
                 continue
             img = path.parent / s.image
             _check_image(f"{where}.segments[{m}]", img, s.image)
             segs.append(Segment("image", image=img.resolve()))
-        cases.append(CanonicalInput(name=name, segments=tuple(segs), bos_policy=raw.bos_policy))
+        chat = None
+        if raw.chat is not None:
+            imgs = []
+            for m, given in enumerate(raw.chat.images):
+                if "\0" in given:
+                    raise ParityInputError(f"{where}.chat.images[{m}]: image path {given!r} contains a NUL byte.")
+                _check_image(f"{where}.chat.images[{m}]", path.parent / given, given)
+                imgs.append((path.parent / given).resolve())
+            chat = Chat(raw.chat.query, tuple(imgs), raw.chat.system)
+        cases.append(CanonicalInput(name=name, segments=tuple(segs), bos_policy=raw.bos_policy, chat=chat))
     return cases
 
 

@@ -66,6 +66,7 @@ class RunOptions:
     mutate_engine_call: Callable[[str, Any], Any] | None = None
     mutate_hf_prepared: Callable[[PreparedInput], PreparedInput] | None = None
     mutate_engine_prepared: Callable[[PreparedInput], PreparedInput] | None = None
+    lmdeploy_vision_fault: Any = None                # parity.deploy.image_input.VisionFault
 
 
 def _check_floor_device(placement: Placement, floor_dtype: torch.dtype) -> None:
@@ -123,6 +124,50 @@ def _summary(p: PreparedInput, hf_hash: str, eng_hash: str, masks: dict[str, lis
 def _engine_refused(e: Exception, case: str) -> Finding:
     return Finding(check="engine", severity="error", cause="shape_mismatch", case=case,
                    message=f"The engine refused to load the workspace, as TurboMind would at start-up: {e}")
+
+
+class _ImagePath:
+    """Both sides' image rows for each case. For the 4KHD / 2.5 sub-types (either side's), the engine's come
+    from lmdeploy's own image path (`parity.deploy.image_input`) and are compared with the HF side's; the
+    engine is then given the HF features wherever an image's row count agrees, so the layer checks judge
+    the layers, and the input findings the image path."""
+
+    def __init__(self, opts: RunOptions, ref: ReferenceModel, ws):
+        from .deploy import image_input
+
+        self.ref, self.allowance = ref, opts.thresholds.image_feature_rel
+        self.hf_sub = image_input.hf_sub_type(opts.model) if ref.family == "xcomposer2" else "7b"
+        record = ws.conversion_record()
+        hd = ("4khd", "2.5")
+        self.vision = (image_input.LmdeployVision(opts.model, opts.lmdeploy_vision_fault)
+                       if ref.family == "xcomposer2" and (self.hf_sub in hd or (record and record.sub_type in hd))
+                       else None)
+        self.section: dict[str, Any] = {}
+
+    def prepare(self, case: CanonicalInput) -> tuple[PreparedInput, PreparedInput, list[Finding]]:
+        from dataclasses import replace
+
+        from .deploy import image_input
+
+        ref = self.ref
+        hf_case = replace(case, segments=image_input.hf_chat_segments(case.chat, self.hf_sub)) if case.chat else case
+        prepared = prepare(hf_case, ref.tokenize, ref.embed_tokens, ref.encode_image, ref.bos_id, ref.decode)
+        if self.vision is None:
+            return prepared, prepared, []
+        try:
+            eng_case = replace(case, segments=self.vision.chat_segments(case.chat)) if case.chat else hf_case
+            paths = [s.image for s in eng_case.segments if s.kind == "image"]
+            lm = [self.vision.encode(p, len(paths)) for p in paths]
+        except image_input.VisionFailed as e:
+            return prepared, prepared, [image_input.vision_failed(case.name, self.hf_sub, self.vision.sub_type, e)]
+        # the HF features where the row counts agree (compare_images judges the difference), else lmdeploy's
+        feats = iter([hf if hf.shape[0] == img.features.shape[0] else img.features
+                      for hf, img in zip(prepared.image_features, lm)])
+        eng = prepare(eng_case, ref.tokenize, ref.embed_tokens, lambda _: next(feats), ref.bos_id, ref.decode)
+        found, table = image_input.compare_images(case.name, prepared, lm, self.allowance, self.hf_sub)
+        self.section = {"sub_type_hf": self.hf_sub, "sub_type_lmdeploy": self.vision.sub_type,
+                        "applied": list(self.vision.applied), "images": self.section.get("images", []) + table}
+        return prepared, eng, found
 
 
 def runtime_semantics(opts: RunOptions):
@@ -238,15 +283,16 @@ def _run_stages(opts: RunOptions, session: ReferenceSession, semantics, cases: l
         summaries: list[CaseSummary] = []
         decode_sections: list[DecodeSection] = []
         # every case laid out first: the resource guard judges their row counts before any capture starts
-        prepared_cases = [prepare(case, ref.tokenize, ref.embed_tokens, ref.encode_image, ref.bos_id, ref.decode)
-                          for case in cases]
+        images = _ImagePath(opts, ref, ws)
+        laid_out = [images.prepare(case) for case in cases]
+        image_findings: list[Finding] = [f for _, _, found in laid_out for f in found]
         if opts.resource_check:
-            rows = [(p.name, len(p.token_ids) + opts.decode) for p in prepared_cases]  # prompt + generated
+            rows = [(p.name, len(p.token_ids) + opts.decode) for p, _, _ in laid_out]  # prompt + generated
             check_resources(ref.config, rows, scratch=work, model=str(opts.model),
                             floor_bytes=torch.empty((), dtype=settings.floor_dtype).element_size())
-        for case, prepared in zip(cases, prepared_cases):
+        for case, (prepared, eng_prepared, _) in zip(cases, laid_out):
             hf_p = opts.mutate_hf_prepared(prepared) if opts.mutate_hf_prepared else prepared
-            eng_p = opts.mutate_engine_prepared(prepared) if opts.mutate_engine_prepared else prepared
+            eng_p = opts.mutate_engine_prepared(eng_prepared) if opts.mutate_engine_prepared else eng_prepared
             hcall, ecall = hf_call(hf_p), engine_call(eng_p)
             if opts.mutate_engine_call:
                 ecall = opts.mutate_engine_call(case.name, ecall)
@@ -289,7 +335,8 @@ def _run_stages(opts: RunOptions, session: ReferenceSession, semantics, cases: l
             semantics=semantics, serve_from=opts.serve_from, cases=case_traces, points=points,
             thresholds=opts.thresholds, numeric=settings.numeric,
         )
-        prior = warning_findings(warnings) + refused + warning_findings(summary.warnings) + summary.findings
+        prior = (warning_findings(warnings) + refused + warning_findings(summary.warnings) + summary.findings
+                 + image_findings)
         outputs, findings = run_checks(ctx, prior)
         quantization: dict[str, Any] = {}
         if opts.original is not None:  # what quantization did to the original (smoothing vs PLoRA, cost)
@@ -322,6 +369,8 @@ def _run_stages(opts: RunOptions, session: ReferenceSession, semantics, cases: l
                       "reference_storage": str(next(ref.model.parameters()).dtype).replace("torch.", ""),
                       "conversion_warnings": record.warnings if record else [],
                       "device": session.placement.describe(), "reference_applied": ref.applied, **summary.report}
+    if images.section:
+        engine_section["image_input"] = images.section
     return Report(
         status=status, engine=engine_section, model=str(opts.model), workspace=str(ws.root), findings=findings,
         first_divergence=first, points=points, cases=summaries, config_audit=outputs["config"].table,

@@ -32,6 +32,16 @@ class Segment:
 
 
 @dataclass(frozen=True)
+class Chat:
+    """A case given as a chat turn: each side places the images where its own code does (the HF model's chat
+    code for the reference, lmdeploy's `proc_messages` for the engine), so the placement itself is compared."""
+
+    query: str
+    images: tuple[Path, ...]
+    system: str = ""
+
+
+@dataclass(frozen=True)
 class CanonicalInput:
     """A named test case. Both sides' calls are built from this one description."""
 
@@ -40,6 +50,7 @@ class CanonicalInput:
     # "first": BOS on the first segment only (what lmdeploy does);
     # "every_text": BOS on every text part (what the XComposer2-7b chat code does).
     bos_policy: BosPolicy = "first"
+    chat: Chat | None = None  # set: `segments` are replaced by each side's own placement of the chat
 
 
 @dataclass

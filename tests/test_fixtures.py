@@ -30,7 +30,10 @@ from parity.fixtures import (
 from parity.fixtures.generator import BUILTIN_SPECS, make_images
 from parity.points import PLORA_LINEARS
 
-VARIANT = {"xcomposer2-tiny": "7b", "xcomposer2-4khd-tiny": "4khd"}
+VARIANT = {"xcomposer2-tiny": "7b", "xcomposer2-4khd-tiny": "4khd", "xcomposer2d5-tiny": "2d5"}
+# Rows of one square image (gradient.png, circles.png): 7b 56/14 = 4 x 4 patches; 4KHD hd_num 25 -> 5 x 5 tiles of
+# 336 px, (25 + 1) * 144 + 1 + 6 * 12; 2.5 -> one 560-px tile (no up-scaling), (1 + 1) * 400 + 1 + 2 * 20.
+SQUARE_ROWS = {"7b": 16, "4khd": 3817, "2d5": 841}
 SYSTEM = "[UNUSED_TOKEN_146]system\nYou are a helpful assistant.[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]user\n"
 QUERY = "Describe the image.[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]assistant\n"
 
@@ -82,7 +85,7 @@ def plora_modules(model):
 def test_load_and_forward_with_image_mask(name, models, tokenizers):
     model, tok = models[name], tokenizers[name]
     embeds, mask = build_inputs(model, tok)
-    assert embeds.dtype == torch.bfloat16 and int(mask.sum()) == 16  # 56 px / 14 px patches = 4 x 4 rows
+    assert embeds.dtype == torch.bfloat16 and int(mask.sum()) == SQUARE_ROWS[VARIANT[name]]
     first_img = int(mask[0].nonzero()[0])
     with torch.no_grad():
         out = model(inputs_embeds=embeds, im_mask=mask, output_hidden_states=True, use_cache=False)
@@ -243,10 +246,10 @@ def test_family_layout(name, fixture_models, models):
     assert "plora_config" not in cfg and not any("lora" in k for k in cfg)  # ranks live in code, like upstream
     assert cfg["hidden_size"] == 512 and cfg["hidden_size"] // cfg["num_attention_heads"] == 128
     assert (cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (3, 4, 2)
-    assert cfg["architectures"] == (["InternLMXComposer2ForCausalLM"] if variant == "7b" else ["InternLM2ForCausalLM"])
+    assert cfg["architectures"] == (["InternLM2ForCausalLM"] if variant == "4khd" else ["InternLMXComposer2ForCausalLM"])
     assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_internlm_xcomposer2.InternLMXComposer2ForCausalLM"
     assert cfg["torch_dtype"] == "bfloat16" and cfg["bias"] is False and cfg["rope_theta"] == 1e6
-    expected = {"7b": dict.fromkeys(PLORA_LINEARS, (256, 1.0)),
+    expected = {"7b": dict.fromkeys(PLORA_LINEARS, (256, 1.0)), "2d5": dict.fromkeys(PLORA_LINEARS, (256, 1.0)),
                 "4khd": {**dict.fromkeys(PLORA_LINEARS, (256, 1.0)), "attention.wqkv": (8, 2.0)}}[variant]
     assert {k: (r, a / r) for k, (r, a) in FAMILY_LORA[variant].items()} == expected
     with safe_open(str(path / "model.safetensors"), "pt") as f:
@@ -260,11 +263,11 @@ def test_family_layout(name, fixture_models, models):
     for _, linear, m in plora_modules(model):
         assert (m.lora_r, m.lora_scaling) == expected[linear]
         assert torch.count_nonzero(m.Plora_B.weight) > 0
-    assert ("plora_glb_GN" in keys) == ("plora_sub_GN" in keys) == (variant == "4khd")
+    assert ("plora_glb_GN" in keys) == ("plora_sub_GN" in keys) == (variant != "7b")
     assert {"model.tok_embeddings.weight", "model.norm.weight", "output.weight", "vision_proj.0.weight",
             "vision_proj.2.weight", "model.layers.0.attention_norm.weight", "model.layers.0.ffn_norm.weight"} <= keys
     assert any(k.startswith("vit.vision_tower.vision_model.encoder.layers.1.") for k in keys)
-    assert (path / "ixc_utils.py").exists() == (variant == "4khd")
+    assert (path / "ixc_utils.py").exists() == (variant != "7b")
     norms = model.model.layers[0].attention_norm.weight.float()
     assert 0.79 <= norms.min() and norms.max() <= 1.21 and norms.std() > 0.05  # U(0.8, 1.2) in bf16
 
@@ -275,6 +278,7 @@ def test_lmdeploy_recognises_sub_types(fixture_models):
 
     assert get_xcomposer_type(str(fixture_models["xcomposer2-tiny"]))[0] == ModelType.XCOMPOSER2
     assert get_xcomposer_type(str(fixture_models["xcomposer2-4khd-tiny"]))[0] == ModelType.XCOMPOSER2_4KHD
+    assert get_xcomposer_type(str(fixture_models["xcomposer2d5-tiny"]))[0] == ModelType.XCOMPOSER2D5
     for path in fixture_models.values():  # auto_map forces the xcomposer2 reader, 4KHD's architectures too
         assert get_model_arch(str(path))[0] == "InternLMXComposer2ForCausalLM"
 
@@ -392,9 +396,10 @@ def fixture_specs(draw):
     heads, kv_heads = draw(st.sampled_from([(2, 1), (4, 1), (4, 2)]))
     lora_entry = st.tuples(st.integers(1, 64), st.sampled_from([1, 2, 8, 16, 0.5, 24.0]))
     lora = draw(st.none() | st.fixed_dictionaries({}, optional={k: lora_entry for k in PLORA_LINEARS}))
+    variant = draw(st.sampled_from(["7b", "4khd", "2d5"]))
     return FixtureSpec(
         name="random",
-        variant=draw(st.sampled_from(["7b", "4khd"])),
+        variant=variant,
         layers=draw(st.integers(1, 3)),
         heads=heads,
         kv_heads=kv_heads,
@@ -402,7 +407,7 @@ def fixture_specs(draw):
         intermediate=draw(st.sampled_from([64, 160, 256])),
         lora=lora,
         seed=draw(st.integers(0, 2**31)),
-        image_size=draw(st.sampled_from([28, 56])),
+        image_size=draw(st.sampled_from([28, 56])) if variant == "7b" else {"4khd": 336, "2d5": 560}[variant],
         vision_layers=draw(st.integers(1, 2)),
     )
 
@@ -419,11 +424,12 @@ def test_random_specs_load_and_run(spec):
             r, alpha = spec.lora_layout()[linear]
             assert (m.lora_r, m.lora_scaling) == (r, alpha / r)
         image = model.encode_img(IMAGES_DIR / "circles.png")
-        assert image.shape == (1, spec.image_tokens, spec.hidden)
+        rows = spec.image_tokens if spec.variant == "7b" else SQUARE_ROWS[spec.variant]
+        assert image.shape == (1, rows, spec.hidden)
         text = model.model.tok_embeddings(torch.arange(3, 13).unsqueeze(0))
         embeds = torch.cat([text[:, :4], image, text[:, 4:]], dim=1)
         mask = torch.zeros(embeds.shape[:2], dtype=torch.bool)
-        mask[:, 4 : 4 + spec.image_tokens] = True
+        mask[:, 4 : 4 + rows] = True
         with torch.no_grad():
             logits = model(inputs_embeds=embeds, im_mask=mask).logits
         assert logits.shape == (1, embeds.shape[1], spec.vocab)

@@ -107,7 +107,7 @@ def test_load_cases_errors(tmp_path):
 
 @pytest.mark.parametrize("doc, key, where, allowed", [
     ("cases:\n  - {name: a, bos_polcy: first, segments: [{text: hi}]}\n", "bos_polcy", "cases[0]",
-     "name, bos_policy, segments"),
+     "name, bos_policy, segments, chat"),
     ("case: {name: a}\ncases:\n  - {segments: [{text: hi}]}\n", "case", "the top level", "cases"),
     ("cases:\n  - {segments: [{text: hi}]}\n  - {segments: [{image: x.png, caption: c}]}\n", "caption",
      "cases[1].segments[0]", "text, image"),

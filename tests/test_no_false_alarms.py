@@ -51,11 +51,14 @@ ALPHAS = (0.5, 1.0, 2.0, 3.0, 16.0, 256.0)
 @st.composite
 def specs(draw, dtypes=("bfloat16", "float16")) -> FixtureSpec:
     kv = draw(st.integers(1, 2))
-    patch = draw(st.sampled_from((7, 14)))
+    # XComposer2.5's high-resolution path (560-px tiles, lmdeploy's own preprocessing compared with HF's); 4KHD's
+    # always tiles an image ~25 times (3,800 rows): its clean runs are tests/test_hd_paths.py's
+    variant = draw(st.sampled_from(("7b", "2d5")))
+    patch = draw(st.sampled_from((7, 14))) if variant == "7b" else 14
     lora = {lin: (draw(st.sampled_from(RANKS)), draw(st.sampled_from(ALPHAS))) for lin in PLORA_LINEARS}
     return FixtureSpec(
         name="clean",
-        variant=draw(st.sampled_from(("7b", "4khd"))),
+        variant=variant,
         layers=draw(st.integers(1, 3)),
         heads=kv * draw(st.integers(2, 3)),
         kv_heads=kv,
@@ -65,7 +68,7 @@ def specs(draw, dtypes=("bfloat16", "float16")) -> FixtureSpec:
         lora=lora,
         seed=draw(st.integers(0, 2**16)),
         patch_size=patch,
-        image_size=patch * draw(st.integers(1, 4)),
+        image_size=patch * draw(st.integers(1, 4)) if variant == "7b" else 560,
         vision_hidden=draw(st.sampled_from((16, 32, 64))),
         vision_layers=draw(st.integers(1, 2)),
         rms_norm_eps=draw(st.sampled_from((1e-5, 1e-6))),
@@ -189,8 +192,9 @@ def test_random_clean_models_raise_no_alarm(root):
 # row the reference's own fp32 error (the noise floor, 4e-8) came out 50x smaller than the replay's (2e-6), so
 # the delta failed at the 1e-6 floor threshold ("the LoRA A/B weights differ", cosine 1). Computing the replay's
 # LoRA branch in float64 (t = x @ A, scale * t @ B, rounded once to float32) makes it pass.
+# (Found with the 4KHD variant when its image path was the 7b one; "7b" draws the same tensors and image rows.)
 LOW_RANK_SPEC = FixtureSpec(
-    name="fa48", variant="4khd", layers=3, heads=9, kv_heads=3, head_dim=128, intermediate=128, vocab=128,
+    name="fa48", variant="7b", layers=3, heads=9, kv_heads=3, head_dim=128, intermediate=128, vocab=128,
     lora={"attention.wqkv": (2, 256.0), "attention.wo": (64, 256.0), "feed_forward.w1": (3, 256.0),
           "feed_forward.w3": (2, 16.0), "feed_forward.w2": (2, 1.0)},
     seed=28, image_size=7, patch_size=7, vision_hidden=64, vision_layers=1, rms_norm_eps=1e-05, rope_theta=1e6,

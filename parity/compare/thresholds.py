@@ -42,6 +42,9 @@ class Thresholds:
     # PLoRA deltas: a best-fit factor this far from 1 (with cosine above `delta_cosine`) is a scale mismatch
     scale_tolerance: float = Field(1e-2, gt=0, lt=1, allow_inf_nan=False)
     delta_cosine: float = Field(0.999, gt=0, lt=1, allow_inf_nan=False)
+    # lmdeploy's image features (float16 ViT) against the HF model's: largest difference per row, relative to
+    # the row's largest value (float16 steps are 2^-11 relative; a ViT's depth adds a few: 2^-6 leaves margin)
+    image_feature_rel: float = Field(2.0 ** -6, gt=0, lt=1, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
