@@ -77,9 +77,9 @@ def sub_type_name(model_type: Any) -> str:
 
 def hf_sub_type(model_dir: Path) -> str:
     """The sub-type the checkpoint's own code is (what its `ixc_utils.py` defines), whatever lmdeploy decides."""
-    from .convert import _ixc_expected
+    from .convert import ixc_expected
 
-    return _ixc_expected(Path(model_dir))[0] or "7b"
+    return ixc_expected(Path(model_dir))[0] or "7b"
 
 
 @contextlib.contextmanager
