@@ -7,6 +7,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -359,10 +360,32 @@ class _WarningLines(logging.Handler):
         err.print(f"[yellow]parity: warning:[/] {record.getMessage()}", soft_wrap=True)
 
 
+class _StageLines(logging.Handler):
+    """parity.progress messages on stdout: dim on a terminal, plain one-line messages in a pipe or CI log."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.start = time.perf_counter()
+        self.console = out_console()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = f"parity: [{time.perf_counter() - self.start:6.1f} s] {record.getMessage()}"
+        if self.console.is_terminal:
+            self.console.print(f"[dim]{line}[/]")
+        else:
+            self.console.print(line, markup=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger("parity")
     if not any(isinstance(h, _WarningLines) for h in log.handlers):
         log.addHandler(_WarningLines(logging.WARNING))
+    stages = logging.getLogger("parity.progress")
+    for h in [h for h in stages.handlers if isinstance(h, _StageLines)]:
+        stages.removeHandler(h)  # one per command: its clock starts now
+    stages.addHandler(_StageLines())
+    stages.setLevel(logging.INFO)
+    stages.propagate = False
     try:
         args = build_parser().parse_args(argv)
         with terminate_as_exception(), run_scratch():

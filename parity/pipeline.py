@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 
+from . import progress
 from .version import __version__
 from .checks.base import CheckContext
 from .checks.mask import masks_for
@@ -212,10 +213,11 @@ def _check_decode(opts: RunOptions) -> None:
 
 
 @contextmanager
-def _timed(timings: dict[str, float], stage: str):
+def _timed(timings: dict[str, float], stage: str, detail: str = ""):
     t = time.perf_counter()
     try:
-        yield
+        with progress.stage(stage, detail):
+            yield
     finally:
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t
 
@@ -243,8 +245,9 @@ def run_parity(opts: RunOptions) -> Report:
 
         check_original(opts.model, opts.original)  # exit 2 before any model loads
     cases = run_cases(opts)  # a bad inputs file fails before any model is loaded
-    session = opts.session or ReferenceSession(opts.model, opts.trust_remote_code, low_memory=opts.low_memory,
-                                               all_parts=opts.keep_traces is not None, placement=placement)
+    with progress.stage("load reference", str(opts.model)):
+        session = opts.session or ReferenceSession(opts.model, opts.trust_remote_code, low_memory=opts.low_memory,
+                                                   all_parts=opts.keep_traces is not None, placement=placement)
     work = Path(tempfile.mkdtemp(prefix="parity-engine-"))
     try:
         with judged_precision():  # judged float32 is float32 on a GPU too (TF32 off; parity.device)
@@ -296,7 +299,7 @@ def _run_stages(opts: RunOptions, session: ReferenceSession, semantics, cases: l
             hcall, ecall = hf_call(hf_p), engine_call(eng_p)
             if opts.mutate_engine_call:
                 ecall = opts.mutate_engine_call(case.name, ecall)
-            with _timed(timings, "reference"):
+            with _timed(timings, "reference", case.name):
                 reference = session.reference(hcall, case.name)
                 floor_e2e, floor_local = session.floors(hcall, case.name, settings.floor_dtype,
                                                         settings.teacher_forced)
@@ -308,7 +311,7 @@ def _run_stages(opts: RunOptions, session: ReferenceSession, semantics, cases: l
             request = EngineRequest(case.name, ecall, hf_p, hcall, reference, floor_e2e, same_rows,
                                     work / case.name, keep_all_parts=opts.keep_traces is not None)
             try:
-                with _timed(timings, "engine"):
+                with _timed(timings, "engine", case.name):
                     run = engine.infer(request)
             except EngineRefused as e:  # TurboMind refuses such a workspace at load time (LoRA byte sizes)
                 refused.append(_engine_refused(e, case.name))
@@ -316,7 +319,7 @@ def _run_stages(opts: RunOptions, session: ReferenceSession, semantics, cases: l
             if opts.decode and same_rows:  # generated tokens: free-running and teacher-forced (issue 18)
                 from .generation import decode_case
 
-                with _timed(timings, "decode"):
+                with _timed(timings, "decode", case.name):
                     decode_sections.append(decode_case(session, engine, request, opts.decode, opts.thresholds,
                                                        settings))
             asked_rows, asked_mask = engine_rows(ecall, ref.embed_tokens)

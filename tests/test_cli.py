@@ -103,7 +103,14 @@ def test_cli_run_without_out_writes_the_per_model_report_folder(fixture_models, 
     assert main(["run", str(model), "--trust-remote-code", "--cache-dir", str(CACHE)]) == 0
     folder = tmp_path / default_report_dir(model)
     assert (folder / "report.html").is_file() and (folder / "report.json").is_file()
-    assert folder.name in capsys.readouterr().out  # the summary says where the report went
+    out = capsys.readouterr().out
+    assert folder.name in out  # the summary says where the report went
+    # progress: one plain line per stage start and end (not a terminal here), with the time taken
+    stages = [ln for ln in out.splitlines() if ln.startswith("parity: [")]
+    for name in (rf"load reference \({re.escape(str(model))}\)", "convert", r"reference \(default\)",
+                 r"engine \(default\)", "compare"):
+        assert any(re.search(rf"\] {name} \.\.\.$", ln) for ln in stages), (name, out)
+        assert any(re.search(rf"\] {name}: \d+\.\d s$", ln) for ln in stages), (name, out)
 
 
 def test_misspelt_run_option_lists_the_valid_ones(tmp_path):
