@@ -368,7 +368,8 @@ def _judge_model_side(audit: DeploymentAudit, side, cfg: dict) -> None:
         row({"item": "vision path", "lmdeploy": "-",
              "model": (f"CLIP ViT ({v['vit_layers']} layers, width {v['vit_width']}, patch {v['patch_size']}, "
                        f"positions {v['position_grid']} = {v['pixels']} px) -> vision_proj {v['projector']}; "
-                       f"{v['rows_per_image']} rows per {v['pixels']}-px image"
+                       + (f"{v['rows_per_image']} rows per {v['pixels']}-px image" if v["merge"] == 1 else
+                          f"{v['rows_per_image'] // 4} rows per {v['pixels']}-px tile (2x2-merged patches)")
                        + (f"; separators {', '.join(v['separators'])}" if v["separators"] else "")),
              "ok": v["img_size"] in (None, v["pixels"]) or bool(v["separators"]),
              "note": f"img_size {v['img_size']}; vision tower: {hubs}"})
@@ -378,10 +379,11 @@ def _judge_model_side(audit: DeploymentAudit, side, cfg: dict) -> None:
                               f"{v['position_grid']} patches of {v['patch_size']} px = {v['pixels']} px: images resized "
                               f"to {v['img_size']} px cannot go through it (lmdeploy resizes to img_size)."))
         width_in = int(str(v["projector"]).split(" -> ")[0]) if v["projector"] else None
-        if width_in is not None and width_in != v["vit_width"]:
+        if width_in is not None and width_in != v["merge"] * v["vit_width"]:
+            merged = f" ({v['merge']} x that after the 2x2 patch merge)" if v["merge"] != 1 else ""
             _finding(audit, "error", "shape_mismatch", positions="image",
                      message=(f"vision_proj takes {width_in} features, but the checkpoint's ViT is {v['vit_width']} "
-                              "wide: image features cannot be projected."))
+                              f"wide{merged}: image features cannot be projected."))
         for hub_id, st in v["hub_ids"].items():
             if st.startswith("MISSING"):
                 _finding(audit, "warning", "config_mismatch", positions="image",

@@ -197,6 +197,8 @@ def vision_path(cfg: dict[str, Any], headers: dict[str, dict[str, Any]], path: P
         "vit_width": width, "vit_layers": len(layers), "patch_size": p,
         "position_grid": f"{grid}x{grid}" if grid * grid + 1 == rows else f"{rows - 1} positions (not square)",
         "pixels": grid * p, "img_size": cfg.get("img_size"), "rows_per_image": grid * grid,
+        # 4KHD / 2.5 (separators present): the ViT's patches are merged 2 x 2 into one row of 4 x its width
+        "merge": 4 if "plora_glb_GN" in headers else 1,
         "projector": f"{proj_in[1]} -> {proj_in[0]}" if proj_in else None,
         "separators": [n for n in ("plora_glb_GN", "plora_sub_GN") if n in headers],
         "hub_ids": {h: _hub_status(h) for h in _hub_ids(path)},
