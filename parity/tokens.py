@@ -25,8 +25,12 @@ def choice(logits: torch.Tensor, decode: Callable[[int], str], k: int = TOP_K) -
 
 
 def text(decode: Callable[[int], str], token: int) -> str:
-    """A token's text, or `<id N>` where the tokenizer has none."""
-    t = decode(int(token))
+    """A token's text, or `<id N>` where the tokenizer has none (a model's vocabulary is often padded past its
+    tokenizer's: a SentencePiece tokenizer raises on such ids)."""
+    try:
+        t = decode(int(token))
+    except (IndexError, KeyError, ValueError, TypeError, RuntimeError):
+        t = None
     return t if isinstance(t, str) and t else f"<id {int(token)}>"
 
 

@@ -226,3 +226,17 @@ def test_decode_steps_stream_to_kept_traces_and_terminal_says_decode(fixture_mod
     console = Console(record=True, width=100)
     print_summary(report, console)
     assert f"Decode {sec.case}: 3/3 tokens, every token matches" in console.export_text()
+
+
+def test_token_text_of_ids_past_the_tokenizer():
+    """A vocabulary padded past the tokenizer (SentencePiece raises on such ids) shows `<id N>`, no crash."""
+    from parity.tokens import choice, text
+
+    def sp_like(i: int) -> str:
+        if i >= 3:
+            raise IndexError("OUT_OF_RANGE: piece id is out of range.")
+        return ["<s>", "a", "b"][i]
+
+    assert text(sp_like, 1) == "a" and text(sp_like, 7) == "<id 7>" and text(lambda i: None, 2) == "<id 2>"
+    c = choice(torch.tensor([0.0, 1.0, 0.5, 3.0, 2.0]), sp_like)
+    assert c["id"] == 3 and c["text"] == "<id 3>" and [t["text"] for t in c["topk"][:3]] == ["<id 3>", "<id 4>", "a"]
