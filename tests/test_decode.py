@@ -52,28 +52,6 @@ def test_kv_cache_returns_what_was_stored_across_blocks(block, chunks, dtype):
         cache.append(1, torch.zeros(1, 2, 4), torch.zeros(1, 2, 4))
 
 
-def test_quantized_storage_is_lmdeploys_kv_quantization():
-    """quant_policy 8/4 plugs into the cache: what is read back is parity.quant.kv's round trip, per token and
-    head, whatever the block boundaries."""
-    from parity.deploy.kvcache import QuantizedStorage, storage_for_policy
-    from parity.quant.kv import kv_roundtrip
-
-    g = torch.Generator().manual_seed(1)
-    for policy, bits in ((8, 8), (4, 4)):
-        storage = storage_for_policy(policy, torch.float16)
-        assert isinstance(storage, QuantizedStorage) and storage.bits == bits
-        cache = KVCache(num_layers=1, kv_heads=2, dim=128, storage=storage, capacity=20, block_len=3)
-        k, v = torch.randn(7, 2, 128, generator=g), torch.randn(7, 2, 128, generator=g)
-        cache.append(0, k[:4], v[:4])
-        cache.append(0, k[4:], v[4:])
-        K, V = cache.read(0)
-        assert torch.equal(K, kv_roundtrip(k.transpose(0, 1), bits, torch.float16).float())
-        assert torch.equal(V, kv_roundtrip(v.transpose(0, 1), bits, torch.float16).float())
-    assert isinstance(storage_for_policy(0, torch.bfloat16), DtypeStorage)
-    with pytest.raises(ValueError):
-        storage_for_policy(8, torch.float32)
-
-
 # ------------------------------------------------------------------------------------------ the decoder
 
 

@@ -32,7 +32,7 @@ from typing import Iterator
 import torch
 
 from ..records import DecodeStep, EngineCall
-from .kvcache import DtypeStorage, KVCache, KVStorage, block_len, session_len, storage_for_policy
+from .kvcache import DtypeStorage, KVCache, KVStorage, block_len, session_len
 from .replay import ReplayEngine, LayerWeights, BufferPool, PreparedCall, MaskedRows, TraceStream
 
 _PRE, _POST = "embeddings", ("norm", "output")
@@ -70,10 +70,10 @@ class ReplayDecoder:
     side = "replay"
 
     def __init__(self, engine: ReplayEngine, storage: KVStorage | None = None,
-                 deviations: DecodeDeviations | None = None, quant_policy: int = 0):
+                 deviations: DecodeDeviations | None = None):
         self.eng = engine
-        # what the workspace and quant policy say: quant_policy 0 keeps the activation dtype
-        self.faithful = storage or storage_for_policy(quant_policy, engine.T, engine.device)
+        # what the workspace and quant policy say: `storage` for --quant-policy, else the activation dtype
+        self.faithful = storage or DtypeStorage(engine.T, engine.device)
         self.dev = deviations or DecodeDeviations()
         self.storage = lower_precision(engine.T, engine.device) if self.dev.kv_lower_precision else self.faithful
         self.session_len = session_len(engine.ws)

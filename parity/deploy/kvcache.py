@@ -7,9 +7,10 @@ sequence grows, and a sequence may hold at most `session_len` tokens (`model_con
 the values are stored in the activation dtype T (the weight dtype); 4 and 8 store integers with a scale and
 zero point per token and head. Attention, prefill included, reads keys and values back from the cache.
 
-How values are stored is a `KVStorage`, so a quantized storage (`--quant-policy`) plugs in without touching
-the cache or the decoder. The cache never holds more than the tokens written to it (plus one partly filled
-block per layer), which is what keeps a long decode's memory bounded by the cache itself.
+How values are stored is a `KVStorage`, so a quantized storage (`--quant-policy`:
+`parity.quant.kv.QuantizedStorage`) plugs in without touching the cache or the decoder. The cache never holds
+more than the tokens written to it (plus one partly filled block per layer), which is what keeps a long
+decode's memory bounded by the cache itself.
 """
 
 from __future__ import annotations
@@ -58,57 +59,6 @@ class DtypeStorage:
 
     def nbytes(self, block: torch.Tensor) -> int:
         return block.numel() * block.element_size()
-
-
-@dataclass(frozen=True)
-class QuantizedStorage:
-    """`quant_policy` 8 / 4: per token and head, asymmetric integer codes with a scale and zero point in T,
-    quantized and read back exactly as `parity.quant.kv` reproduces TurboMind's kernels."""
-
-    bits: int
-    dtype: torch.dtype                      # the compute type T the codes are made and read in
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def name(self) -> str:
-        return f"u{self.bits} (quant_policy {self.bits}, {str(self.dtype).replace('torch.', '')} scales)"
-
-    def alloc(self, kv_heads: int, block_len: int, dim: int) -> dict[str, torch.Tensor]:
-        return {"q": torch.zeros(kv_heads, block_len, dim, dtype=torch.uint8, device=self.device),
-                "scale": torch.zeros(kv_heads, block_len, 1, dtype=self.dtype, device=self.device),
-                "zero": torch.zeros(kv_heads, block_len, 1, dtype=self.dtype, device=self.device)}
-
-    def write(self, block: dict[str, torch.Tensor], offset: int, x: torch.Tensor) -> None:
-        from ..quant.kv import quantize_kv
-
-        kv = quantize_kv(x.cpu(), self.bits, self.dtype)
-        n = x.shape[1]
-        for key, v in (("q", kv.q), ("scale", kv.scale), ("zero", kv.zero)):
-            block[key][:, offset: offset + n] = v.to(self.device)
-
-    def read(self, block: dict[str, torch.Tensor], n: int) -> torch.Tensor:
-        from ..quant.kv import KVQuant, dequantize_kv
-
-        kv = KVQuant(q=block["q"][:, :n].cpu(), scale=block["scale"][:, :n].cpu(), zero=block["zero"][:, :n].cpu(),
-                     bits=self.bits)
-        return dequantize_kv(kv, self.dtype).float().to(self.device)
-
-    def nbytes(self, block: dict[str, torch.Tensor]) -> int:
-        # TurboMind packs u4 two per byte; the codes here are held one per byte
-        codes = block["q"].numel() * self.bits // 8
-        return codes + sum(block[k].numel() * block[k].element_size() for k in ("scale", "zero"))
-
-
-def storage_for_policy(quant_policy: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> KVStorage:
-    """The faithful storage for a workspace run with `quant_policy` (0, 4 or 8) and compute type `dtype`."""
-    from ..quant.kv import bits_for_policy
-
-    bits = bits_for_policy(quant_policy)
-    if bits == 0:
-        return DtypeStorage(dtype, torch.device(device))
-    if dtype == torch.float32:
-        raise ValueError("KV quantization runs in the deployment dtype: use numeric='emulate' with quant_policy 4/8")
-    return QuantizedStorage(bits, dtype, torch.device(device))
 
 
 class SessionFull(Exception):
