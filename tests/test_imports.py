@@ -32,7 +32,6 @@ KNOWN_MODULE_CYCLES = {frozenset({"parity.deploy.workspace", "parity.quant.works
 KNOWN_UPWARD = {("parity.deploy.workspace", "parity.quant.workspace"),
                 ("parity.deploy.convert", "parity.quant.awq_folder"),
                 ("parity.reference.loader", "parity.quant.awq_folder"),
-                ("parity.deploy.kvcache", "parity.quant.kv"),
                 ("parity.deploy.replay", "parity.quant.kv"),
                 ("parity.reference.session", "parity.quant.kv_reference")}
 
