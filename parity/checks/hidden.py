@@ -1,62 +1,14 @@
 """Hidden states: every point whose local (teacher-forced) error exceeds its threshold is a finding, with a
-cause attributed from the other checks' findings (weights, config, LoRA, mask, inputs)."""
+cause attributed from the other checks' findings (weights, config, LoRA, mask, inputs) by the verdict's cause
+precedence (`parity.verdict.attribute_cause`)."""
 
 from __future__ import annotations
 
 from ..compare.align import exceeded_positions
 from ..compare.metrics import fmt_metric
-from ..records import Finding, PointResult
+from ..records import Finding
+from ..verdict import attribute_cause
 from .base import CheckContext, CheckOutput
-
-# When several findings could explain a point, the more specific cause wins.
-# Wrong inputs or a wrong mask explain every later difference of their case, so they are asked first.
-_CASE_WIDE = ("embeddings_skipped", "im_mask_mismatch", "input_mismatch")
-# Then root causes before symptoms: a wrong tensor (weights audit), then a wrong config value (the config
-# audit: per-linear LoRA settings, and model-wide fields that shape every layer), then what the LoRA check
-# saw (a missing, scaled or misdirected delta), then the runtime release.
-_WEIGHTS = ("nonfinite", "missing_tensor", "shape_mismatch", "weight_mismatch")
-_CONFIG_LINEAR = ("lora_rank_mismatch", "lora_scale_mismatch", "lora_not_applied")
-_CONFIG_MODEL = ("bias_dropped", "config_mismatch")
-
-
-def _applies(f: Finding, p: PointResult) -> bool:
-    if f.case is not None and f.case != p.case:
-        return False
-    if f.module is not None and f.module != p.module:
-        return False
-    layers = f.metrics.get("layers") if isinstance(f.metrics, dict) else None
-    if layers is not None:
-        return p.layer in layers
-    return f.layer is None or f.layer == p.layer
-
-
-def _pick(found: list[Finding], order: tuple[str, ...]) -> Finding | None:
-    found = [f for f in found if f.cause in order]
-    return min(found, key=lambda f: order.index(f.cause)) if found else None
-
-
-def attribute(p: PointResult, prior: list[Finding]) -> tuple[str, Finding | None]:
-    errors = [f for f in prior if f.severity == "error"]
-    for f in errors:
-        if f.cause in _CASE_WIDE and (f.case is None or f.case == p.case):
-            return f.cause, f
-    here = [f for f in errors if f.module is not None and _applies(f, p)]
-    steps = (
-        _pick([f for f in here if f.check == "weights"], _WEIGHTS),
-        _pick([f for f in here if f.check == "config"], _CONFIG_LINEAR + _CONFIG_MODEL),
-        _pick([f for f in errors if f.check == "config"], _CONFIG_MODEL),
-        _pick([f for f in here if f.check == "plora"], ("lora_not_applied", "lora_scale_mismatch",
-                                                          "lora_outside_mask", "weight_mismatch")),
-    )
-    for f in steps:
-        if f is not None:
-            return f.cause, f
-    version = [f for f in errors if f.cause in ("unsupported_version", "lora_not_applied") and f.layer is None]
-    if version and exceeded_positions(p) == "image":
-        return "lora_not_applied", version[0]
-    if p.local and (p.local.get("nonfinite_eng", 0) > p.local.get("nonfinite_ref", 0)):
-        return "nonfinite", None
-    return "numeric_drift", None
 
 
 def run(ctx: CheckContext, prior: list[Finding]) -> CheckOutput:
@@ -65,7 +17,7 @@ def run(ctx: CheckContext, prior: list[Finding]) -> CheckOutput:
         if not p.exceeded or p.local is None:
             continue
         pos = exceeded_positions(p)
-        cause, source = attribute(p, prior)
+        cause, source = attribute_cause(p, prior)
         by = p.local.get("by_class", {})
         classes = ", ".join(f"{c} {fmt_metric(m['rel_l2'])}" for c, m in by.items())
         why = f" Cause: {source.message}" if source is not None else (
