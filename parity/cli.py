@@ -69,13 +69,17 @@ def _version() -> str:
            f"transformers {installed('transformers')})"
 
 
+def _hub_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hub-model", action="append", default=[], metavar="ID=PATH",
+                   help="a local folder for a hub model the model's code loads by id (XComposer2: "
+                        "openai/clip-vit-large-patch14-336); default: the offline HF cache (HF_HOME)")
+
+
 def _common_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=user_path, help="HF model folder (XComposer2 remote-code layout)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow running the model's own modeling code (required for XComposer2 checkpoints)")
-    p.add_argument("--hub-model", action="append", default=[], metavar="ID=PATH",
-                   help="a local folder for a hub model the model's code loads by id (XComposer2: "
-                        "openai/clip-vit-large-patch14-336); default: the offline HF cache (HF_HOME)")
+    _hub_model(p)
 
 
 def _cache_option(p: argparse.ArgumentParser) -> None:
@@ -131,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", type=user_path, help="HF model folder (XComposer2 remote-code layout) to quantize")
     q.add_argument("--trust-remote-code", action="store_true",
                    help="allow running the model's own modeling code (lmdeploy's calibration runs it; required)")
+    _hub_model(q)
     q.add_argument("--out", type=user_path, required=True, metavar="DIR",
                    help="AWQ folder to write (pytorch_model.bin and config.json, as lmdeploy's auto_awq saves them)")
     q.add_argument("--w-bits", type=int, default=4, help="weight bits (default: 4; lmdeploy saves AWQ for 4 only)")

@@ -102,14 +102,22 @@ def quantization_cost(model: Path, original: Path, prepared_cases: list[Prepared
     scales = recovered_scales(st)
     group = awq_config(model).group_size
     outputs: dict[str, list[list[torch.Tensor]]] = {}
-    for variant in ("original",) + VARIANTS:
-        ref = load_reference(model if variant == "quantized" else original, trust_remote_code)
-        if variant == "smoothing":
-            _smoothing_only(ref, st, scales)
-        elif variant == "budget":
-            _rounded(ref, group)
-        outputs[variant] = [_layer_outputs(ref, p) for p in prepared_cases]
-        del ref
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # four more loads of sharded checkpoints: no progress bars on the terminal
+    try:
+        for variant in ("original",) + VARIANTS:
+            ref = load_reference(model if variant == "quantized" else original, trust_remote_code)
+            if variant == "smoothing":
+                _smoothing_only(ref, st, scales)
+            elif variant == "budget":
+                _rounded(ref, group)
+            outputs[variant] = [_layer_outputs(ref, p) for p in prepared_cases]
+            del ref
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     rows: list[dict[str, Any]] = []
     for c, prepared in enumerate(prepared_cases):
         classes = _classes(prepared)

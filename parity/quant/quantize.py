@@ -183,6 +183,7 @@ def quantize(model: Path | str, out: Path | str, *, w_bits: int = 4, group_size:
     """Run lmdeploy 0.7.1's `auto_awq` on `model` (CPU) and write the AWQ folder `out` atomically."""
     from ..deploy.compat import installed_lmdeploy_version
     from ..deploy.convert import captured_output  # lmdeploy's prints, logger and warnings into the log file
+    from ..reference.modelcode import resolving_hub_models
 
     model, out = Path(model).resolve(), Path(out).resolve()
     _validate(model, w_bits, group_size, trust_remote_code)
@@ -218,7 +219,8 @@ def quantize(model: Path | str, out: Path | str, *, w_bits: int = 4, group_size:
 
             comp = _compensation_for(done) if compensate_plora else contextlib.nullcontext()
             try:
-                with comp, captured_output(log, warnings):
+                # a hub id the model's code loads (the genuine CLIP) resolves like `parity run`'s (--hub-model)
+                with comp, resolving_hub_models(model), captured_output(log, warnings):
                     auto_awq(str(model), str(tmp), calib_dataset="ptb", calib_samples=calib_samples,
                              calib_seqlen=calib_seqlen, w_bits=w_bits, w_group_size=group_size, device="cpu")
             except ParityInputError:
