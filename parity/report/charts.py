@@ -369,11 +369,11 @@ def quant_cost_figure(rows: Sequence[dict[str, Any]], series: Sequence[tuple[str
             ))
     if not fig.data:
         return None
-    fig.update_layout(**_base_layout(
+    fig.update_layout(**base_layout(
         340,
         xaxis=dict(title=dict(text="layer", standoff=4), dtick=1, zeroline=False),
         yaxis=dict(title="relative L2 vs unquantized", type="log", exponentformat="power"),
         legend=dict(orientation="h", yanchor="top", y=-0.2, x=0, font=dict(size=11)),
         margin=dict(l=70, r=20, t=24, b=40),
     ))
-    return _fig_dict(fig)
+    return fig_dict(fig)
