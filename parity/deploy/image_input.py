@@ -106,7 +106,6 @@ def _raw_folder_alias(model_dir: str, applied: list[str]) -> Iterator[None]:
 def build_vision_shell(model_dir: str) -> tuple[Any, list[str]]:
     """lmdeploy's `Xcomposer2VisionModel` for `model_dir`, built on CPU (see module doc), and the in-process
     patches that were needed."""
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from lmdeploy.archs import get_model_arch
@@ -144,10 +143,11 @@ def build_vision_shell(model_dir: str) -> tuple[Any, list[str]]:
     model = model.half()
     wanted = model.state_dict()
     state: dict[str, torch.Tensor] = {}
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        for k, v in load_file(str(f)).items():
-            if k in wanted:
-                state[k] = v.to(wanted[k].dtype) if v.is_floating_point() else v
+    from ..quant.awq_folder import load_state  # safetensors, or an AWQ folder's pytorch_model.bin (weights_only)
+
+    for k, v in load_state(model_dir).items():
+        if k in wanted:
+            state[k] = v.to(wanted[k].dtype) if v.is_floating_point() else v
     missing = sorted(set(wanted) - set(state))
     if missing:
         raise ParityInputError(
