@@ -44,7 +44,7 @@ def provided(clip_folder, monkeypatch):
     """The hub CLIP served from its local folder (what --hub-model ID=PATH does), this test only."""
     from parity.reference import modelcode
 
-    monkeypatch.delenv(modelcode.PROVIDED_ENV, raising=False)
+    monkeypatch.setenv(modelcode.PROVIDED_ENV, "{}")  # recorded, so the mapping provide() writes is undone
     modelcode.provide(CLIP_HUB_ID, clip_folder)
     return clip_folder
 
@@ -223,7 +223,7 @@ def test_audit_reads_every_plora_linear_and_the_vision_path_without_building_the
     """The hub CLIP is not in the cache, so the model cannot be built: the audit still reads everything."""
     from parity.reference import modelcode
 
-    monkeypatch.delenv(modelcode.PROVIDED_ENV, raising=False)
+    monkeypatch.setenv(modelcode.PROVIDED_ENV, "{}")
     a = _audit(vl)
     assert a.status == "OK" and a.exit_code == 0 and not a.incomplete, a.summary()
     assert set(a.model_linears) == {"attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w3",
@@ -248,6 +248,8 @@ def test_audit_reports_4khd_scales_from_the_code(fixture_models):
     assert a.ok, a.summary()
     assert a.model_linears["attention.wqkv"] == {"rank": 8, "scale": 2.0, "layers": 3}
     assert a.model_linears["attention.wo"] == {"rank": 256, "scale": 1.0, "layers": 3}
+    # 4KHD merges 2x2 patches per row: the projector takes 4x the ViT width, a 336-px tile gives 144 rows
+    assert a.vision_path["merge"] == 4 and a.vision_path["rows_per_image"] // a.vision_path["merge"] == 144
 
 
 def test_an_audit_that_cannot_read_the_code_is_incomplete_never_ok(vl, tmp_path, capsys):
