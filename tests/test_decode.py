@@ -18,6 +18,7 @@ from parity.cli import main
 from parity.deploy.kvcache import DtypeStorage, KVCache, SessionFull
 from parity.faults import catalogue_cases
 from parity.fixtures import IMAGES_DIR
+from parity.records import CanonicalInput, Segment
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache"
@@ -100,9 +101,31 @@ def test_decode_step_runs_one_row_per_linear(tiny, monkeypatch):
 # ------------------------------------------------------------------------------------------ clean runs
 
 
-# xcomposer2-4khd-tiny left out since it has 4KHD's real image path (3,817 rows per image): its clean decode with
-# one image reported error findings in fp32 (found at the 21:45 deadline, cause not yet investigated: see the
-# hdpaths report). Re-add it once that is understood.
+@pytest.mark.parametrize("numeric", ["fp32", "emulate"])
+def test_clean_decode_4khd_text_prompt(fixture_models, numeric, tmp_path):
+    """4KHD's decoder on a text-only chat: the decode path of the 4KHD LoRA settings (w_qkv 8 / 2.0) stays clean."""
+    case = CanonicalInput("text-chat", (Segment("text", text="[UNUSED_TOKEN_146]user\nTell me a story about a cat."
+                                                              "[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]assistant\n"),))
+    report = run(fixture_models["xcomposer2-4khd-tiny"], trust_remote_code=True, numeric=numeric, cache_dir=CACHE,
+                 decode=32, cases=[case], out=tmp_path)
+    assert report.errors() == [], [f.message for f in report.errors()]
+    (sec,) = report.decode
+    assert sec.steps_run == 32 and not any(p["exceeded"] for p in sec.points)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason=(
+    "KNOWN FALSE ALARM, open: fp32 decode after 4KHD's 3,817-row one-image prompt reports numeric_drift at step 5, "
+    "layer 0, attention (teacher-forced 1.74e-06 vs threshold 1.61e-06, 1.08x) and at 5 later steps. Kept visible "
+    "here until the one-row decode floor is understood; not a threshold to loosen."))
+def test_clean_decode_4khd_one_image_fp32(fixture_models, tmp_path):
+    from parity.faults import one_image_cases
+
+    report = run(fixture_models["xcomposer2-4khd-tiny"], trust_remote_code=True, numeric="fp32", cache_dir=CACHE,
+                 decode=32, cases=one_image_cases(), out=tmp_path)
+    assert report.errors() == [], [f.message for f in report.errors()]
+
+
 @pytest.mark.parametrize("name", ["xcomposer2-tiny"])
 @pytest.mark.parametrize("numeric", ["fp32", "emulate"])
 def test_clean_decode_passes_with_zero_errors(fixture_models, name, numeric, tmp_path):
