@@ -36,6 +36,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from ..checkpoint import load_state
 from ..errors import ParityInputError
 from ..records import Chat, Finding, PreparedInput, Segment
 
@@ -143,9 +144,7 @@ def build_vision_shell(model_dir: str) -> tuple[Any, list[str]]:
     model = model.half()
     wanted = model.state_dict()
     state: dict[str, torch.Tensor] = {}
-    from ..quant.awq_folder import load_state  # safetensors, or an AWQ folder's pytorch_model.bin (weights_only)
-
-    for k, v in load_state(model_dir).items():
+    for k, v in load_state(model_dir).items():  # safetensors, or an AWQ folder's pytorch_model.bin
         if k in wanted:
             state[k] = v.to(wanted[k].dtype) if v.is_floating_point() else v
     missing = sorted(set(wanted) - set(state))

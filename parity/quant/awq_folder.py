@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import load_state
 from ..errors import ParityInputError
 from ..hfconfig import read_hf_config
 from .pack import dequantize_exact, unpack_awq
@@ -73,53 +74,6 @@ def awq_config(folder: Path | str) -> AwqConfig:
     if ver != "gemm":
         raise ParityInputError(f"{where}: 'quantization_config.version' is {ver!r}; lmdeploy converts 'gemm' only.")
     return AwqConfig(bits=4, group_size=gs, zero_point=True, version=ver)
-
-
-def _weight_files(folder: Path) -> list[Path]:
-    index = folder / "pytorch_model.bin.index.json"
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ParityInputError(f"{index} is not a valid shard index ({e}); expected a 'weight_map' of tensor "
-                                   "name -> shard file.") from None
-        return [folder / n for n in names]
-    files = sorted(folder.glob("pytorch_model*.bin")) or sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ParityInputError(f"Model folder {folder} has no pytorch_model*.bin or *.safetensors weights; expected "
-                               "what `lmdeploy lite auto_awq` saves (pytorch_model.bin).")
-    return files
-
-
-def _load_file(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise ParityInputError(f"Weight file {path} named by the shard index is missing.")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as e:  # noqa: BLE001 - any reader failure is a bad file
-            raise ParityInputError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}).") from None
-    try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001 - UnpicklingError for non-tensor objects, zip errors for corrupt files
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ParityInputError(
-            f"{path} could not be read as tensors only (torch.load weights_only=True: {type(e).__name__}: {first}). "
-            "parity never unpickles arbitrary objects; expected a state dict of tensors as auto_awq saves it.") from None
-    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
-        raise ParityInputError(f"{path} does not hold a state dict (name -> tensor); expected what auto_awq saves.")
-    return sd
-
-
-def load_state(folder: Path | str) -> dict[str, torch.Tensor]:
-    """Every tensor of a model folder as stored (an AWQ folder: packed qweight/qzeros, fp16 scales)."""
-    folder = Path(folder)
-    state: dict[str, torch.Tensor] = {}
-    for f in _weight_files(folder):
-        state.update(_load_file(f))
-    return state
 
 
 @dataclass

@@ -1,0 +1,59 @@
+"""Reading a model folder's tensors as stored: safetensors, or `pytorch_model*.bin` (an AWQ folder) with
+`weights_only=True` -- parity never unpickles arbitrary objects. One reader for the deployment's image path and
+the quantized reference alike."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import ParityInputError
+
+
+def weight_files(folder: Path) -> list[Path]:
+    index = folder / "pytorch_model.bin.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ParityInputError(f"{index} is not a valid shard index ({e}); expected a 'weight_map' of tensor "
+                                   "name -> shard file.") from None
+        return [folder / n for n in names]
+    files = sorted(folder.glob("pytorch_model*.bin")) or sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ParityInputError(f"Model folder {folder} has no pytorch_model*.bin or *.safetensors weights; expected "
+                               "what `lmdeploy lite auto_awq` saves (pytorch_model.bin).")
+    return files
+
+
+def load_weight_file(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise ParityInputError(f"Weight file {path} named by the shard index is missing.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - any reader failure is a bad file
+            raise ParityInputError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}).") from None
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - UnpicklingError for non-tensor objects, zip errors for corrupt files
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ParityInputError(
+            f"{path} could not be read as tensors only (torch.load weights_only=True: {type(e).__name__}: {first}). "
+            "parity never unpickles arbitrary objects; expected a state dict of tensors as auto_awq saves it.") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise ParityInputError(f"{path} does not hold a state dict (name -> tensor); expected what auto_awq saves.")
+    return sd
+
+
+def load_state(folder: Path | str) -> dict[str, torch.Tensor]:
+    """Every tensor of a model folder as stored (an AWQ folder: packed qweight/qzeros, fp16 scales)."""
+    folder = Path(folder)
+    state: dict[str, torch.Tensor] = {}
+    for f in weight_files(folder):
+        state.update(load_weight_file(f))
+    return state
