@@ -30,7 +30,8 @@ def model_ws(fixture_models):
 def _start_run(model: Path, ws: Path, out: Path, tmp: Path) -> subprocess.Popen:
     code = "import sys; from parity.cli import main; sys.exit(main(sys.argv[1:]))"
     argv = [sys.executable, "-c", code, "run", str(model), "--trust-remote-code", "--workspace", str(ws),
-            "--out", str(out), "--cache-dir", str(CACHE)]
+            "--out", str(out), "--cache-dir", str(CACHE),
+            "--decode", "32"]  # seconds of work left after the first traces: the signal lands mid-run, not after it
     return subprocess.Popen(argv, env={**os.environ, "TMPDIR": str(tmp)}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=tmp.parent)
 
