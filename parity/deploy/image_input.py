@@ -104,6 +104,21 @@ def _raw_folder_alias(model_dir: str, applied: list[str]) -> Iterator[None]:
             sys.modules.pop(raw, None)
 
 
+@contextlib.contextmanager
+def _undo_lmdeploy_rewrite():
+    """lmdeploy's `init_empty_vit` swaps `CLIPVisionModel.from_pretrained` and puts it back by assignment, which
+    leaves a copy in CLIPVisionModel's own dict: later patches of `PreTrainedModel.from_pretrained` (parity's hub
+    resolution, reference/modelcode.py) were then shadowed for the rest of the process. Leave the class as found."""
+    from transformers import CLIPVisionModel
+
+    had = "from_pretrained" in vars(CLIPVisionModel)
+    try:
+        yield
+    finally:
+        if not had and "from_pretrained" in vars(CLIPVisionModel):
+            delattr(CLIPVisionModel, "from_pretrained")
+
+
 def build_vision_shell(model_dir: str) -> tuple[Any, list[str]]:
     """lmdeploy's `Xcomposer2VisionModel` for `model_dir`, built on CPU (see module doc), and the in-process
     patches that were needed."""
@@ -133,6 +148,7 @@ def build_vision_shell(model_dir: str) -> tuple[Any, list[str]]:
             stack.enter_context(_raw_folder_alias(model_dir, applied))
         stack.enter_context(warnings.catch_warnings())
         warnings.simplefilter("ignore")
+        stack.enter_context(_undo_lmdeploy_rewrite())
         stack.enter_context(init_empty_vit(model_dir))
         model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=True)
         model.vit.load_model()
