@@ -12,15 +12,23 @@ import torch
 from .errors import ParityInputError
 
 
+def indexed_shards(index: Path) -> list[Path] | None:
+    """The shard files a `*.index.json` names, in order (None when there is no index): the one parser of
+    transformers' shard indexes, for both weight formats."""
+    if not index.is_file():
+        return None
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ParityInputError(f"{index} is not a valid shard index ({e}); expected a 'weight_map' of tensor "
+                               "name -> shard file.") from None
+    return [index.parent / n for n in names]
+
+
 def weight_files(folder: Path) -> list[Path]:
-    index = folder / "pytorch_model.bin.index.json"
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ParityInputError(f"{index} is not a valid shard index ({e}); expected a 'weight_map' of tensor "
-                                   "name -> shard file.") from None
-        return [folder / n for n in names]
+    shards = indexed_shards(folder / "pytorch_model.bin.index.json")
+    if shards is not None:
+        return shards
     files = sorted(folder.glob("pytorch_model*.bin")) or sorted(folder.glob("*.safetensors"))
     if not files:
         raise ParityInputError(f"Model folder {folder} has no pytorch_model*.bin or *.safetensors weights; expected "

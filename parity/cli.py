@@ -292,6 +292,14 @@ def _check_writable(out: Path) -> None:
         raise ParityInputError(f"Output folder {out} cannot be written ({probe} is not a writable folder).")
 
 
+def _written(summary: str, warnings: list[str]) -> int:
+    """A writing command's ending: its one summary line on stdout, its warnings on stderr, exit 0."""
+    out_console().print(summary)
+    for w in warnings:
+        err.print(f"[yellow]warning:[/] {w}")
+    return 0
+
+
 def _command(args: argparse.Namespace) -> int:
     if getattr(args, "hub_model", None):
         from .reference.modelcode import parse_hub_model, provide
@@ -313,12 +321,8 @@ def _command(args: argparse.Namespace) -> int:
         from .deploy.workspace import Workspace
 
         bias = Workspace.open(rec.workspace).model.attn_bias
-        out_console().print(
-            f"[green]converted[/] {rec.model} -> {rec.workspace} (lmdeploy {rec.lmdeploy_version}, "
-            f"sub-type {rec.sub_type}, lora {rec.lora_config}, attn_bias {bias})")
-        for w in rec.warnings:
-            err.print(f"[yellow]warning:[/] {w}")
-        return 0
+        return _written(f"[green]converted[/] {rec.model} -> {rec.workspace} (lmdeploy {rec.lmdeploy_version}, "
+                        f"sub-type {rec.sub_type}, lora {rec.lora_config}, attn_bias {bias})", rec.warnings)
     if args.command == "disguise":
         from .disguise import disguise
 
@@ -331,13 +335,11 @@ def _command(args: argparse.Namespace) -> int:
                        compensate_plora=args.compensate_plora, calib_samples=args.calib_samples,
                        calib_seqlen=args.calib_seqlen, trust_remote_code=args.trust_remote_code,
                        overwrite=args.force)
-        out_console().print(
+        return _written(
             f"[green]quantized[/] {rec.model} -> {rec.out} (lmdeploy {rec.lmdeploy_version} auto_awq, w{rec.w_bits} "
             f"g{rec.group_size}, {rec.seconds:.1f} s, PLoRA "
-            f"{'compensated (' + str(len(rec.compensated)) + ' tensors)' if rec.compensate_plora else 'left as lmdeploy leaves it'})")
-        for w in rec.warnings:
-            err.print(f"[yellow]warning:[/] {w}")
-        return 0
+            f"{'compensated (' + str(len(rec.compensated)) + ' tensors)' if rec.compensate_plora else 'left as lmdeploy leaves it'})",
+            rec.warnings)
     if args.command == "audit":
         import json
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from parity.deploy.layout import hf_qkv_cols_to_tm
+from parity.deploy.shapes import LoraSettings, ModelShape
 from parity.deploy.replay import WARNING_TEXT, ReplayEngine, validate_ranges
 from parity.points import LAYER_POINTS, PLORA_LINEARS, plora_key
 from parity.records import EngineCall, RuntimeSemantics
@@ -44,45 +45,25 @@ _measured: dict[str, dict] = {}
 # ------------------------------------------------------------------------------------------- stand-ins
 
 
-@dataclass
-class FakeModelShape:
-    head_num: int
-    kv_head_num: int
-    size_per_head: int
-    hidden_units: int
-    num_layer: int
-    inter_size: list
-    norm_eps: float
-    vocab_size: int
-    weight_type: str
-    tp: int = 1
-    attn_bias: int = 0
-    model_arch: str = "InternLMXComposer2ForCausalLM"
-
-
-@dataclass
-class FakeLoraSettings:
-    lora_policy: str = "plora"
-    lora_r: int = 8
-    lora_scale: float = 1.0
-    lora_max_wo_r: int = 8
-    lora_rank_pattern: str = ""
-    lora_scale_pattern: str = ""
+def plora_settings(**overrides) -> LoraSettings:
+    """A converted PLoRA workspace's lora_config (rank 8, scale 1) with `overrides`."""
+    return LoraSettings(**{"lora_policy": "plora", "lora_r": 8, "lora_scale": 1.0, "lora_max_wo_r": 8, **overrides})
 
 
 class FakeWorkspace:
     """Stand-in for parity.deploy.workspace.Workspace (tests only): the converter's tp=1 output, built
     from an HF XComposer2 state dict with the project's layout transforms."""
 
-    def __init__(self, sd: dict, cfg: dict, dtype=torch.bfloat16, lora: FakeLoraSettings | None = None):
+    def __init__(self, sd: dict, cfg: dict, dtype=torch.bfloat16, lora: LoraSettings | None = None):
         H, KV, D = cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
         self.dtype = dtype
-        self.model = FakeModelShape(H, KV, D, cfg["hidden"], cfg["layers"], [cfg["inter"]] * cfg["layers"],
-                                    cfg["eps"], cfg["vocab"], {torch.bfloat16: "bf16", torch.float16: "fp16",
-                                                               torch.float32: "fp32"}[dtype])
+        self.model = ModelShape(H, KV, D, cfg["hidden"], cfg["layers"], [cfg["inter"]] * cfg["layers"],
+                                cfg["eps"], cfg["vocab"], {torch.bfloat16: "bf16", torch.float16: "fp16",
+                                                           torch.float32: "fp32"}[dtype],
+                                tp=1, attn_bias=0, model_arch="InternLMXComposer2ForCausalLM")
         self.attention = {"rope_theta": cfg["rope_theta"], "rotary_embedding": D, "max_position_embeddings": 4096,
                           "rope_scaling_type": "", "rope_scaling_factor": 0.0, "use_dynamic_ntk": 0}
-        self.lora = lora or FakeLoraSettings(lora_r=cfg["lora_r"], lora_scale=cfg["lora_scale"],
+        self.lora = lora or plora_settings(lora_r=cfg["lora_r"], lora_scale=cfg["lora_scale"],
                                              lora_max_wo_r=cfg["lora_r"])
         self.config = {"model_config": dict(self.model.__dict__), "attention_config": self.attention,
                        "lora_config": dict(self.lora.__dict__)}
@@ -654,7 +635,7 @@ def test_workspace_serving_trap_replays_lora_absent(setup):
 def test_lora_policy_off_means_no_mask(standin):
     s = standin
     ws = FakeWorkspace(s.model.state_dict(), CFG, dtype=torch.bfloat16,
-                       lora=FakeLoraSettings(lora_policy="", lora_r=0, lora_scale=0.0, lora_max_wo_r=0))
+                       lora=plora_settings(lora_policy="", lora_r=0, lora_scale=0.0, lora_max_wo_r=0))
     info, tr = _run(s, "nolora", _engine(s, ws=ws, numeric="fp32"))
     assert info["mask"] == [0] * ROWS and info["ranges_valid"]
     assert tr.plora(0, "attention.wqkv")["rank"] == 0
@@ -672,7 +653,7 @@ def test_per_linear_rank_and_scale_patterns(standin, tmp_path):
             lin.Plora_A.weight = nn.Parameter(lin.Plora_A.weight[:4].clone())
             lin.Plora_B.weight = nn.Parameter(lin.Plora_B.weight[:, :4].clone())
             lin.lora_r, lin.lora_alpha, lin.lora_scaling = 4, 12.0, 3.0
-    lora = FakeLoraSettings(lora_r=CFG["lora_r"], lora_scale=CFG["lora_scale"], lora_max_wo_r=CFG["lora_r"],
+    lora = plora_settings(lora_r=CFG["lora_r"], lora_scale=CFG["lora_scale"], lora_max_wo_r=CFG["lora_r"],
                             lora_rank_pattern="attention.w_qkv:4", lora_scale_pattern="attention.w_qkv:3.0")
     ws = FakeWorkspace(model.state_dict(), CFG, dtype=torch.bfloat16, lora=lora)
     ref = _hf_capture(model, s.embeds, s.im_mask, tmp_path / "ref", torch.float32)
@@ -682,7 +663,7 @@ def test_per_linear_rank_and_scale_patterns(standin, tmp_path):
     errs = _errors(tr, ref)
     assert max(errs.values()) < 1e-5, max(errs.items(), key=lambda kv: kv[1])
     # a wrong scale is accepted silently (TurboMind does not check it): only the deltas move
-    ws.lora = FakeLoraSettings(lora_r=CFG["lora_r"], lora_scale=CFG["lora_scale"], lora_max_wo_r=CFG["lora_r"],
+    ws.lora = plora_settings(lora_r=CFG["lora_r"], lora_scale=CFG["lora_scale"], lora_max_wo_r=CFG["lora_r"],
                                lora_rank_pattern="attention.w_qkv:4")
     _, tr2 = _run(s, "patterns_scale", _engine(s, ws=ws, numeric="fp32"))
     assert tr2.plora(0, "attention.wqkv")["scale"] == CFG["lora_scale"]

@@ -32,6 +32,7 @@ from typing import Any, Mapping
 
 import torch
 
+from ..checkpoint import indexed_shards, load_weight_file
 from ..errors import ParityInputError
 from ..hfconfig import read_hf_config
 from ..points import PLORA_LINEARS
@@ -103,13 +104,9 @@ class DisguiseRecord:
 
 
 def _weight_files(src: Path) -> list[Path]:
-    index = src / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ParityInputError(f"{index} is not a valid safetensors index ({e}).") from None
-        return [src / n for n in names]
+    shards = indexed_shards(src / "model.safetensors.index.json")
+    if shards is not None:
+        return shards
     files = sorted(src.glob("*.safetensors"))
     if not files:
         raise ParityInputError(
@@ -120,16 +117,9 @@ def _weight_files(src: Path) -> list[Path]:
 
 
 def _load_tensors(src: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     out: dict[str, torch.Tensor] = {}
     for f in _weight_files(src):
-        if not f.is_file():
-            raise ParityInputError(f"{f} is missing (named by the safetensors index of {src}).")
-        try:
-            out.update(load_file(str(f)))
-        except Exception as e:  # safetensors raises several types for a corrupt file
-            raise ParityInputError(f"{f} is not a readable safetensors file ({type(e).__name__}: {e}).") from None
+        out.update(load_weight_file(f))
     return out
 
 
