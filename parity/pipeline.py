@@ -28,6 +28,7 @@ from .compare.thresholds import Thresholds
 from .device import Placement, judged_precision, resolve_device, supports_float64
 from .engines import EngineSetup, engine_class
 from .errors import EngineRefused, ParityInputError
+from .hfconfig import head_dim_of, kv_heads_of
 from .inputs import default_cases, engine_call, engine_rows, hf_call, load_cases, prepare
 from .places import default_cache_dir
 from .resources import check_resources
@@ -91,11 +92,9 @@ def _hf_tm_tensors(ref: ReferenceModel, ws):
     from .deploy.expected import ExpectedTensors
 
     c = ref.config
-    heads = int(c["num_attention_heads"])
     shape = replace(
-        ws.model, head_num=heads, kv_head_num=int(c.get("num_key_value_heads", heads)),
-        size_per_head=int(c.get("head_dim") or c["hidden_size"] // heads), hidden_units=int(c["hidden_size"]),
-        num_layer=int(c["num_hidden_layers"]), vocab_size=int(c["vocab_size"]),
+        ws.model, head_num=int(c["num_attention_heads"]), kv_head_num=kv_heads_of(c), size_per_head=head_dim_of(c),
+        hidden_units=int(c["hidden_size"]), num_layer=int(c["num_hidden_layers"]), vocab_size=int(c["vocab_size"]),
     )
     return ExpectedTensors(ref.xcomposer2_state_dict(), shape)
 

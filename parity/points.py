@@ -46,15 +46,6 @@ UNCHECKED_PARTS: tuple[str, ...] = tuple(p for p in PLORA_PARTS if p not in CHEC
 PRE_POINTS: tuple[str, ...] = ("embeddings",)
 POST_POINTS: tuple[str, ...] = ("norm", "output")
 
-# TurboMind's names for the same linears (`layers.{i}.` + these), as used by its LoRA patterns.
-TM_LINEAR_NAMES: dict[str, str] = {
-    "attention.wqkv": "attention.w_qkv",
-    "attention.wo": "attention.wo",
-    "feed_forward.w1": "feed_forward.w1",
-    "feed_forward.w3": "feed_forward.w3",
-    "feed_forward.w2": "feed_forward.w2",
-}
-
 
 def plora_key(linear: str, part: str) -> str:
     return f"{linear}:{part}"

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .errors import ParityInputError
+from .hfconfig import head_dim_of, kv_heads_of
 
 log = logging.getLogger("parity")
 
@@ -59,10 +60,8 @@ def estimate(config: Mapping[str, Any], rows: int, floor_bytes: int = 8) -> Reso
     """Costs of one case of `rows` rows for the model described by the HF `config` (float64 floor by default)."""
     hidden = int(config["hidden_size"])
     layers = int(config["num_hidden_layers"])
-    heads = int(config["num_attention_heads"])
-    kv_heads = int(config.get("num_key_value_heads") or heads)
+    heads, kv_heads, head_dim = int(config["num_attention_heads"]), kv_heads_of(config), head_dim_of(config)
     inter = int(config.get("intermediate_size") or 4 * hidden)
-    head_dim = hidden // heads
     layer_params = hidden * (heads + 2 * kv_heads) * head_dim + hidden * hidden + 3 * hidden * inter
     scores = heads * rows * rows * (floor_bytes + 4)   # eager scores at the floor's precision + fp32 softmax
     activations = rows * (12 * hidden + 3 * inter) * floor_bytes

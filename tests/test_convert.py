@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from parity.deploy.compat import cpu_converter_patches, installed_lmdeploy_version, stub_active
 from parity.deploy.convert import LOG_NAME, cache_key, convert, convert_cached
-from parity.deploy.lora_config import TM_LINEARS, lora_config_for
+from parity.deploy.lora_config import lora_config_for
+from parity.names import TM_LINEARS
 from parity.deploy.workspace import RECORD_NAME, Workspace
 from parity.errors import ParityInputError
 from parity.records import ConversionRecord

@@ -27,7 +27,8 @@ from parity.disguise import (
     unregister_lora_config,
     xcomposer2_state_dict,
 )
-from parity.reference.qwen2 import AttnShape, fuse_qkv_lora, fuse_qkv_rows, split_qkv_rows
+from parity.hfconfig import AttnShape
+from parity.reference.qwen2 import fuse_qkv_lora, fuse_qkv_rows, split_qkv_rows
 from parity.errors import ParityInputError
 from parity.fixtures import (
     IMAGES_DIR,
@@ -38,7 +39,8 @@ from parity.fixtures import (
     ensure,
     write_qwen2_model,
 )
-from parity.points import PLORA_LINEARS, TM_LINEAR_NAMES
+from parity.names import TM_LINEAR_OF
+from parity.points import PLORA_LINEARS
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE_CACHE = REPO / ".cache" / "fixtures"
@@ -321,7 +323,7 @@ def test_emitted_lora_config_resolves_to_the_disguise_ranks_and_scales(disguised
         for layer in range(rec.layers):
             for linear in PLORA_LINEARS:
                 want = rec.linears[linear]
-                assert resolve(lora, layer, TM_LINEAR_NAMES[linear]) == (want["rank"], f32(want["scale"]))
+                assert resolve(lora, layer, TM_LINEAR_OF[linear]) == (want["rank"], f32(want["scale"]))
         assert cfg["lora_max_wo_r"] >= rec.linears["attention.wo"]["rank"]
 
 

@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from parity.deploy.convert import convert, read_record
-from parity.deploy.lora_config import TM_LINEARS
+from parity.names import TM_LINEARS
 from parity.deploy.replay import ReplayEngine
 from parity.deploy.versions import semantics_for
 from parity.deploy.workspace import CONFIG_NAME, RECORD_NAME, Workspace

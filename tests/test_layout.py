@@ -19,6 +19,7 @@ from parity.deploy.compat import cpu_converter_patches
 from parity.deploy.convert import convert, convert_cached
 from parity.deploy.workspace import ModelShape, Workspace
 from parity.errors import ParityInputError
+from parity.names import parse_tm_name
 
 REPO = Path(__file__).resolve().parents[1]
 WS_CACHE = REPO / ".cache" / "workspaces"
@@ -210,7 +211,7 @@ def test_names_and_rules():
     for name, rule in rules.items():
         assert layout.split_rule(name) == rule, name
     with pytest.raises(ParityInputError):
-        layout.parse_name("layers.0.attention.wq.weight")
+        parse_tm_name("layers.0.attention.wq.weight")
     with pytest.raises(ParityInputError):
         layout.tm_dtype("int8")  # no int8 weight type in TurboMind 0.7.1 (int4 is read by parity.quant)
 

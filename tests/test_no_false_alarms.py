@@ -29,7 +29,8 @@ from parity.deploy.lora_config import lora_config_for
 from parity.fixtures import IMAGES_DIR, FixtureSpec, write_model
 from parity.fixtures.generator import CHARS, CHAT_TOKENS, TOKENIZER_SIZE
 from parity.pipeline import RunOptions, run_parity
-from parity.points import PLORA_LINEARS, TM_LINEAR_NAMES
+from parity.names import TM_LINEAR_OF
+from parity.points import PLORA_LINEARS
 from parity.records import CanonicalInput, Segment
 from parity.reference.session import ReferenceSession
 
@@ -102,7 +103,7 @@ def case_lists(draw) -> list[CanonicalInput]:
 def matching_lora_config(spec: FixtureSpec) -> dict:
     """The lora_config under which TurboMind resolves exactly the spec's ranks and alpha / rank scales."""
     layout = spec.lora_layout()
-    return lora_config_for({(i, TM_LINEAR_NAMES[lin]): (r, float(a) / r)
+    return lora_config_for({(i, TM_LINEAR_OF[lin]): (r, float(a) / r)
                             for i in range(spec.layers) for lin, (r, a) in layout.items()})
 
 

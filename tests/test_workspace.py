@@ -18,7 +18,8 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from parity.deploy import layout
-from parity.deploy.lora_config import TM_LINEARS, f32, lora_config_for, parse_pattern, resolve, resolve_all
+from parity.names import TM_LINEARS
+from parity.deploy.lora_config import f32, lora_config_for, parse_pattern, resolve, resolve_all
 from parity.deploy.workspace import LoraSettings, ModelShape, Workspace, config_dict, write_workspace
 from parity.errors import ParityInputError
 from parity.records import ConversionRecord

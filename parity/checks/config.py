@@ -5,21 +5,23 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..points import PLORA_LINEARS, TM_LINEAR_NAMES
+from ..hfconfig import head_dim_of, kv_heads_of
+from ..names import TM_LINEAR_OF
+from ..points import PLORA_LINEARS
 from ..records import Finding
 from .base import CheckContext, CheckOutput
 
 # workspace field -> (where it lives, how HF says it, module it shapes first)
 _FIELDS = (
     ("head_num", "model", lambda c: c.get("num_attention_heads"), "attention"),
-    ("kv_head_num", "model", lambda c: c.get("num_key_value_heads", c.get("num_attention_heads")), "attention"),
-    ("size_per_head", "model", lambda c: c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"], "attention"),
+    ("kv_head_num", "model", kv_heads_of, "attention"),
+    ("size_per_head", "model", head_dim_of, "attention"),
     ("hidden_units", "model", lambda c: c.get("hidden_size"), "attention_norm"),
     ("num_layer", "model", lambda c: c.get("num_hidden_layers"), None),
     ("norm_eps", "model", lambda c: c.get("rms_norm_eps"), "attention_norm"),
     ("vocab_size", "model", lambda c: c.get("vocab_size"), "output"),
     ("rope_theta", "attention", lambda c: float(c.get("rope_theta", 10000.0)), "attention"),
-    ("rotary_embedding", "attention", lambda c: c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"], "attention"),
+    ("rotary_embedding", "attention", head_dim_of, "attention"),
     ("max_position_embeddings", "attention", lambda c: c.get("max_position_embeddings"), "attention"),
 )
 
@@ -63,7 +65,7 @@ def run(ctx: CheckContext) -> CheckOutput:
     for key, where, hf_get, module in _FIELDS:
         try:
             hf = hf_get(cfg)
-        except (KeyError, TypeError, ZeroDivisionError):
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
             hf = None
         eng = _ws_value(ws, where, key)
         if key == "kv_head_num" and ws.model.tp > (hf or 0) and eng == ws.model.tp:
@@ -120,7 +122,7 @@ def _lora(ctx: CheckContext, table: list) -> list[Finding]:
     for layer in sorted(ctx.hf_plora):
         for linear in PLORA_LINEARS:
             hf = ctx.hf_plora[layer].get(linear)
-            rank, scale = resolve(ws.lora, layer, TM_LINEAR_NAMES[linear])
+            rank, scale = resolve(ws.lora, layer, TM_LINEAR_OF[linear])
             hf_rank = hf["rank"] if hf else 0
             hf_scale = hf["scale"] if hf else 0.0
             if rank != hf_rank:
@@ -132,7 +134,7 @@ def _lora(ctx: CheckContext, table: list) -> list[Finding]:
         what = "rank" if cause == "lora_rank_mismatch" else "scale"
         findings.append(Finding(
             check="config", severity="error", cause=cause, layer=layers[0], module=linear, positions="image",
-            message=(f"The engine resolves LoRA {what} {rows[0][2]!r} for {TM_LINEAR_NAMES[linear]} "
+            message=(f"The engine resolves LoRA {what} {rows[0][2]!r} for {TM_LINEAR_OF[linear]} "
                      f"(lora_config: r={ws.lora.lora_r}, scale={ws.lora.lora_scale}, "
                      f"rank_pattern={ws.lora.lora_rank_pattern!r}, scale_pattern={ws.lora.lora_scale_pattern!r}), "
                      f"but the HF model's PLoRA has {what} {rows[0][1]!r}; layers {_span(layers)}."

@@ -10,7 +10,9 @@ import torch
 from ..compare.align import floor_needed, floor_stats
 from ..compare.rowstats import RowStats, row_stats
 from ..deploy.layout import tm_qkv_cols_to_hf
-from ..points import PLORA_LINEARS, TM_LINEAR_NAMES, plora_key
+from ..hfconfig import AttnShape
+from ..names import tm_linear_prefix
+from ..points import PLORA_LINEARS, plora_key
 from ..records import Finding
 from .base import CheckContext, CheckOutput
 
@@ -123,7 +125,7 @@ def _faithful_lowp_delta(ctx: CheckContext, ct, layer: int, linear: str, image: 
     """rnd(scale * (rnd(rnd(x) @ A) @ B)) on the image rows of the engine's own input, HF's A, B and scale —
     TurboMind's op order (notes, section 5) with the weights and scale the model really has."""
     hf, ws = ctx.hf_tm_tensors, ctx.workspace
-    tm = f"layers.{layer}.{TM_LINEAR_NAMES[linear]}"
+    tm = tm_linear_prefix(layer, linear)
     x = ct.engine_local.get(layer, plora_key(linear, "input"))
     meta = ctx.hf_plora.get(layer, {}).get(linear)
     if hf is None or ws is None or x is None or meta is None or f"{tm}.lora_a.weight" not in hf:
@@ -133,8 +135,6 @@ def _faithful_lowp_delta(ctx: CheckContext, ct, layer: int, linear: str, image: 
     t = (x[image].to(dt).float() @ a).to(dt).float()
     out = (float(meta["scale"]) * (t @ b)).to(dt).float()
     if linear == "attention.wqkv":
-        c = ctx.hf_config
-        heads = int(c["num_attention_heads"])
-        out = tm_qkv_cols_to_hf(out, heads, int(c.get("num_key_value_heads", heads)),
-                                int(c.get("head_dim") or c["hidden_size"] // heads))
+        shape = AttnShape.from_config(ctx.hf_config)
+        out = tm_qkv_cols_to_hf(out, shape.heads, shape.kv_heads, shape.head_dim)
     return out

@@ -9,7 +9,8 @@ import torch
 from ..errors import ParityInputError
 from ..deploy.expected import fingerprint
 from ..records import Finding
-from .base import CheckContext, CheckOutput, tm_name_location
+from ..names import tm_name_location
+from .base import CheckContext, CheckOutput
 
 
 def _hint(name: str, got: torch.Tensor, hf) -> str:

@@ -47,6 +47,7 @@ from typing import Any, Iterator
 import yaml
 
 from ..errors import ParityInputError, followable
+from ..hfconfig import kv_heads_of
 from ..records import ConversionRecord
 from .compat import cpu_converter_patches, installed_lmdeploy_version
 from .folder_config import LORA_CONFIG_FILE, disguise_model_info
@@ -139,7 +140,7 @@ def _kv_replication_note(cfg: dict, arch: str, tp: int) -> str:
     if arch != "InternLMXComposer2ForCausalLM":
         return ""
     heads = int(cfg.get("num_attention_heads") or 0)
-    kv = int(cfg.get("num_key_value_heads") or heads)
+    kv = kv_heads_of(cfg)
     if not (kv and tp > kv and heads % tp == 0):  # (heads % tp != 0: lmdeploy's own assertion says so)
         return ""
     return (f"tp={tp} is more than the {kv} kv head(s) in config.json (num_key_value_heads): lmdeploy 0.7.1 then "

@@ -102,6 +102,7 @@ from dataclasses import dataclass as _dataclass
 from typing import TYPE_CHECKING as _TYPE_CHECKING, Mapping as _Mapping
 
 from ..errors import ParityInputError as _ParityInputError
+from ..names import CANONICAL_OF_TM, HF_KIND_OF_TM, NORMS, TM_GLOBALS, TM_KIND_OF_HF, is_tm_norm, parse_tm_name
 
 if _TYPE_CHECKING:  # pragma: no cover
     from .shapes import ModelShape
@@ -118,17 +119,6 @@ WEIGHT_TYPE_DTYPES: dict[str, torch.dtype] = {
 # weight types whose linear weights are stored quantized; their merged `.weight` is the exact dequantization
 QUANT_WEIGHT_TYPES = ("int4",)
 
-TM_LINEAR_OF_HF: dict[str, str] = {
-    "attention.wqkv": "attention.w_qkv",
-    "attention.wo": "attention.wo",
-    "feed_forward.w1": "feed_forward.w1",
-    "feed_forward.w2": "feed_forward.w2",
-    "feed_forward.w3": "feed_forward.w3",
-}
-HF_LINEAR_OF_TM: dict[str, str] = {v: k for k, v in TM_LINEAR_OF_HF.items()}
-_KIND_TM = {"weight": "weight", "bias": "bias", "Plora_A.weight": "lora_a.weight", "Plora_B.weight": "lora_b.weight"}
-_KIND_HF = {v: k for k, v in _KIND_TM.items()}
-
 # split rules of merged names
 RULE_QKV = "qkv"     # per rank [q_r | k_r | v_r] on the last dim
 RULE_COL = "col"     # split on the last dim
@@ -137,8 +127,6 @@ RULE_COPY = "copy"   # the same tensor on every rank
 RULE_EMB = "emb"     # tok_embeddings: split on dim 1 (hidden)
 RULE_NONE = "none"   # one file, no rank in the name
 
-_LAYER_RE = _re.compile(r"^layers\.(\d+)\.(attention|feed_forward)\.(w_qkv|wo|w1|w2|w3)\.(weight|bias|lora_a\.weight|lora_b\.weight)$")
-_NORM_RE = _re.compile(r"^layers\.(\d+)\.(attention_norm|ffn_norm)\.weight$")
 
 
 def tm_dtype(weight_type: str) -> torch.dtype:
@@ -151,24 +139,11 @@ def tm_dtype(weight_type: str) -> torch.dtype:
         ) from None
 
 
-def parse_name(name: str) -> tuple[int | None, str | None, str]:
-    """Merged TurboMind name -> (layer, tm_linear or norm name, kind). Misc names give (None, None, name)."""
-    m = _LAYER_RE.match(name)
-    if m:
-        return int(m.group(1)), f"{m.group(2)}.{m.group(3)}", m.group(4)
-    m = _NORM_RE.match(name)
-    if m:
-        return int(m.group(1)), m.group(2), "weight"
-    if name in ("tok_embeddings.weight", "norm.weight", "output.weight"):
-        return None, None, name
-    raise _ParityInputError(f"{name!r} is not a TurboMind tensor name this harness knows.")
-
-
 def split_rule(name: str) -> str:
-    layer, linear, kind = parse_name(name)
+    layer, linear, kind = parse_tm_name(name)
     if layer is None:
         return {"tok_embeddings.weight": RULE_EMB, "output.weight": RULE_ROW, "norm.weight": RULE_NONE}[kind]
-    if linear in ("attention_norm", "ffn_norm"):
+    if linear in NORMS:
         return RULE_NONE
     if linear == "attention.w_qkv":
         return RULE_COPY if kind == "lora_a.weight" else RULE_QKV
@@ -196,7 +171,7 @@ _FILE_RE = _re.compile(r"^(.*)\.(\d+)\.(weight|bias)$")
 def merged_name_of_file(file_name: str) -> tuple[str, int | None]:
     """Inverse of `rank_file_name`: (merged name, rank or None)."""
     m = _FILE_RE.match(file_name)
-    if m and not _NORM_RE.match(file_name) and file_name != "norm.weight":
+    if m and not is_tm_norm(file_name) and file_name != "norm.weight":
         base = f"{m.group(1)}.{m.group(3)}"
         # `layers.0.attention.w_qkv.0.weight` -> base `layers.0.attention.w_qkv.weight`; but a layer
         # index alone (`layers.0.weight`) is not a rank file.
@@ -234,7 +209,7 @@ def tensor_spec(name: str, shape: "ModelShape", lora_rank: int = 0) -> TensorSpe
     """
     tp = int(shape.tp)
     H, KV, D, hid = shape.head_num, shape.kv_head_num, shape.size_per_head, shape.hidden_units
-    layer, linear, kind = parse_name(name)
+    layer, linear, kind = parse_tm_name(name)
     rule = split_rule(name)
     if layer is None:
         vpad = vocab_pad(shape.vocab_size, tp)
@@ -245,7 +220,7 @@ def tensor_spec(name: str, shape: "ModelShape", lora_rank: int = 0) -> TensorSpe
             return TensorSpec(name, rule, (rows + vpad, hid // tp), (rows, hid), tp, pad_rows=vpad)
         rows = shape.vocab_size
         return TensorSpec(name, rule, ((rows + vpad) // tp, hid), (rows, hid), tp, pad_rows=vpad)
-    if linear in ("attention_norm", "ffn_norm"):
+    if linear in NORMS:
         return TensorSpec(name, rule, (hid,), (hid,), tp)
     r = int(lora_rank)
     if linear == "attention.w_qkv":
@@ -484,8 +459,8 @@ def hf_to_tm_files(hf_state: _Mapping[str, torch.Tensor], shape: "ModelShape", *
         for i, s in enumerate(shards):
             fname = rank_file_name(name, i) if spec.rule != RULE_NONE else name
             # int4: a linear's weight is compared as its exact dequantization (float32), never rounded
-            _, linear, kind = parse_name(name)
-            keep = quantized and kind == "weight" and linear in HF_LINEAR_OF_TM
+            _, linear, kind = parse_tm_name(name)
+            keep = quantized and kind == "weight" and linear in CANONICAL_OF_TM
             s = (_cast(s, torch.float32) if keep else _cast(s, dtype)).contiguous()
             if s.numel() != spec.numel():
                 raise _ParityInputError(
@@ -535,7 +510,7 @@ def hf_to_tm_files(hf_state: _Mapping[str, torch.Tensor], shape: "ModelShape", *
             o_hf = hf_state.get(p + f"attention.wo.{kind}")
             if qkv_hf is None and o_hf is None:
                 continue
-            tmk = _KIND_TM[kind]
+            tmk = TM_KIND_OF_HF[kind]
             if qkv_hf is None or (o_hf is None and kind != "bias"):
                 need(p + f"attention.wqkv.{kind}"), need(p + f"attention.wo.{kind}")
             if kind == "Plora_A.weight":
@@ -570,7 +545,7 @@ def hf_to_tm_files(hf_state: _Mapping[str, torch.Tensor], shape: "ModelShape", *
                 if w is None:
                     need(p + f"feed_forward.{name}.{kind}")
             w1, w2, w3 = (w.t() for w in ws)
-            tmk = _KIND_TM[kind]
+            tmk = TM_KIND_OF_HF[kind]
             if kind == "Plora_A.weight":
                 put(t + "feed_forward.w1.lora_a.weight", [w1] * tp, w1.shape[-1])
                 put(t + "feed_forward.w3.lora_a.weight", [w3] * tp, w3.shape[-1])
@@ -608,7 +583,7 @@ def merge_files(files: _Mapping[str, torch.Tensor], shape: "ModelShape") -> dict
         groups.setdefault(base, {})[0 if rank is None else rank] = t
     out: dict[str, torch.Tensor] = {}
     for base, by_rank in groups.items():
-        layer, linear, kind = parse_name(base)
+        layer, linear, kind = parse_tm_name(base)
         first = by_rank[0]
         r = 0
         if kind == "lora_a.weight":
@@ -661,18 +636,17 @@ def tm_to_hf(tm_state: _Mapping[str, torch.Tensor], shape: "ModelShape", *,
         return 0
 
     for name, t in tm_state.items():
-        layer, linear, kind = parse_name(name)
+        layer, linear, kind = parse_tm_name(name)
         if layer is None:
-            key = {"tok_embeddings.weight": "model.tok_embeddings.weight", "norm.weight": "model.norm.weight",
-                   "output.weight": "output.weight"}[kind]
+            key = TM_GLOBALS[kind][0]
             out[key] = t
             continue
         p = f"model.layers.{layer}."
-        if linear in ("attention_norm", "ffn_norm"):
+        if linear in NORMS:
             out[p + f"{linear}.weight"] = t
             continue
-        hf_lin = HF_LINEAR_OF_TM[linear]
-        hkind = _KIND_HF[kind]
+        hf_lin = CANONICAL_OF_TM[linear]
+        hkind = HF_KIND_OF_TM[kind]
         key = p + f"{hf_lin}.{hkind}"
         if linear == "attention.w_qkv" and kind != "lora_a.weight":
             spec = tensor_spec(name, shape, lora_rank(name, t))

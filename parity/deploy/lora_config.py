@@ -28,17 +28,11 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from ..errors import ParityInputError
+from ..names import TM_LINEARS
 
 if TYPE_CHECKING:
     from .shapes import LoraSettings
 
-TM_LINEARS: tuple[str, ...] = (
-    "attention.w_qkv",
-    "attention.wo",
-    "feed_forward.w1",
-    "feed_forward.w2",
-    "feed_forward.w3",
-)
 
 LORA_KEYS: tuple[str, ...] = (
     "lora_policy", "lora_r", "lora_scale", "lora_max_wo_r", "lora_rank_pattern", "lora_scale_pattern",

@@ -44,7 +44,8 @@ import torch.nn.functional as F
 
 from ..errors import EngineRefused, ParityInputError
 
-from ..points import LAYER_POINTS, PLORA_LINEARS, TM_LINEAR_NAMES, plora_key
+from ..names import TM_LINEAR_OF, tm_linear_prefix
+from ..points import LAYER_POINTS, PLORA_LINEARS, plora_key
 from ..records import EngineCall, RuntimeSemantics
 from ..trace import Trace, TraceWriter, is_skipped_part
 from .layout import hf_qkv_cols_to_tm, tm_qkv_cols_to_hf
@@ -68,13 +69,6 @@ WEIGHT_DTYPES = {
     "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
 }
 
-_LINEAR_TENSORS = {
-    "attention.wqkv": "attention.w_qkv",
-    "attention.wo": "attention.wo",
-    "feed_forward.w1": "feed_forward.w1",
-    "feed_forward.w3": "feed_forward.w3",
-    "feed_forward.w2": "feed_forward.w2",
-}
 
 
 def _default_resolve(lora, layer: int, tm_linear: str) -> tuple[int, float]:
@@ -519,7 +513,7 @@ class ReplayEngine:
     # ---------------------------------------------------------------- weights
 
     def _lora_for(self, layer: int, point: str) -> tuple[int, float, bool]:
-        tm = TM_LINEAR_NAMES[point]
+        tm = TM_LINEAR_OF[point]
         rank, scale = self._resolve(self.lora, layer, tm)
         rank = int(rank) if self.plora_policy else 0
         return rank, float(scale), self.lora_active and rank > 0
@@ -527,7 +521,7 @@ class ReplayEngine:
     def _load_linear(self, layer: int, point: str, notes: list[str]) -> dict[str, Any]:
         """A linear's tensors in the workspace dtype (W [in, out], A, B when applied; bias in fp32), checked as
         TurboMind checks them at load time. `LayerWeights.get` upcasts them."""
-        prefix = f"layers.{layer}.{_LINEAR_TENSORS[point]}"
+        prefix = tm_linear_prefix(layer, point)
         # int4 (W4A16): the exact dequantization in fp32 mode, TurboMind's fp16 dequantization when emulating
         read = self.ws.deployed_tensor if (self.quantized and self.emulating) else self.ws.tensor
         try:
@@ -548,7 +542,7 @@ class ReplayEngine:
         # TurboMind checks the byte size of each LoRA tensor it is given against the configured rank when it
         # loads them (served from the HF folder); a mismatch fails loudly.
         if self.plora_policy and rank > 0 and self.lora_loaded and self.semantics.runtime_applies_plora:
-            tm = TM_LINEAR_NAMES[point]
+            tm = TM_LINEAR_OF[point]
             if not (has_a and has_b):
                 raise EngineRefused(
                     f"LoRA config gives layers.{layer}.{tm} rank {rank}, but the workspace has no "
@@ -578,7 +572,7 @@ class ReplayEngine:
             if apply:
                 lin["A"], lin["B"] = A, B
         elif (has_a or has_b) and self.plora_policy and rank == 0 and layer == 0:
-            notes.append(f"{TM_LINEAR_NAMES[point]}: LoRA tensors present but the config resolves rank 0 (unused)")
+            notes.append(f"{TM_LINEAR_OF[point]}: LoRA tensors present but the config resolves rank 0 (unused)")
         return lin
 
     # ---------------------------------------------------------------- run

@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from ..errors import ParityInputError
+from ..names import TM_GLOBALS, TM_LAYER_ORDER, TM_LINEARS_IN_ORDER, TM_LORA_KINDS, parse_tm_name
 from ..records import ConversionRecord
 from . import layout
 from .lora_config import LORA_KEYS, parse_pattern, resolve
@@ -305,7 +306,7 @@ class Workspace:
                 continue
             base, rank = cls._file_entry(entry.name)
             try:
-                layout.parse_name(base)
+                parse_tm_name(base)
             except ParityInputError:
                 continue  # not a tensor this harness knows (quantized parts, stray files)
             if rank is not None:
@@ -314,7 +315,7 @@ class Workspace:
         cfg, shape, attention, lora = _parse_config(cfg_path, ranks or None)
         ws = cls(root=root, weights_dir=weights, config=cfg, model=shape, attention=attention, lora=lora,
                  dtype=layout.tm_dtype(shape.weight_type), _files=files)
-        extra = sorted({n for n in files if (layout.parse_name(n)[0] or 0) >= shape.num_layer})
+        extra = sorted({n for n in files if (parse_tm_name(n)[0] or 0) >= shape.num_layer})
         if extra:
             raise ParityInputError(
                 f"{weights} holds tensors of layers beyond model_config.num_layer={shape.num_layer} "
@@ -331,12 +332,11 @@ class Workspace:
 
     @staticmethod
     def _order(name: str) -> tuple:
-        layer, linear, kind = layout.parse_name(name)
+        layer, linear, kind = parse_tm_name(name)
         if layer is None:
-            return ({"tok_embeddings.weight": 0, "norm.weight": 2, "output.weight": 3}[kind], 0, 0, "")
-        sub = ["attention_norm", "attention.w_qkv", "attention.wo", "ffn_norm",
-               "feed_forward.w1", "feed_forward.w3", "feed_forward.w2"].index(linear)
-        return (1, layer, sub, kind)
+            g = list(TM_GLOBALS).index(kind)  # tok_embeddings first, the layers, then norm and output
+            return (g + (g > 0), 0, 0, "")
+        return (1, layer, TM_LAYER_ORDER.index(linear), kind)
 
     def names(self) -> list[str]:
         """Merged names of the tensors present (at least one rank file exists)."""
@@ -351,11 +351,12 @@ class Workspace:
     def expected_names(self) -> list[str]:
         """Names config.yaml implies: LoRA tensors only with lora_policy 'plora' and a resolved rank > 0,
         biases only with attn_bias."""
-        out = ["tok_embeddings.weight"]
+        first, *last = TM_GLOBALS
+        out = [first]
         for i in range(self.model.num_layer):
             p = f"layers.{i}."
             out.append(p + "attention_norm.weight")
-            for lin in ("attention.w_qkv", "attention.wo", "feed_forward.w1", "feed_forward.w3", "feed_forward.w2"):
+            for lin in TM_LINEARS_IN_ORDER:
                 if lin.startswith("feed_forward") and not self.model.inter_size[i]:
                     continue
                 out.append(p + f"{lin}.weight")
@@ -363,10 +364,10 @@ class Workspace:
                     out.append(p + f"{lin}.bias")
                 r, _ = self.lora_rank(i, lin)
                 if r > 0:
-                    out += [p + f"{lin}.lora_a.weight", p + f"{lin}.lora_b.weight"]
+                    out += [p + f"{lin}.{kind}" for kind in TM_LORA_KINDS]
                 if lin == "attention.wo":
                     out.append(p + "ffn_norm.weight")
-        out += ["norm.weight", "output.weight"]
+        out += last
         return sorted(out, key=self._order)
 
     def has(self, name: str) -> bool:
@@ -376,12 +377,12 @@ class Workspace:
 
     def spec(self, name: str, rank: int | None = None) -> layout.TensorSpec:
         """Shapes of `name` as config.yaml implies them (LoRA rank: resolved, unless `rank` is given)."""
-        layer, linear, kind = layout.parse_name(name)
+        layer, linear, kind = parse_tm_name(name)
         if layer is not None and layer >= self.model.num_layer:
             raise ParityInputError(f"{name}: layer {layer} is beyond model_config.num_layer={self.model.num_layer} "
                                    f"in {self.weights_dir / CONFIG_NAME}.")
         r = 0
-        if kind in ("lora_a.weight", "lora_b.weight"):
+        if kind in TM_LORA_KINDS:
             r = resolve(self.lora, layer, linear)[0] if rank is None else int(rank)  # type: ignore[arg-type]
         return layout.tensor_spec(name, self.model, r)
 
@@ -416,8 +417,8 @@ class Workspace:
         if actual != expected:
             what = "short" if actual < expected else "long"
             hint = ""
-            _, linear, kind = layout.parse_name(name)
-            if kind in ("lora_a.weight", "lora_b.weight"):
+            _, linear, kind = parse_tm_name(name)
+            if kind in TM_LORA_KINDS:
                 one = layout.tensor_spec(name, self.model, 1).numel() * self._elem()
                 if one and actual % one == 0:
                     hint = (f" The file holds a LoRA of rank {actual // one}, while config.yaml's lora_config "

@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ParityInputError
-from ..points import PLORA_LINEARS, TM_LINEAR_NAMES
+from ..names import TM_LINEAR_OF
+from ..points import PLORA_LINEARS
 from ..records import Finding
 from .lora import LORA_CONFIG_FILE, is_registered
 from .modelside import TASK_LORAS
 from ..reference.qwen2 import XCOMPOSER2_ARCH
-from ..hfconfig import read_hf_config
+from ..hfconfig import head_dim_of, read_hf_config
 
 _SUB_TYPES = {"XCOMPOSER2": "7b", "XCOMPOSER2_4KHD": "4khd", "XCOMPOSER2D5": "2.5"}
 LMDEPLOY_READER_HEAD_DIM = 128
@@ -215,8 +216,10 @@ def audit_deployment(model_dir: str | Path, *, trust_remote_code: bool = False) 
 
     lm = _lmdeploy_view(str(path))
     mv = _model_view(str(path), cfg)
-    heads = int(cfg.get("num_attention_heads") or 1)
-    head_dim = int(cfg.get("head_dim") or int(cfg.get("hidden_size", 0)) // heads)
+    try:
+        head_dim = head_dim_of(cfg)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):  # the audit reports what it can read
+        head_dim = 0
     audit = DeploymentAudit(
         model=str(path), architecture=lm["arch"], reader=lm["reader"], vision_model=lm.get("vision"),
         sub_type=lm["sub_type"], sub_type_expected=_expected_sub_type(path), lora_config=lm["lora_config"],
@@ -304,7 +307,7 @@ def _judge(audit: DeploymentAudit, cfg: dict, lm: dict, mv: dict, path: Path) ->
         if lora.lora_policy != "plora":
             _finding(audit, "error", "lora_not_applied", layer=0, module="attention.wqkv", positions="image",
                      message=f"lora_policy would be {lora.lora_policy!r}, not 'plora': no partial LoRA at all.")
-        engine = {k: resolve(lora, k[0], TM_LINEAR_NAMES[k[1]]) for k in mv["linears"]}
+        engine = {k: resolve(lora, k[0], TM_LINEAR_OF[k[1]]) for k in mv["linears"]}
         audit.engine_linears = _group(engine)
         for linear in PLORA_LINEARS:
             keys = sorted(k for k in mv["linears"] if k[1] == linear)
@@ -320,14 +323,14 @@ def _judge(audit: DeploymentAudit, cfg: dict, lm: dict, mv: dict, path: Path) ->
                 k = (bad_r[0], linear)
                 _finding(audit, "error", "lora_rank_mismatch", layer=bad_r[0], module=linear, positions="image",
                          metrics={"layers": bad_r, "model": mv["linears"][k][0], "engine": engine[k][0]},
-                         message=(f"TurboMind would resolve LoRA rank {engine[k][0]} for {TM_LINEAR_NAMES[linear]}, "
+                         message=(f"TurboMind would resolve LoRA rank {engine[k][0]} for {TM_LINEAR_OF[linear]}, "
                                   f"but the model's is {mv['linears'][k][0]} (layers {bad_r}): TurboMind fails at load "
                                   "(byte-size check)." + registered_note))
             if bad_s:
                 k = (bad_s[0], linear)
                 _finding(audit, "error", "lora_scale_mismatch", layer=bad_s[0], module=linear, positions="image",
                          metrics={"layers": bad_s, "model": mv["linears"][k][1], "engine": engine[k][1]},
-                         message=(f"TurboMind would resolve LoRA scale {engine[k][1]:g} for {TM_LINEAR_NAMES[linear]}, "
+                         message=(f"TurboMind would resolve LoRA scale {engine[k][1]:g} for {TM_LINEAR_OF[linear]}, "
                                   f"but the model's is {mv['linears'][k][1]:g} (layers {bad_s}): accepted silently, "
                                   "the image rows' LoRA is scaled wrongly." + registered_note))
 

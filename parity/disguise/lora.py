@@ -39,9 +39,9 @@ def lora_config_for_disguise(linears: Mapping[tuple[int, str], tuple[int, float]
     """
     from ..deploy.lora_config import f32, lora_config_for, resolve
     from ..deploy.workspace import LoraSettings
-    from ..points import TM_LINEAR_NAMES
+    from ..names import TM_LINEAR_OF
 
-    tm = {(layer, TM_LINEAR_NAMES[lin]): (int(r), float(s)) for (layer, lin), (r, s) in linears.items()}
+    tm = {(layer, TM_LINEAR_OF[lin]): (int(r), float(s)) for (layer, lin), (r, s) in linears.items()}
     cfg = lora_config_for(tm)
     settings = LoraSettings(**cfg)
     for (layer, name), (r, s) in tm.items():

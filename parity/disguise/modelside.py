@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..reference.anatomy import LINEAR_ALIASES, QKV_PARTS
+from ..names import QWEN2_QKV_PART, canonical_linear
 
 _LAYER_RE = re.compile(r"^(?:.*\.)?layers\.(?P<layer>\d+)\.(?P<local>.+)\.Plora_A\.weight$")
 # XComposer2.5's extra LoRAs per PLoRA linear, merged per task by lmdeploy's merge_xcomposer2d5_task.py
@@ -77,12 +77,6 @@ def safetensors_headers(path: Path) -> tuple[dict[str, dict[str, Any]], list[str
     if not files:
         problems.append(f"{path} has no *.safetensors weights (a pytorch_model*.bin is not unpickled by parity)")
     return out, problems
-
-
-def _canonical(local: str) -> str | None:
-    if local in LINEAR_ALIASES:
-        return LINEAR_ALIASES[local]
-    return "attention.wqkv" if local in QKV_PARTS else None
 
 
 def _layer_class(model_cls):
@@ -145,11 +139,11 @@ def code_linears(path: Path) -> tuple[dict[str, tuple[int, float]], bool, str | 
             continue
         r = int(m.Plora_A.weight.shape[0])
         s = float(m.lora_scaling) if hasattr(m, "lora_scaling") else float(m.lora_alpha) / float(m.lora_r)
-        if local in QKV_PARTS:
+        if local in QWEN2_QKV_PART:
             qkv.append((r, s))
             bias = bias or getattr(m, "bias", None) is not None
-        elif _canonical(local):
-            out[_canonical(local)] = (r, s)
+        elif canonical_linear(local):
+            out[canonical_linear(local)] = (r, s)
             if local == "attention.wqkv":
                 bias = getattr(m, "bias", None) is not None
     if qkv:  # separate q/k/v: one fused wqkv of rank r_q + r_k + r_v, scales folded into B (anatomy.FusedQKV)
@@ -219,17 +213,17 @@ def read_model_side(path: Path, cfg: dict[str, Any]) -> ModelSide:
         m = _LAYER_RE.match(name)
         if m:
             layer, local = int(m.group("layer")), m.group("local")
-            canon = _canonical(local)
+            canon = canonical_linear(local)
             if canon is None:
                 continue
-            if local in QKV_PARTS:
+            if local in QWEN2_QKV_PART:
                 qkv_ranks[layer] = qkv_ranks.get(layer, 0) + int(entry["shape"][0])
             else:
                 ranks[(layer, canon)] = int(entry["shape"][0])
             base = headers.get(name.replace(".Plora_A.weight", ".weight"))
             if base:
                 dtypes.add(str(base["dtype"]))
-            if local in QKV_PARTS or local == "attention.wqkv":
+            if local in QWEN2_QKV_PART or local == "attention.wqkv":
                 side.bias = side.bias or name.replace(".Plora_A.weight", ".bias") in headers
             continue
         t = _TASK_RE.search(name)

@@ -34,15 +34,12 @@ import torch
 
 from ..checkpoint import indexed_shards, load_weight_file
 from ..errors import ParityInputError
-from ..hfconfig import read_hf_config
+from ..hfconfig import AttnShape, read_hf_config
 from ..points import PLORA_LINEARS
 from .lora import LORA_CONFIG_FILE, lora_config_for_disguise
+from ..names import QWEN2_LINEAR_OF, QWEN2_PROJECTIONS, QWEN2_QKV_PROJECTIONS
 from ..reference.qwen2 import (
-    PROJECTION_TO_LINEAR,
-    PROJECTIONS,
-    QKV_PROJECTIONS,
     XCOMPOSER2_ARCH,
-    attn_shape,
     fold_is_exact,
     is_qwen2_plora,
     layer_indices,
@@ -144,7 +141,7 @@ def _scales_from_code(src: Path) -> dict[tuple[int, str], tuple[int, float]]:
     ranks = {}
     for name, mod in model.named_modules():
         if hasattr(mod, "Plora_A"):
-            for proj in PROJECTIONS:
+            for proj in QWEN2_PROJECTIONS:
                 layer = name[: -len(proj) - 1].rsplit(".", 1)[-1] if name.endswith("." + proj) else ""
                 if layer.isdigit():
                     ranks[(int(layer), proj)] = int(mod.Plora_A.weight.shape[0])
@@ -157,7 +154,7 @@ def _lora_settings(src: Path, cfg: dict, tensors: Mapping[str, torch.Tensor], la
     """projection -> (rank, alpha); ranks from the tensors, scales from `scales`, config.plora_config or the code."""
     ranks: dict[tuple[int, str], int] = {}
     for i in layers:
-        for proj in PROJECTIONS:
+        for proj in QWEN2_PROJECTIONS:
             a = tensors.get(f"model.layers.{i}.{proj}.Plora_A.weight")
             b = tensors.get(f"model.layers.{i}.{proj}.Plora_B.weight")
             if a is None or b is None:
@@ -173,11 +170,11 @@ def _lora_settings(src: Path, cfg: dict, tensors: Mapping[str, torch.Tensor], la
     per_layer: dict[tuple[int, str], float] = {}
     if scales is not None:
         source = "the scales given to disguise()"
-        for proj in PROJECTIONS:
+        for proj in QWEN2_PROJECTIONS:
             if proj not in scales:
-                raise ParityInputError(f"disguise(scales=...) has no entry for {proj}; expected all of {', '.join(PROJECTIONS)}.")
+                raise ParityInputError(f"disguise(scales=...) has no entry for {proj}; expected all of {', '.join(QWEN2_PROJECTIONS)}.")
         per_layer = {(i, p): float(scales[p]) for (i, p) in ranks}
-    elif isinstance(cfg.get("plora_config"), dict) and all(p in cfg["plora_config"] for p in PROJECTIONS):
+    elif isinstance(cfg.get("plora_config"), dict) and all(p in cfg["plora_config"] for p in QWEN2_PROJECTIONS):
         source = f"{src / 'config.json'} plora_config"
         for (i, p), r in ranks.items():
             entry = cfg["plora_config"][p]
@@ -200,11 +197,11 @@ def _lora_settings(src: Path, cfg: dict, tensors: Mapping[str, torch.Tensor], la
     else:
         raise ParityInputError(
             f"The PLoRA scales (lora_alpha / lora_r) of {src} are not in its config.json (no plora_config with all "
-            f"of {', '.join(PROJECTIONS)}); they usually live in the model's code. Pass trust_remote_code=True "
+            f"of {', '.join(QWEN2_PROJECTIONS)}); they usually live in the model's code. Pass trust_remote_code=True "
             "(--trust-remote-code) to read them from the code, or give them explicitly (scales={projection: scale})."
         )
     out: dict[str, tuple[int, float]] = {}
-    for proj in PROJECTIONS:
+    for proj in QWEN2_PROJECTIONS:
         vals = {(ranks[(i, proj)], per_layer[(i, proj)]) for i in layers}
         if len(vals) > 1:
             problems.append(
@@ -292,7 +289,7 @@ def disguise(src: str | Path, dst: str | Path, *, trust_remote_code: bool = Fals
         raise ParityInputError(f"The disguise must go to a new folder, not the source folder {src}.")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
         raise ParityInputError(f"{dst} exists and is not empty; choose a new folder (or pass overwrite=True / --force).")
-    shape = attn_shape(cfg, str(src / "config.json"))
+    shape = AttnShape.from_config(cfg, str(src / "config.json"))
     problems: list[str] = []
     losses: list[str] = []
     notes: list[str] = []
@@ -350,7 +347,7 @@ def disguise(src: str | Path, dst: str | Path, *, trust_remote_code: bool = Fals
     # losses
     has_bias = any(n.endswith("attention.wqkv.bias") for n in state)
     if has_bias:
-        mx = max(float(tensors[f"model.layers.{i}.{q}.bias"].abs().max()) for i in layers for q in QKV_PROJECTIONS)
+        mx = max(float(tensors[f"model.layers.{i}.{q}.bias"].abs().max()) for i in layers for q in QWEN2_QKV_PROJECTIONS)
         notes.append(
             f"q/k/v biases (max |bias| {mx:.3g}) are kept (config bias = true, wqkv.bias; wo.bias as zeros since "
             "XComposer2 has one `bias` flag). lmdeploy 0.7.1's xcomposer2 reader exports them only with attn_bias = 1, "
@@ -371,12 +368,12 @@ def disguise(src: str | Path, dst: str | Path, *, trust_remote_code: bool = Fals
         )
     fold_exact = True
     for i in layers:
-        for q in QKV_PROJECTIONS:
+        for q in QWEN2_QKV_PROJECTIONS:
             b = tensors[f"model.layers.{i}.{q}.Plora_B.weight"]
             fold_exact &= fold_is_exact(b, proj_scales[q], b.dtype)
     if not fold_exact:
         losses.append(
-            f"folding the q/k/v LoRA scales {[proj_scales[q] for q in QKV_PROJECTIONS]} into the fused Plora_B rounds "
+            f"folding the q/k/v LoRA scales {[proj_scales[q] for q in QWEN2_QKV_PROJECTIONS]} into the fused Plora_B rounds "
             f"it to {dtype_name} (a scale that is not a power of two, or a power of two below 1 applied to {dtype_name} "
             f"subnormals): a last-bit change of the LoRA on image rows."
         )
@@ -389,9 +386,9 @@ def disguise(src: str | Path, dst: str | Path, *, trust_remote_code: bool = Fals
         notes.append("tied embeddings: output.weight is written as a copy of the token embeddings.")
 
     # canonical linears of the disguise
-    r_qkv = sum(lora[q][0] for q in QKV_PROJECTIONS)
+    r_qkv = sum(lora[q][0] for q in QWEN2_QKV_PROJECTIONS)
     linears = {"attention.wqkv": (r_qkv, r_qkv)}
-    for proj, lin in PROJECTION_TO_LINEAR.items():
+    for proj, lin in QWEN2_LINEAR_OF.items():
         linears[lin] = lora[proj]
     linears = {lin: linears[lin] for lin in PLORA_LINEARS}
     lora_cfg = lora_config_for_disguise({(i, lin): (r, a / r) for i in layers for lin, (r, a) in linears.items()})

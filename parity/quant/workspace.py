@@ -27,6 +27,7 @@ import torch
 from ..errors import ParityInputError
 from ..deploy import layout
 from ..deploy.workspace import Workspace
+from ..names import CANONICAL_OF_TM, parse_tm_name
 from .pack import dequantize_exact, dequantize_turbomind, unpack_rows
 
 QUANT_FILE_PARTS = ("qweight", "scales", "zeros")
@@ -57,8 +58,8 @@ class QuantizedWorkspace(Workspace):
         return int(self.model.group_size)
 
     def is_quantized(self, name: str) -> bool:
-        _, linear, kind = layout.parse_name(name)
-        return kind == "weight" and linear in layout.HF_LINEAR_OF_TM
+        _, linear, kind = parse_tm_name(name)
+        return kind == "weight" and linear in CANONICAL_OF_TM
 
     # -------------------------------------------------------------- files
 

@@ -20,27 +20,9 @@ import torch
 from torch import nn
 
 from ..errors import ParityInputError
+from ..hfconfig import AttnShape, head_dim_of, kv_heads_of
+from ..names import LINEAR_ALIASES, NORM_ALIASES, QWEN2_QKV_PART
 
-# Known spellings of each canonical linear (XComposer2 / InternLM2 first).
-LINEAR_ALIASES: dict[str, str] = {
-    "attention.wqkv": "attention.wqkv",
-    "attention.wo": "attention.wo",
-    "feed_forward.w1": "feed_forward.w1",
-    "feed_forward.w3": "feed_forward.w3",
-    "feed_forward.w2": "feed_forward.w2",
-    "self_attn.o_proj": "attention.wo",
-    "mlp.gate_proj": "feed_forward.w1",
-    "mlp.up_proj": "feed_forward.w3",
-    "mlp.down_proj": "feed_forward.w2",
-}
-NORM_ALIASES: dict[str, str] = {
-    "attention_norm": "attention_norm",
-    "input_layernorm": "attention_norm",
-    "ffn_norm": "ffn_norm",
-    "post_attention_layernorm": "ffn_norm",
-}
-# Separate q/k/v projections (Qwen2 / Llama names) that together form the canonical `attention.wqkv`.
-QKV_PARTS: dict[str, str] = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v"}
 _LAYER_RE = re.compile(r"^(?P<prefix>.*layers)\.(?P<index>\d+)\.(?P<local>.+)$")
 
 
@@ -65,8 +47,6 @@ class FusedQKV(nn.Module):
 
     def __init__(self, q: nn.Module, k: nn.Module, v: nn.Module, heads: int, kv_heads: int, head_dim: int):
         super().__init__()
-        from .qwen2 import AttnShape
-
         object.__setattr__(self, "parts", {"q": q, "k": k, "v": v})  # not registered as children
         self.shape = AttnShape(heads, kv_heads, head_dim)
         self.lora_r = sum(int(m.Plora_A.weight.shape[0]) for m in (q, k, v))
@@ -180,9 +160,8 @@ def _attn_dims(model: nn.Module, source: str) -> tuple[int, int, int]:
             f"{source} has separate q/k/v PLoRA projections but no config.num_attention_heads; parity needs the "
             "head layout to see them as one XComposer2 wqkv."
         )
-    kv = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return int(heads), int(kv), int(head_dim)
+    values = cfg.to_dict()
+    return int(heads), kv_heads_of(values), head_dim_of(values)
 
 
 def discover(model: nn.Module, source: str = "the model") -> Anatomy:
@@ -198,8 +177,8 @@ def discover(model: nn.Module, source: str = "the model") -> Anatomy:
             unknown.append(name)
             continue
         prefix = m["prefix"]
-        if m["local"] in QKV_PARTS:
-            qkv_parts.setdefault(int(m["index"]), {})[QKV_PARTS[m["local"]]] = (name, mod)
+        if m["local"] in QWEN2_QKV_PART:
+            qkv_parts.setdefault(int(m["index"]), {})[QWEN2_QKV_PART[m["local"]]] = (name, mod)
             continue
         point = LINEAR_ALIASES.get(m["local"])
         if point is None:

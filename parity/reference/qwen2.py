@@ -19,33 +19,20 @@ Nothing here imports the reference or the deployment side; both use it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 
 from ..deploy.layout import join_grouped_qkv, split_grouped_qkv
 from ..errors import ParityInputError
+from ..hfconfig import AttnShape
+from ..names import (HF_LORA_KINDS, QWEN2_GLOBAL_OF, QWEN2_LINEAR_OF, QWEN2_NORM_OF, QWEN2_PROJECTIONS,
+                     QWEN2_QKV_PROJECTIONS)
 
 QWEN2_PLORA_ARCH = "Qwen2PLoRAForCausalLM"
 PLAIN_QWEN2_ARCH = "Qwen2ForCausalLM"  # transformers' own Qwen2 (PLoRA only with remote code)
 XCOMPOSER2_ARCH = "InternLMXComposer2ForCausalLM"
 
-QKV_PROJECTIONS: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-# the other four projections -> canonical XComposer2 linear
-PROJECTION_TO_LINEAR: dict[str, str] = {
-    "self_attn.o_proj": "attention.wo",
-    "mlp.gate_proj": "feed_forward.w1",
-    "mlp.up_proj": "feed_forward.w3",
-    "mlp.down_proj": "feed_forward.w2",
-}
-PROJECTIONS: tuple[str, ...] = QKV_PROJECTIONS + tuple(PROJECTION_TO_LINEAR)
-NORM_TO_XCOMPOSER2: dict[str, str] = {"input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}
-GLOBAL_TO_XCOMPOSER2: dict[str, str] = {
-    "model.embed_tokens.weight": "model.tok_embeddings.weight",
-    "model.norm.weight": "model.norm.weight",
-    "lm_head.weight": "output.weight",
-}
 # Tensors outside the language model that the disguise carries over unchanged (the XComposer2 vision part).
 VISION_PREFIXES: tuple[str, ...] = ("vit.", "vision_proj.", "plora_glb_GN", "plora_sub_GN")
 # Buffers some checkpoints carry that mean nothing to the XComposer2 checkpoint (recomputed by the code).
@@ -65,42 +52,6 @@ def is_qwen2_plora(cfg: Mapping[str, Any]) -> bool:
     if any(XCOMPOSER2_ARCH in str(v) for v in auto_map.values()):
         return False
     return arch == PLAIN_QWEN2_ARCH and isinstance(auto_map, dict) and "AutoModelForCausalLM" in auto_map
-
-
-@dataclass(frozen=True)
-class AttnShape:
-    heads: int
-    kv_heads: int
-    head_dim: int
-
-    @property
-    def gs(self) -> int:
-        return self.heads // self.kv_heads
-
-    @property
-    def q_out(self) -> int:
-        return self.heads * self.head_dim
-
-    @property
-    def kv_out(self) -> int:
-        return self.kv_heads * self.head_dim
-
-
-def attn_shape(cfg: Mapping[str, Any], where: str = "config.json") -> AttnShape:
-    try:
-        heads = int(cfg["num_attention_heads"])
-        kv = int(cfg.get("num_key_value_heads") or heads)
-        head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
-    except (KeyError, TypeError, ValueError, ZeroDivisionError):
-        raise ParityInputError(
-            f"{where}: expected integer num_attention_heads, num_key_value_heads and hidden_size (or head_dim) "
-            "to lay out q/k/v."
-        ) from None
-    if heads < 1 or kv < 1 or heads % kv:
-        raise ParityInputError(
-            f"{where}: num_attention_heads ({heads}) must be a positive multiple of num_key_value_heads ({kv})."
-        )
-    return AttnShape(heads, kv, head_dim)
 
 
 # ---------------------------------------------------------------------------------------- fusion math
@@ -195,7 +146,7 @@ def to_xcomposer2(state: Mapping[str, torch.Tensor], shape: AttnShape, scales: M
         return state[name]
 
     used: set[str] = set()
-    for src, dst in GLOBAL_TO_XCOMPOSER2.items():
+    for src, dst in QWEN2_GLOBAL_OF.items():
         if src in state:
             out[dst] = cast(state[src])
             used.add(src)
@@ -206,18 +157,18 @@ def to_xcomposer2(state: Mapping[str, torch.Tensor], shape: AttnShape, scales: M
     has_bias = False
     for i in layer_indices(names):
         p, t = f"model.layers.{i}.", f"model.layers.{i}."
-        for norm, canon in NORM_TO_XCOMPOSER2.items():
+        for norm, canon in QWEN2_NORM_OF.items():
             out[f"{t}{canon}.weight"] = cast(need(f"{p}{norm}.weight"))
             used.add(f"{p}{norm}.weight")
-        w = [need(f"{p}{q}.weight") for q in QKV_PROJECTIONS]
-        a = [need(f"{p}{q}.Plora_A.weight") for q in QKV_PROJECTIONS]
-        b = [need(f"{p}{q}.Plora_B.weight") for q in QKV_PROJECTIONS]
-        used.update(f"{p}{q}.{k}" for q in QKV_PROJECTIONS for k in ("weight", "Plora_A.weight", "Plora_B.weight"))
+        w = [need(f"{p}{q}.weight") for q in QWEN2_QKV_PROJECTIONS]
+        a = [need(f"{p}{q}.Plora_A.weight") for q in QWEN2_QKV_PROJECTIONS]
+        b = [need(f"{p}{q}.Plora_B.weight") for q in QWEN2_QKV_PROJECTIONS]
+        used.update(f"{p}{q}.{k}" for q in QWEN2_QKV_PROJECTIONS for k in ("weight", *HF_LORA_KINDS))
         out[f"{t}attention.wqkv.weight"] = cast(fuse_qkv_rows(*w, shape), w[0])
-        a_f, b_f = fuse_qkv_lora(tuple(a), tuple(b), tuple(scale_of(scales, i, q) for q in QKV_PROJECTIONS), shape)
+        a_f, b_f = fuse_qkv_lora(tuple(a), tuple(b), tuple(scale_of(scales, i, q) for q in QWEN2_QKV_PROJECTIONS), shape)
         out[f"{t}attention.wqkv.Plora_A.weight"] = cast(a_f, a[0])
         out[f"{t}attention.wqkv.Plora_B.weight"] = cast(b_f, b[0])
-        biases = [state.get(f"{p}{q}.bias") for q in QKV_PROJECTIONS]
+        biases = [state.get(f"{p}{q}.bias") for q in QWEN2_QKV_PROJECTIONS]
         if any(x is not None for x in biases):
             if any(x is None for x in biases):
                 raise ParityInputError(
@@ -226,9 +177,9 @@ def to_xcomposer2(state: Mapping[str, torch.Tensor], shape: AttnShape, scales: M
                 )
             has_bias = True
             out[f"{t}attention.wqkv.bias"] = cast(fuse_qkv_rows(*biases, shape), biases[0])
-            used.update(f"{p}{q}.bias" for q in QKV_PROJECTIONS)
-        for proj, canon in PROJECTION_TO_LINEAR.items():
-            for kind in ("weight", "Plora_A.weight", "Plora_B.weight"):
+            used.update(f"{p}{q}.bias" for q in QWEN2_QKV_PROJECTIONS)
+        for proj, canon in QWEN2_LINEAR_OF.items():
+            for kind in ("weight", *HF_LORA_KINDS):
                 out[f"{t}{canon}.{kind}"] = cast(need(f"{p}{proj}.{kind}"))
                 used.add(f"{p}{proj}.{kind}")
             if f"{p}{proj}.bias" in state:
@@ -276,7 +227,7 @@ def module_scales(model: torch.nn.Module) -> dict[tuple[int, str], float]:
     for name, mod in model.named_modules():
         if not (hasattr(mod, "Plora_A") and hasattr(mod, "Plora_B")):
             continue
-        for proj in PROJECTIONS:
+        for proj in QWEN2_PROJECTIONS:
             if name.endswith("." + proj):
                 layer = name[: -len(proj) - 1].rsplit(".", 1)[-1]
                 if layer.isdigit():
@@ -298,4 +249,4 @@ def xcomposer2_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         return state
     cfg = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)
     dtype = next(iter(state.values())).dtype
-    return to_xcomposer2(state, attn_shape(cfg), module_scales(model), out_dtype=dtype, where="the reference model")
+    return to_xcomposer2(state, AttnShape.from_config(cfg), module_scales(model), out_dtype=dtype, where="the reference model")
