@@ -25,6 +25,7 @@ from .checks.registry import run_checks, warning_findings
 from .compare.align import CaseTraces, compare_case
 from .compare.stream import FloorOnDemand
 from .compare.thresholds import Thresholds
+from .deploy.layout import stored_weights_dtype
 from .device import Placement, judged_precision, resolve_device, supports_float64
 from .engines import EngineSetup, engine_class
 from .errors import EngineRefused, ParityInputError
@@ -257,13 +258,29 @@ def run_parity(opts: RunOptions) -> Report:
             session.close()
 
 
+def _weights_note(ref: ReferenceModel) -> str:
+    """How the reference held its weights for this run (report.json engine.reference_weights)."""
+    stored = {p.dtype for p in ref.anatomy.layers[0].parameters() if p.is_floating_point()} if ref.anatomy.layers else set()
+    wd = ref.weights_dtype
+    name = lambda d: str(d).replace("torch.", "")  # noqa: E731
+    if wd is None:
+        return "as loaded (the deployment's weights are quantized; compared exactly)"
+    wider = sorted(name(d) for d in stored if d != wd)
+    if not wider:
+        return f"as stored ({name(wd)}, the deployment's dtype)"
+    return (f"rounded from {', '.join(wider)} to {name(wd)}, the dtype the workspace stores them in (lmdeploy "
+            "0.7.1 has no float32 weight type); the weights check compares the workspace with them the same way")
+
+
 def _run_stages(opts: RunOptions, session: ReferenceSession, semantics, cases: list[CanonicalInput], work: Path,
                 timings: dict[str, float], t0: float) -> Report:
     from .deploy.workspace import Workspace
 
-    ref = session.ref
     with _timed(timings, "convert"):
-        ws = Workspace.open(workspace_path(opts, ref.family))
+        ws = Workspace.open(workspace_path(opts, session.loaded.family))
+    # judged with the weights the deployment holds (the weights check compares them with the checkpoint)
+    session.weights_dtype = stored_weights_dtype(ws.model.weight_type)
+    ref = session.ref
     record = ws.conversion_record()
     warnings = [EngineWarning(cause="config_mismatch", message=w) for w in (record.warnings if record else [])]
     options = dict(opts.live)
@@ -369,6 +386,7 @@ def _run_stages(opts: RunOptions, session: ReferenceSession, semantics, cases: l
                       "serve_from": opts.serve_from, "semantics": semantics.__dict__,
                       "weight_type": ws.model.weight_type, "sub_type": record.sub_type if record else None,
                       "reference_storage": str(next(ref.model.parameters()).dtype).replace("torch.", ""),
+                      "reference_weights": _weights_note(ref),
                       "conversion_warnings": record.warnings if record else [],
                       "device": session.placement.describe(), "reference_applied": ref.applied, **summary.report}
     if images.section:

@@ -27,12 +27,6 @@ VL = "xcomposer2-vl-tiny"
 IMAGE = IMAGES_DIR / "gradient.png"
 
 
-# OPEN BUG, kept visible: run after the rest of the suite in one process, the hub-tower build of the vl fixture
-# fails ('NoneType'.endswith inside CLIPVisionModel.from_pretrained: parity's hub resolution is shadowed by a
-# from_pretrained left on the class by an earlier in-process lmdeploy patch). Each test passes alone or in this
-# file; one leak was fixed (image_input), another remains. Non-strict so the passing runs still report XPASS.
-pytestmark = pytest.mark.xfail(strict=False, reason="order-dependent leak of CLIPVisionModel.from_pretrained (open)")
-
 @pytest.fixture(scope="module")
 def vl() -> Path:
     return ensure(FIXTURE_CACHE, GENUINE_FIXTURE_NAMES)[VL]

@@ -241,9 +241,11 @@ def test_ill_conditioned_delta_passes_in_fp32_mode(root):
 
 
 # A float32 checkpoint: lmdeploy 0.7.1's converter has no fp32 weight type and writes float16 weights
-# (converter.get_output_model_registered_name_and_config: TORCH_DTYPE_MAP has only bf16/fp16). In fp32 mode the
-# noise floor is float64 vs float32, blind to that rounding, so every point fails at ~2e-4 (above even the
-# fp32 cap of 1e-4) and the plora check says "the LoRA A/B weights differ". The emulate mode passes.
+# (converter.get_output_model_registered_name_and_config: TORCH_DTYPE_MAP has only bf16/fp16). A reference
+# holding the unrounded weights differed from the deployment by that rounding alone: every point at ~2e-4 in
+# fp32 mode (twice the fp32 cap of 1e-4; the float64-vs-float32 floor cannot see weight rounding), reported as
+# drift and "the LoRA A/B weights differ". The reference now holds the weights as the workspace stores them
+# (ReferenceSession.weights_dtype, parity.reference.precision `via`).
 FP32_SPEC = FixtureSpec(name="fp32ckpt", layers=1, heads=2, kv_heads=1, intermediate=128, vocab=TOKENIZER_SIZE,
                         lora={lin: (8, 16.0) for lin in PLORA_LINEARS}, seed=3, image_size=14, patch_size=7,
                         vision_hidden=16, vision_layers=1, dtype="float32")
@@ -257,11 +259,62 @@ def test_float32_checkpoint_passes_in_emulate_mode(root):
     assert_clean(FP32_SPEC, [FP32_CASE], "emulate", runs["emulate"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (parity/pipeline.py run_parity / reference session, fp32 mode): a float32 checkpoint is stored as "
-    "float16 by lmdeploy's converter, and the fp32-mode reference keeps the unrounded weights, so the "
-    "conversion's legitimate rounding is reported as drift and as LoRA weight mismatches."))
 def test_float32_checkpoint_passes_in_fp32_mode(root):
     runs = dict(clean_runs(FP32_SPEC, [FP32_CASE], root))
     RUNS.append((repr(FP32_SPEC), "fp32"))
     assert_clean(FP32_SPEC, [FP32_CASE], "fp32", runs["fp32"])
+    note = runs["fp32"].engine["reference_weights"]
+    assert note.startswith("rounded from float32 to float16"), note
+
+
+def test_float32_checkpoint_still_names_a_lora_fault_in_fp32_mode(root, tmp_path):
+    """Fault: layer 0's w1 lora_b scaled by 1.05 in the float16 workspace of a float32 checkpoint. Judged with
+    the deployed weights, the fault (not the rounding) is what the run names: layer, module, image rows."""
+    import shutil
+
+    from parity.faults import FaultSetup
+
+    model, ws = build(FP32_SPEC, root)
+    broken = shutil.copytree(ws, tmp_path / "ws")
+    FaultSetup(broken).edit("layers.0.feed_forward.w1.lora_b.weight", lambda w: w * 1.05)
+    report = run_parity(RunOptions(model=model, workspace=broken, cases=[FP32_CASE], numeric="fp32",
+                                   trust_remote_code=True))
+    errors = [f for f in report.findings if f.severity == "error"]
+    assert report.status == "fail" and errors
+    assert {(f.layer, f.module) for f in errors if f.check == "plora"} == {(0, "feed_forward.w1")}
+    bad = next(f for f in errors if f.check == "plora")
+    assert bad.positions == "image" and bad.cause in ("weight_mismatch", "lora_scale_mismatch")
+    weights = [f for f in errors if f.check == "weights"]
+    assert [f.module for f in weights] == ["feed_forward.w1"] and weights[0].layer == 0
+
+
+def test_rounding_through_the_deployed_dtype_equals_rounded_weights():
+    """`compute_dtype(..., via=float16)` computes exactly what a model whose parameters were rounded to float16
+    computes, and leaves the model as it was (same tensors, same values); buffers are not rounded."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    from parity.reference.precision import compute_dtype
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4), nn.LayerNorm(4))
+    model.register_buffer("scale", torch.full((4,), 1 + 1e-6))
+    x = torch.randn(5, 8, dtype=torch.float64)
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.half().float())
+    before = [(p, p.detach().clone()) for p in model.parameters()]
+    for outside in ("all", "run"):
+        with compute_dtype(model, [model[0], model[1]], torch.float64, outside=outside, via=torch.float16):
+            got = model(x) * model.scale
+        with compute_dtype(rounded, [rounded[0], rounded[1]], torch.float64, outside=outside):
+            want = rounded(x) * rounded.scale
+        assert torch.equal(got, want), outside
+        assert model.scale.dtype == torch.float32 and float(model.scale[0]) != 1.0
+    assert all(q is p and torch.equal(q, v) and q.dtype == torch.float32
+               for (p, v), q in zip(before, model.parameters()))
+    with compute_dtype(model, [model[0], model[1]], torch.float64, via=None):
+        assert not torch.equal(model(x), want)  # without `via` the weights are not rounded (the fault it fixes)

@@ -29,6 +29,8 @@ from typing import Any, Iterator
 
 import torch
 
+from ..patching import patched
+
 STUB_MODULE_NAME = "_turbomind"
 
 
@@ -144,6 +146,7 @@ def cpu_converter_patches() -> Iterator[bool]:
         return
 
     undo: list[Any] = []  # callables run in reverse order on exit
+    patches = contextlib.ExitStack()  # attribute patches, each left as found (parity/patching.py)
     root_levels = [(h, h.level) for h in logging.getLogger().handlers]
     try:
         # (a) stand-in for the compiled extension
@@ -151,15 +154,11 @@ def cpu_converter_patches() -> Iterator[bool]:
             sys.modules[STUB_MODULE_NAME] = _make_stub()
             undo.append(lambda: sys.modules.pop(STUB_MODULE_NAME, None))
 
-        # (b) Tensor.cuda -> self
-        orig_cuda = torch.Tensor.cuda
-        torch.Tensor.cuda = _cuda_noop  # type: ignore[method-assign]
-        undo.append(lambda: setattr(torch.Tensor, "cuda", orig_cuda))
+        # (b) Tensor.cuda -> self (inherited from TensorBase: left_as_found deletes the copy again)
+        patches.enter_context(patched(torch.Tensor, "cuda", _cuda_noop))
 
         # (c) is_bf16_supported -> True, in torch and in lmdeploy (by name, wherever it is bound)
-        orig_torch_bf16 = torch.cuda.is_bf16_supported
-        torch.cuda.is_bf16_supported = _bf16_true  # type: ignore[assignment]
-        undo.append(lambda: setattr(torch.cuda, "is_bf16_supported", orig_torch_bf16))
+        patches.enter_context(patched(torch.cuda, "is_bf16_supported", _bf16_true))
 
         try:
             lm_utils = importlib.import_module("lmdeploy.utils")
@@ -175,10 +174,10 @@ def cpu_converter_patches() -> Iterator[bool]:
                 if mod is None or not (name == "lmdeploy" or name.startswith("lmdeploy.")):
                     continue
                 if getattr(mod, "is_bf16_supported", None) is orig_bf16:
-                    setattr(mod, "is_bf16_supported", _bf16_true)
-                    undo.append(lambda m=mod, f=orig_bf16: setattr(m, "is_bf16_supported", f))
+                    patches.enter_context(patched(mod, "is_bf16_supported", _bf16_true))
         yield True
     finally:
+        patches.close()
         for fn in reversed(undo):
             with contextlib.suppress(Exception):
                 fn()

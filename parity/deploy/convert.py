@@ -48,6 +48,7 @@ import yaml
 
 from ..errors import ParityInputError, followable
 from ..hfconfig import kv_heads_of
+from ..patching import patched
 from ..records import ConversionRecord
 from .compat import cpu_converter_patches, installed_lmdeploy_version
 from .folder_config import LORA_CONFIG_FILE, disguise_model_info
@@ -249,11 +250,8 @@ def _observe_xcomposer_type(seen: list[Any]) -> Iterator[None]:
         seen.append(res[0])
         return res
 
-    mod.get_xcomposer_type = wrapped
-    try:
+    with patched(mod, "get_xcomposer_type", wrapped):
         yield
-    finally:
-        mod.get_xcomposer_type = orig
 
 
 def _sub_type_name(model_type: Any) -> str:
@@ -272,8 +270,6 @@ def patched_lora_config(arch: str, override: dict | None) -> Iterator[None]:
     from lmdeploy.turbomind.supported_models import SUPPORTED_ARCHS
 
     cls = INPUT_MODELS.get(SUPPORTED_ARCHS[arch])
-    had_own = "model_info" in cls.__dict__
-    orig_attr = cls.__dict__.get("model_info")
     orig = cls.model_info
 
     def model_info(self):
@@ -281,14 +277,8 @@ def patched_lora_config(arch: str, override: dict | None) -> Iterator[None]:
         info.update(override)
         return info
 
-    cls.model_info = model_info
-    try:
+    with patched(cls, "model_info", model_info):
         yield
-    finally:
-        if had_own:
-            cls.model_info = orig_attr
-        else:
-            del cls.model_info
 
 
 # ------------------------------------------------------------------------------------------ convert

@@ -83,18 +83,23 @@ def hf_sub_type(model_dir: Path) -> str:
     return ixc_expected(Path(model_dir))[0] or "7b"
 
 
+def _modeling_module(model_dir: str) -> Any:
+    """The checkpoint's modeling_internlm_xcomposer2 module, as transformers registers it."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    return sys.modules[get_class_from_dynamic_module("modeling_internlm_xcomposer2.get_font", model_dir).__module__]
+
+
 @contextlib.contextmanager
 def _raw_folder_alias(model_dir: str, applied: list[str]) -> Iterator[None]:
     """Register the 2.5 modeling module under the raw folder name lmdeploy looks up (see module doc)."""
-    from transformers.dynamic_module_utils import get_class_from_dynamic_module
     from transformers.utils import TRANSFORMERS_DYNAMIC_MODULE_NAME
 
     folder = model_dir.rstrip(os.sep).split(os.sep)[-1]
     raw = ".".join([TRANSFORMERS_DYNAMIC_MODULE_NAME, folder, "modeling_internlm_xcomposer2"])
     added = False
     if raw not in sys.modules:
-        fn = get_class_from_dynamic_module("modeling_internlm_xcomposer2.get_font", model_dir)
-        sys.modules[raw] = sys.modules[fn.__module__]
+        sys.modules[raw] = _modeling_module(model_dir)
         added = True
         applied.append(KEYERROR_PATCH)
     try:
@@ -105,18 +110,20 @@ def _raw_folder_alias(model_dir: str, applied: list[str]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _undo_lmdeploy_rewrite():
-    """lmdeploy's `init_empty_vit` swaps `CLIPVisionModel.from_pretrained` and puts it back by assignment, which
-    leaves a copy in CLIPVisionModel's own dict: later patches of `PreTrainedModel.from_pretrained` (parity's hub
-    resolution, reference/modelcode.py) were then shadowed for the rest of the process. Leave the class as found."""
+def init_empty_vit_contained() -> Iterator[None]:
+    """Whatever runs lmdeploy 0.7.1's `init_empty_vit` (here, and lmdeploy's own `load_vl_model` under `parity
+    quantize`) leaves transformers and lmdeploy as found. Its `rewrite_ctx` swaps `CLIPVisionModel.from_pretrained`
+    and restores it by assignment (a bound copy left in CLIPVisionModel's own dict, which shadowed parity's hub
+    resolution for the rest of the process), and its gc-referrer swap rebinds lmdeploy's module-level
+    `_CLIPVisionModel_from_pretrained` to that bound method, so a later `init_empty_vit` downloads again; on an
+    exception it restores nothing. Both entries are put back exactly (parity/patching.py)."""
+    import lmdeploy.vl.model.xcomposer2 as xc2
     from transformers import CLIPVisionModel
 
-    had = "from_pretrained" in vars(CLIPVisionModel)
-    try:
+    from ..patching import left_as_found
+
+    with left_as_found(CLIPVisionModel, "from_pretrained"), left_as_found(xc2, "_CLIPVisionModel_from_pretrained"):
         yield
-    finally:
-        if not had and "from_pretrained" in vars(CLIPVisionModel):
-            delattr(CLIPVisionModel, "from_pretrained")
 
 
 def build_vision_shell(model_dir: str) -> tuple[Any, list[str]]:
@@ -126,6 +133,8 @@ def build_vision_shell(model_dir: str) -> tuple[Any, list[str]]:
 
     from lmdeploy.archs import get_model_arch
     from lmdeploy.vl.model.xcomposer2 import ModelType, Xcomposer2VisionModel, get_xcomposer_type, init_empty_vit
+
+    from ..patching import left_as_found
 
     _, hf_config = get_model_arch(model_dir)
     if not Xcomposer2VisionModel.match(hf_config):
@@ -146,9 +155,11 @@ def build_vision_shell(model_dir: str) -> tuple[Any, list[str]]:
     with contextlib.ExitStack() as stack:
         if shell.model_type == ModelType.XCOMPOSER2D5:
             stack.enter_context(_raw_folder_alias(model_dir, applied))
+            # init_empty_vit swaps the 2.5 code's get_font for a no-op and restores it only on success
+            stack.enter_context(left_as_found(_modeling_module(model_dir), "get_font"))
         stack.enter_context(warnings.catch_warnings())
         warnings.simplefilter("ignore")
-        stack.enter_context(_undo_lmdeploy_rewrite())
+        stack.enter_context(init_empty_vit_contained())
         stack.enter_context(init_empty_vit(model_dir))
         model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=True)
         model.vit.load_model()

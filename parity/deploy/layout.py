@@ -129,6 +129,13 @@ RULE_NONE = "none"   # one file, no rank in the name
 
 
 
+def stored_weights_dtype(weight_type: str) -> torch.dtype | None:
+    """The dtype a workspace of `weight_type` stores the model's floating-point weights in: the reference's own
+    weights are rounded to it before it is judged (a float32 checkpoint is deployed as float16). None for
+    quantized weights, which the replay reads exactly as the quantized reference holds them."""
+    return None if weight_type in QUANT_WEIGHT_TYPES else tm_dtype(weight_type)
+
+
 def tm_dtype(weight_type: str) -> torch.dtype:
     try:
         return WEIGHT_TYPE_DTYPES[weight_type]

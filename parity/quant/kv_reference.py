@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import ParityInputError
+from ..patching import patched
 from .kv import kv_roundtrip
 
 Quantizer = Callable[[torch.Tensor], torch.Tensor]
@@ -54,17 +55,12 @@ def quantized_kv_cache(model: nn.Module, quantizer: Quantizer | None) -> Iterato
         raise ParityInputError(
             "--quant-policy needs the model's attention to pass K and V through a module-level repeat_kv (InternLM2 "
             "and XComposer2 code do); this model's code has none, so its KV cache cannot be emulated.")
-    saved = [(mod, mod.repeat_kv) for mod in owners]
-
     def wrap(orig):
         def repeat_kv(states, n_rep):
             return orig(quantizer(states), n_rep)
         return repeat_kv
 
-    try:
-        for mod, orig in saved:
-            mod.repeat_kv = wrap(orig)
+    with contextlib.ExitStack() as stack:
+        for mod in owners:
+            stack.enter_context(patched(mod, "repeat_kv", wrap(mod.repeat_kv)))
         yield
-    finally:
-        for mod, orig in saved:
-            mod.repeat_kv = orig

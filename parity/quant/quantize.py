@@ -33,6 +33,7 @@ import torch
 
 from ..errors import ParityInputError
 from ..hfconfig import read_hf_config
+from ..patching import patched
 
 RECORD_NAME = "parity-quantize.json"
 LOG_NAME = "parity-quantize.log"
@@ -120,36 +121,29 @@ def _compensation(done: list[str], names: dict[int, str]) -> Iterator[None]:
                     done.append(f"{names.get(id(fc), '?')}.Plora_A")
         return scales
 
-    awq.smooth_ln_fcs, awq.smooth_fc_fcs = ln_fcs, fc_fcs
-    try:
+    with patched(awq, "smooth_ln_fcs", ln_fcs), patched(awq, "smooth_fc_fcs", fc_fcs):
         yield
-    finally:
-        awq.smooth_ln_fcs, awq.smooth_fc_fcs = orig_ln, orig_fc
 
 
 @contextlib.contextmanager
 def lite_patches(text: str, samples: int, seqlen: int) -> Iterator[None]:
     """The in-process patches lmdeploy's lite code needs on a CPU machine without hub datasets."""
     from ..deploy.compat import cpu_converter_patches
+    from ..deploy.image_input import init_empty_vit_contained
 
     with cpu_converter_patches():
         import lmdeploy.lite.apis.calibrate as calibrate
         import lmdeploy.vl.model.xcomposer2 as xc2
 
-        saved = (calibrate.get_calib_loaders, xc2.check_xcomposer_install,
-                 xc2.Xcomposer2VisionModel.build_preprocessor)
-
         def loaders(name, tokenizer, **kw):  # lmdeploy's signature; the dataset name is ignored
             return _calib_batches(tokenizer, text, samples, seqlen), None
 
-        calibrate.get_calib_loaders = loaders
-        xc2.check_xcomposer_install = lambda: None
-        xc2.Xcomposer2VisionModel.build_preprocessor = lambda self: None
-        try:
+        # lmdeploy's load_vl_model runs init_empty_vit, which leaves CLIPVisionModel changed (see there)
+        with patched(calibrate, "get_calib_loaders", loaders), \
+                patched(xc2, "check_xcomposer_install", lambda: None), \
+                patched(xc2.Xcomposer2VisionModel, "build_preprocessor", lambda self: None), \
+                init_empty_vit_contained():
             yield
-        finally:
-            (calibrate.get_calib_loaders, xc2.check_xcomposer_install,
-             xc2.Xcomposer2VisionModel.build_preprocessor) = saved
 
 
 def _validate(model: Path, w_bits: int, group_size: int, trust_remote_code: bool) -> dict[str, Any]:
@@ -261,12 +255,8 @@ def _compensation_for(done: list[str]) -> Iterator[None]:
             names.setdefault(id(m), n)
         return found
 
-    api.collect_target_modules = collect
-    try:
-        with _compensation(done, names):
-            yield
-    finally:
-        api.collect_target_modules = orig
+    with patched(api, "collect_target_modules", collect), _compensation(done, names):
+        yield
 
 
 def read_record(folder: Path | str) -> QuantizeRecord | None:

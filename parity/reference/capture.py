@@ -294,7 +294,8 @@ def capture_reference(
     rec = _Recorder(ref, writer, store, teacher, parts)
     with ExitStack() as stack:
         rec.install(stack)
-        stack.enter_context(compute_dtype(ref.model, ref.anatomy.layers, ref.dtype, outside="run"))
+        stack.enter_context(compute_dtype(ref.model, ref.anatomy.layers, ref.dtype, outside="run",
+                                          via=ref.weights_dtype))
         if "base" in rec.parts:
             rec.tap = stack.enter_context(_BaseTap(m.weight for m in ref.model.modules() if hasattr(m, "Plora_A")))
         ref.model(inputs_embeds=embeds, im_mask=im_mask, use_cache=False)

@@ -32,7 +32,7 @@ class ReferenceDecode:
 @torch.no_grad()
 def _last_logits(ref: ReferenceModel, embeds: torch.Tensor, im_mask: torch.Tensor) -> torch.Tensor:
     device = ref.device  # the reference's placement (parity.device)
-    with compute_dtype(ref.model, ref.anatomy.layers, ref.dtype, outside="run"):
+    with compute_dtype(ref.model, ref.anatomy.layers, ref.dtype, outside="run", via=ref.weights_dtype):
         out = ref.model(inputs_embeds=embeds.to(device, ref.dtype), im_mask=im_mask.to(device), use_cache=False)
     logits = out.logits if hasattr(out, "logits") else out[0]
     return logits[0, -1].float().cpu()

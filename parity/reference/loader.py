@@ -52,6 +52,8 @@ class ReferenceModel:
     dtype: torch.dtype
     family: str = "xcomposer2"          # "xcomposer2" | "qwen2-plora"
     applied: list[str] = field(default_factory=list)   # in-process fixes made to the loaded model (modelcode)
+    # the language model's weights rounded to this dtype first: what the deployment stores (None: as loaded)
+    weights_dtype: torch.dtype | None = None
 
     @property
     def hidden_size(self) -> int:
@@ -77,7 +79,10 @@ class ReferenceModel:
 
     @torch.no_grad()
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.anatomy.embed_tokens(ids.to(self.device)).float().cpu()
+        rows = self.anatomy.embed_tokens(ids.to(self.device))
+        if self.weights_dtype is not None:  # a row of the table as deployed is the row rounded
+            rows = rows.to(self.weights_dtype)
+        return rows.float().cpu()
 
     @torch.no_grad()
     def encode_image(self, image: Path) -> torch.Tensor:
@@ -116,6 +121,11 @@ class ReferenceModel:
         """The same model computing in another dtype (for the noise floor). No copy: the capture casts one
         decoder layer at a time (parity.reference.precision)."""
         return self if dtype == self.dtype else replace(self, dtype=dtype)
+
+    def with_weights(self, dtype: torch.dtype | None) -> "ReferenceModel":
+        """The same model with its language model's weights as a deployment storing them in `dtype` holds
+        them (rounded; None: as loaded). No copy: rounded one layer at a time while it runs."""
+        return self if dtype == self.weights_dtype else replace(self, weights_dtype=dtype)
 
 
 def _fits_in_memory(path: Path, dtype: torch.dtype) -> bool:

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ..errors import ParityInputError
+from ..patching import patched
 
 
 @contextmanager
@@ -33,11 +34,8 @@ def _parameters_on_meta() -> Iterator[None]:
             p = module._parameters[name]
             module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=False)
 
-    nn.Module.register_parameter = register
-    try:
+    with patched(nn.Module, "register_parameter", register):
         yield
-    finally:
-        nn.Module.register_parameter = original
 
 
 def _checkpoint_files(path: Path) -> list[Path]:

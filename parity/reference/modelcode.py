@@ -22,6 +22,7 @@ import math
 import os
 import traceback
 from pathlib import Path
+from types import FunctionType
 from typing import Iterator
 
 from ..errors import ParityInputError
@@ -102,40 +103,62 @@ def _describe(frame: traceback.FrameSummary | None) -> str:
     return f"{Path(frame.filename).name} ({frame.name}, line {frame.lineno})"
 
 
+def _classes_with_own_from_pretrained(roots) -> list[type]:
+    """`roots` and every subclass of them (loaded so far) that holds its own `from_pretrained`: a model's
+    override, or one some library left behind (see parity/patching.py). Each is wrapped, so none shadows
+    the resolution."""
+    found, seen, stack = list(roots), set(roots), list(roots)
+    while stack:
+        for sub in stack.pop().__subclasses__():
+            if sub not in seen:
+                seen.add(sub)
+                stack.append(sub)
+                if "from_pretrained" in vars(sub):
+                    found.append(sub)
+    return found
+
+
 @contextlib.contextmanager
 def resolving_hub_models(model: Path) -> Iterator[list[str]]:
     """While the model is built: provided hub ids go to their folders, and a hub id that cannot be resolved
-    becomes MissingHubModel. Yields the hub ids the model's code asked for."""
+    becomes MissingHubModel. Yields the hub ids the model's code asked for.
+
+    Covers `from_pretrained` on PreTrainedModel and PretrainedConfig and on every subclass that has its own
+    (a subclass-level attribute would otherwise bypass the base-class wrapper)."""
     from transformers import PretrainedConfig, PreTrainedModel
+
+    from ..patching import patched
 
     asked: list[str] = []
     local = provided()
-    originals = {cls: cls.__dict__["from_pretrained"] for cls in (PreTrainedModel, PretrainedConfig)}
 
-    def wrap(original):
+    def wrap(raw):
+        def call(cls, name, *args, **kwargs):  # the owner's own entry, bound as attribute access would bind it
+            bound = raw.__get__(None, cls) if isinstance(raw, (classmethod, staticmethod, FunctionType)) else raw
+            return bound(name, *args, **kwargs)
+
         def from_pretrained(cls, name, *args, **kwargs):
             key = str(name)
             if key in local:
                 asked.append(key)
-                return original.__func__(cls, str(local[key]), *args, **kwargs)
+                return call(cls, str(local[key]), *args, **kwargs)
             if os.path.isdir(key) or "/" not in key or key.startswith(("/", ".", "~")):
-                return original.__func__(cls, name, *args, **kwargs)
+                return call(cls, name, *args, **kwargs)
             asked.append(key)
             try:
-                return original.__func__(cls, name, *args, **kwargs)
+                return call(cls, name, *args, **kwargs)
+            except MissingHubModel:  # said by a wrapper further in (a subclass's own from_pretrained)
+                raise
             except OSError as e:
                 caller = model_frame(traceback.extract_stack(), model)
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 raise MissingHubModel(key, model, _describe(caller), first) from None
         return classmethod(from_pretrained)
 
-    for cls, original in originals.items():
-        cls.from_pretrained = wrap(original)
-    try:
+    with contextlib.ExitStack() as stack:
+        for cls in _classes_with_own_from_pretrained((PreTrainedModel, PretrainedConfig)):
+            stack.enter_context(patched(cls, "from_pretrained", wrap(vars(cls)["from_pretrained"])))
         yield asked
-    finally:
-        for cls, original in originals.items():
-            cls.from_pretrained = original
 
 
 def apply_clip_geometry(model) -> list[str]:

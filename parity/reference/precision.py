@@ -15,6 +15,10 @@ decoder layers, `outside` chooses:
 
 Restoring swaps the original tensors back, so a down-cast (float32 storage, bfloat16 compute) loses nothing,
 and the model is left exactly as it was (the same tensors, not re-cast copies).
+
+`via` rounds each parameter to the dtype the deployment stores it in before the cast (buffers are not
+deployed weights): lmdeploy 0.7.1 has no float32 weight type, so a float32 checkpoint's workspace holds float16
+weights, and a reference judged against it must hold the same ones (`ReferenceModel.weights_dtype`).
 """
 
 from __future__ import annotations
@@ -28,12 +32,17 @@ from torch import nn
 _Saved = list[tuple[object, str, torch.Tensor]]
 
 
-def _swap(module: nn.Module, dtype: torch.dtype, recurse: bool = True) -> _Saved:
+def _rounds(p: torch.Tensor, dtype: torch.dtype, via: torch.dtype | None) -> bool:
+    """Whether parameter `p` changes when computed at `dtype` from its deployed (`via`) value."""
+    return p.is_floating_point() and (p.dtype != dtype or (via is not None and p.dtype != via))
+
+
+def _swap(module: nn.Module, dtype: torch.dtype, recurse: bool = True, via: torch.dtype | None = None) -> _Saved:
     saved = []
     for p in module.parameters(recurse=recurse):
-        if p.is_floating_point() and p.dtype != dtype:
+        if _rounds(p, dtype, via):
             saved.append((p, "data", p.data))
-            p.data = p.data.to(dtype)
+            p.data = (p.data.to(via) if via is not None else p.data).to(dtype)
     mods = module.modules() if recurse else [module]
     for m in mods:
         for name, b in list(m._buffers.items()):
@@ -51,9 +60,10 @@ def _restore(saved: _Saved) -> None:
             owner._buffers[name] = t
 
 
-def _needs(module: nn.Module, dtype: torch.dtype, recurse: bool) -> bool:
-    tensors = list(module.parameters(recurse=recurse)) + list(module.buffers(recurse=recurse))
-    return any(t is not None and t.is_floating_point() and t.dtype != dtype for t in tensors)
+def _needs(module: nn.Module, dtype: torch.dtype, recurse: bool, via: torch.dtype | None = None) -> bool:
+    if any(_rounds(p, dtype, via) for p in module.parameters(recurse=recurse)):
+        return True
+    return any(t is not None and t.is_floating_point() and t.dtype != dtype for t in module.buffers(recurse=recurse))
 
 
 def _outside_modules(model: nn.Module, layers: list[nn.Module]) -> tuple[list[nn.Module], list[nn.Module]]:
@@ -83,13 +93,14 @@ def _outside_modules(model: nn.Module, layers: list[nn.Module]) -> tuple[list[nn
 
 @contextmanager
 def compute_dtype(model: nn.Module, layers: list[nn.Module], dtype: torch.dtype,
-                  outside: str = "all") -> Iterator[None]:
+                  outside: str = "all", via: torch.dtype | None = None) -> Iterator[None]:
     """Within the block, `model` computes in `dtype`, one decoder layer at a time; `outside` ("all" or
-    "run") says how the modules outside the decoder layers are cast (see the module docstring)."""
+    "run") says how the modules outside the decoder layers are cast (see the module docstring); `via`, the
+    dtype each parameter is rounded to first (the deployment's, or None)."""
     if outside not in ("all", "run"):
         raise ValueError(f"outside must be 'all' or 'run', not {outside!r}")
     storage = next(model.parameters()).dtype
-    if storage == dtype:
+    if storage == dtype and not (via is not None and any(_rounds(p, dtype, via) for p in model.parameters())):
         yield
         return
     rest: _Saved = []
@@ -97,7 +108,7 @@ def compute_dtype(model: nn.Module, layers: list[nn.Module], dtype: torch.dtype,
 
     def before(key, module: nn.Module, recurse: bool):
         def hook(mod, args, kwargs):
-            pending.setdefault(key, []).append(_swap(module, dtype, recurse))
+            pending.setdefault(key, []).append(_swap(module, dtype, recurse, via))
         return hook
 
     def after(key):
@@ -113,11 +124,11 @@ def compute_dtype(model: nn.Module, layers: list[nn.Module], dtype: torch.dtype,
                 layer_ids = {id(m) for layer in layers for m in layer.modules()}
                 for m in model.modules():  # everything outside the decoder layers, once
                     if id(m) not in layer_ids:
-                        rest += _swap(m, dtype, recurse=False)
+                        rest += _swap(m, dtype, recurse=False, via=via)
             else:
                 containers, others = _outside_modules(model, layers)
-                hooked = [(m, False) for m in containers if _needs(m, dtype, recurse=False)]
-                hooked += [(m, True) for m in others if _needs(m, dtype, recurse=True)]
+                hooked = [(m, False) for m in containers if _needs(m, dtype, recurse=False, via=via)]
+                hooked += [(m, True) for m in others if _needs(m, dtype, recurse=True, via=via)]
                 for m, recurse in hooked:
                     key = ("outside", id(m))
                     stack.callback(m.register_forward_pre_hook(before(key, m, recurse), with_kwargs=True).remove)

@@ -40,24 +40,36 @@ class ReferenceSession:
         self.model = Path(model)
         self._parts = {"parts": PLORA_PARTS} if all_parts else {}
         self.placement = placement or resolve_device("cpu")
-        self.ref: ReferenceModel = load_reference(self.model, trust_remote_code, torch.float32, low_memory)
-        self.ref.model = place_reference(self.ref.model, self.ref.anatomy.layers, self.placement)
-        self._floors: dict[torch.dtype, ReferenceModel] = {}
+        self.loaded: ReferenceModel = load_reference(self.model, trust_remote_code, torch.float32, low_memory)
+        self.loaded.model = place_reference(self.loaded.model, self.loaded.anatomy.layers, self.placement)
+        # set per run: the dtype the deployment stores the weights in, which the reference's weights are rounded
+        # to (a float32 checkpoint is deployed as float16: lmdeploy 0.7.1 has no float32 weight type)
+        self.weights_dtype: torch.dtype | None = None
+        self._variants: dict[tuple[torch.dtype, torch.dtype | None], ReferenceModel] = {}
         self._own_root = root is None
         self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="parity-ref-"))
         self._traces: dict[tuple[str, str, str], object] = {}
 
+    @property
+    def ref(self) -> ReferenceModel:
+        """The fp32 reference with its weights as the current deployment stores them (`weights_dtype`)."""
+        return self.floor_model(torch.float32)
+
     def floor_model(self, dtype: torch.dtype) -> ReferenceModel:
-        if dtype not in self._floors:
-            self._floors[dtype] = self.ref.with_dtype(dtype)
-        return self._floors[dtype]
+        key = (dtype, self.weights_dtype)
+        if key not in self._variants:
+            self._variants[key] = self.loaded.with_dtype(dtype).with_weights(self.weights_dtype)
+        return self._variants[key]
+
+    def _weights(self) -> str:
+        return "" if self.weights_dtype is None else "-weights-" + str(self.weights_dtype).replace("torch.", "")
 
     def _dir(self, call: HFCall, case: str) -> Path:
-        return self.root / f"{case}-{call.content_hash}"
+        return self.root / f"{case}-{call.content_hash}{self._weights()}"
 
     def reference(self, call: HFCall, case: str) -> Trace:
         """The fp32 reference trace for this exact input."""
-        return self._get((call.content_hash, "reference", ""), lambda: capture_reference(
+        return self._get((call.content_hash, "reference", self._weights()), lambda: capture_reference(
             self.ref, call, self._dir(call, case) / "reference", case, **self._parts))
 
     def floor_local(self, call: HFCall, case: str, dtype: torch.dtype):
@@ -68,18 +80,18 @@ class ReferenceSession:
         ref = self.reference(call, case)
         fname = str(dtype).replace("torch.", "")
         root = self._dir(call, case) / f"floor-local-{fname}"
+        model = self.floor_model(dtype)  # now: a later run may set another weights_dtype before this resolves
 
         def make():
-            model = self.floor_model(dtype)
             meta = TraceMeta(side="floor-local", case=case, num_layers=model.anatomy.num_layers, dtype=fname)
             return capture_reference(model, call, root, case, side="floor-local", teacher=ref,
                                      writer=StatsWriter(root, meta, against=ref))
-        return self._get((call.content_hash, "floor-local", fname), lambda: FloorOnDemand(make))
+        return self._get((call.content_hash, "floor-local", fname + self._weights()), lambda: FloorOnDemand(make))
 
     def floor_e2e(self, call: HFCall, case: str, dtype: torch.dtype) -> Trace:
         """The reference at `dtype`, end to end, as values."""
         fname = str(dtype).replace("torch.", "")
-        return self._get((call.content_hash, "floor", fname), lambda: capture_reference(
+        return self._get((call.content_hash, "floor", fname + self._weights()), lambda: capture_reference(
             self.floor_model(dtype), call, self._dir(call, case) / f"floor-{fname}", case, side="floor",
             **self._parts))
 
