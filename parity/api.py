@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ParityInputError
-from .records import Report
+from .records import FaultHooks, Report
 from .scratch import out_lock, run_scratch
 
 
@@ -36,17 +36,18 @@ def _check_option_names(options: dict[str, Any]) -> None:
 
     from .pipeline import RunOptions
 
-    valid = sorted({f.name for f in fields(RunOptions) if f.name != "model" and not f.name.startswith("mutate_")}
-                   | {"out", "jobs"})
-    unknown = [k for k in options if k not in valid and not k.startswith("mutate_")]
+    valid = sorted({f.name for f in fields(RunOptions) if f.name != "model"} | {"out", "jobs", "faults"})
+    unknown = [k for k in options if k not in valid]
     if unknown:
         close = difflib.get_close_matches(unknown[0], valid, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ParityInputError(f"parity.run: unknown option {unknown[0]!r}{hint}; valid options: {', '.join(valid)}.")
 
 
-def run(model: str | Path, *, out: str | Path | None = None, jobs: int = 1, **options: Any) -> Report:
+def run(model: str | Path, *, out: str | Path | None = None, jobs: int = 1, faults: FaultHooks | None = None,
+        **options: Any) -> Report:
     """Run parity from Python; options are `RunOptions` fields (workspace, inputs, numeric, device, ...).
+    `faults` injects a fault between stages (`records.FaultHooks`: the fault catalogue's and tests' hooks).
 
     `jobs` > 1 spreads the cases over that many worker processes (`parity.parallel`; clamped to the number
     of cases) and returns the same report as one process would, timings apart. Workers are spawned, so a
@@ -68,7 +69,7 @@ def run(model: str | Path, *, out: str | Path | None = None, jobs: int = 1, **op
         stack.enter_context(run_scratch())
         if out is not None:
             stack.enter_context(out_lock(out))
-        report = run_parallel(RunOptions(model=Path(model), **options), jobs)
+        report = run_parallel(RunOptions(model=Path(model), **options), jobs, faults)
         if out is not None:
             write_reports(report, Path(out))
     return report

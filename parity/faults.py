@@ -21,7 +21,7 @@ import yaml
 from .deploy.layout import hf_qkv_cols_to_tm, pairs_to_rotary, rotary_to_pairs, split_merged, tm_qkv_cols_to_hf
 from .deploy.workspace import Workspace
 from .quant import faults as qf
-from .records import CanonicalInput, Chat, EngineCall, Segment
+from .records import CanonicalInput, Chat, EngineCall, FaultHooks, Segment
 
 
 @dataclass(frozen=True)
@@ -35,10 +35,12 @@ class Expected:
 
 @dataclass
 class FaultSetup:
-    """What a fault may change: its own workspace copy, and run options."""
+    """What a fault may change: its own workspace copy, run options, and the hooks injected between stages
+    (`records.FaultHooks` fields, plus `hf_bos`: the HF side laid out with another BOS policy)."""
 
     workspace: Path
     options: dict[str, Any] = field(default_factory=dict)
+    hooks: dict[str, Any] = field(default_factory=dict)
 
     def ws(self) -> Workspace:
         return Workspace.open(self.workspace)
@@ -166,9 +168,11 @@ def _heads(s: FaultSetup) -> None:
     s.config(edit)
 
 
-def _options(**kw) -> Callable[[FaultSetup], None]:
+def _options(options: dict[str, Any] | None = None, **hooks) -> Callable[[FaultSetup], None]:
+    """Set run options (`options`) and fault hooks (keywords: `records.FaultHooks` fields, or `hf_bos`)."""
     def apply(s: FaultSetup) -> None:
-        s.options.update(kw)
+        s.options.update(options or {})
+        s.hooks.update(hooks)
     return apply
 
 
@@ -188,7 +192,7 @@ CATALOGUE_PROMPT_ROWS = 74
 def _decode(**deviations) -> Callable[[FaultSetup], None]:
     from .deploy.decode import DecodeDeviations
 
-    return _options(decode=DECODE_STEPS, decode_deviations=DecodeDeviations(**deviations) if deviations else None)
+    return _options({"decode": DECODE_STEPS}, decode_deviations=DecodeDeviations(**deviations) if deviations else None)
 
 
 def _vision(**kw) -> Callable[[FaultSetup], None]:
@@ -299,7 +303,7 @@ CATALOGUE: tuple[Fault, ...] = (
           _ranges(lambda r, e: {"input_embedding_ranges": r[:-1] + [(r[-1][0] + 100, r[-1][1] + 100)]})),
     Fault("bos_policy_mismatch", "inputs", "HF side: BOS on every text part; engine: BOS first only",
           Expected(None, "embeddings", "text", "input_mismatch"),
-          _options(mutate_hf_bos="every_text")),
+          _options(hf_bos="every_text")),
     Fault("image_features_differ", "inputs", "the engine receives slightly different image features",
           Expected(None, "embeddings", "image", "input_mismatch"), _engine_call(_noisy_features)),
     # --- the high-resolution image path (lmdeploy's own preprocessing and vision forward against HF's)
@@ -317,11 +321,11 @@ CATALOGUE: tuple[Fault, ...] = (
           model="xcomposer2d5-tiny", cases=hd_cases),
     # --- version semantics
     Fault("runtime_ignores_plora", "version", "lmdeploy 0.8.0 runtime (drops LoRA weights silently)",
-          Expected(0, "attention.wqkv", "image", "lora_not_applied"), _options(lmdeploy_version="0.8.0")),
+          Expected(0, "attention.wqkv", "image", "lora_not_applied"), _options({"lmdeploy_version": "0.8.0"})),
     Fault("runtime_skips_plora_073", "version", "lmdeploy 0.7.3 runtime (mask buffer never allocated)",
-          Expected(0, "attention.wqkv", "image", "lora_not_applied"), _options(lmdeploy_version="0.7.3")),
+          Expected(0, "attention.wqkv", "image", "lora_not_applied"), _options({"lmdeploy_version": "0.7.3"})),
     Fault("workspace_served_without_lora", "version", "served from the workspace: LoRA never loaded",
-          Expected(0, "attention.wqkv", "image", "lora_not_applied"), _options(serve_from="workspace")),
+          Expected(0, "attention.wqkv", "image", "lora_not_applied"), _options({"serve_from": "workspace"})),
     # --- quantized deployments (int4 workspaces converted from `parity quantize` fixtures)
     Fault("awq_group_size_wrong", "quant", "config.yaml group_size 64 for a g128 int4 workspace",
           Expected(0, "attention.wqkv", "all", "shape_mismatch"), qf.group_size(64), model="xcomposer2-tiny-awq-kept"),
@@ -340,9 +344,9 @@ CATALOGUE: tuple[Fault, ...] = (
     Fault("plora_smoothing_not_compensated", "quant",
           "lmdeploy's default auto_awq: smoothing scaled the base weights, not Plora_A/Plora_B (--original given)",
           Expected(0, "attention.wqkv", "image", "lora_smoothing_mismatch"),
-          _options(original_fixture="xcomposer2-tiny"), model="xcomposer2-tiny-awq"),
+          _options({"original_fixture": "xcomposer2-tiny"}), model="xcomposer2-tiny-awq"),
     Fault("kv_int4_wrong_scale", "quant", "u4 KV cache (quant_policy 4) read back with scales 1.3x too large",
-          Expected(0, "attention", "all", "numeric_drift"), _options(quant_policy=4, kv_scale_factor=1.3)),
+          Expected(0, "attention", "all", "numeric_drift"), _options({"quant_policy": 4}, kv_scale_factor=1.3)),
     # --- q/k/v biases of a Qwen2 disguise (exported with attn_bias 1 by parity's registration)
     Fault("bias_not_exported", "weights", "Qwen2 disguise converted without the registration: no q/k/v biases",
           Expected(0, "attention.wqkv", "all", "bias_dropped"), _bias_not_exported, model="qwen2-plora-tiny"),
@@ -412,7 +416,8 @@ def run_fault(fault: Fault, models: dict[str, Path], workspaces: dict[str, Path]
         setup = FaultSetup(ws)
         fault.apply(setup)
         opts = dict(setup.options)
-        bos = opts.pop("mutate_hf_bos", None)
+        hooks = dict(setup.hooks)
+        bos = hooks.pop("hf_bos", None)
         if "original_fixture" in opts:  # the smoothing check compares with the original fixture model
             opts["original"] = models[opts.pop("original_fixture")]
         cases = fault.cases(tmp) if fault.cases else catalogue_cases(IMAGES_DIR)
@@ -424,10 +429,10 @@ def run_fault(fault: Fault, models: dict[str, Path], workspaces: dict[str, Path]
             from .inputs import prepare
 
             ref = sessions[fault.model].ref
-            run_opts.mutate_hf_prepared = lambda p: prepare(
+            hooks["mutate_hf_prepared"] = lambda p: prepare(
                 replace(cases[0], bos_policy=bos), ref.tokenize, ref.embed_tokens, ref.encode_image, ref.bos_id,
                 ref.decode)
-        report = run_parity(run_opts)
+        report = run_parity(run_opts, FaultHooks(**hooks))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     d = report.first_divergence

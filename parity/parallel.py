@@ -26,7 +26,7 @@ from .errors import ParityInputError
 
 if TYPE_CHECKING:  # keep this module cheap to import: spawned workers import it before anything else
     from .pipeline import RunOptions
-    from .records import Finding, Report
+    from .records import FaultHooks, Finding, Report
 
 T = TypeVar("T")
 
@@ -61,14 +61,14 @@ def _check_jobs(jobs: object) -> int:
     return jobs
 
 
-def run_parallel(opts: "RunOptions", jobs: int = 1) -> "Report":
-    """`pipeline.run_parity(opts)` with its cases spread over `jobs` worker processes (clamped to the number
-    of cases). With one job, or one case, it is `run_parity(opts)` in this process."""
+def run_parallel(opts: "RunOptions", jobs: int = 1, faults: "FaultHooks | None" = None) -> "Report":
+    """`pipeline.run_parity(opts, faults)` with its cases spread over `jobs` worker processes (clamped to the
+    number of cases). With one job, or one case, it is `run_parity(opts, faults)` in this process."""
     from .pipeline import run_parity
 
     jobs = _check_jobs(jobs)
     if jobs == 1:
-        return run_parity(opts)
+        return run_parity(opts, faults)
     t0 = time.perf_counter()
     if opts.engine != "replay":
         raise ParityInputError(
@@ -84,17 +84,17 @@ def run_parallel(opts: "RunOptions", jobs: int = 1) -> "Report":
     cases = run_cases(opts)  # a bad inputs file fails here, before any conversion or worker
     chunks = split_cases(cases, jobs)
     if len(chunks) == 1:
-        return run_parity(replace(opts, cases=cases, inputs=None))
+        return run_parity(replace(opts, cases=cases, inputs=None), faults)
     t = time.perf_counter()
     workspace = opts.workspace or _convert_first(opts)
     convert_s = time.perf_counter() - t
-    work = [replace(opts, cases=chunk, inputs=None, workspace=workspace) for chunk in chunks]
+    work = [(replace(opts, cases=chunk, inputs=None, workspace=workspace), faults) for chunk in chunks]
     try:
         pickle.dumps(work[0])
     except Exception as e:  # noqa: BLE001 - lambdas in the mutate hooks, an unpicklable session, ...
         raise ParityInputError(
-            f"jobs > 1 sends the run options to worker processes, but they cannot be pickled ({type(e).__name__}: "
-            f"{e}); use module-level functions for the mutate hooks, or jobs=1.") from None
+            f"jobs > 1 sends the run options and fault hooks to worker processes, but they cannot be pickled "
+            f"({type(e).__name__}: {e}); use module-level functions in the fault hooks, or jobs=1.") from None
     reports = _run_workers(work, worker_threads(len(work)))
     return merge_reports(reports, [c.name for c in cases], _num_layers(opts, reports),
                          wall=time.perf_counter() - t0, extra={"convert": convert_s})
@@ -139,14 +139,14 @@ def _init_worker(threads: int, scratch: str) -> None:
     torch.set_num_threads(threads)
 
 
-def _run_chunk(opts: "RunOptions") -> "Report":
+def _run_chunk(item: "tuple[RunOptions, FaultHooks | None]") -> "Report":
     from .pipeline import run_parity
 
-    return run_parity(opts)
+    return run_parity(*item)
 
 
 def _run_workers(work: list[Any], threads: int, fn: Callable[[Any], Any] | None = None) -> list[Any]:
-    """`fn(item)` (default: run_parity on options) for each item of `work`, each in its own spawned process;
+    """`fn(item)` (default: run_parity on (options, faults)) for each item of `work`, each in its own spawned process;
     results in the order of `work`. The first failure (in `work` order among those that failed) stops the
     others and is raised here."""
     import multiprocessing

@@ -13,7 +13,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -33,7 +33,8 @@ from .hfconfig import head_dim_of, kv_heads_of
 from .inputs import default_cases, engine_call, engine_rows, hf_call, load_cases, prepare
 from .places import default_cache_dir
 from .resources import check_resources
-from .records import (CanonicalInput, CaseSummary, DecodeSection, EngineRequest, EngineWarning, Finding, PreparedInput, Report)
+from .records import (CanonicalInput, CaseSummary, DecodeSection, EngineRequest, EngineWarning, FaultHooks, Finding,
+                      PreparedInput, Report)
 from .reference.loader import ReferenceModel
 from .reference.session import ReferenceSession
 from .verdict import decide, sort_findings
@@ -61,15 +62,8 @@ class RunOptions:
     measure_floor: bool = False                      # measure the noise floor even where no verdict needs it
     original: Path | None = None                     # a quantized model's original: smoothing check, cost report
     decode: int = 0                                  # generated tokens to compare after the prefill (0: none)
-    decode_deviations: Any = None                    # fault catalogue: parity.deploy.decode.DecodeDeviations
     resource_check: bool = True                      # refuse a run that cannot fit (parity.resources)
     quant_policy: int = 0                            # TurboMind's KV cache: 0 fp, 8 u8, 4 u4 (parity.quant.kv)
-    kv_scale_factor: float = 1.0                     # fault catalogue only: the engine's KV cache read with a wrong scale
-    # Hooks for the fault catalogue: mutate what a stage hands to the next (never used by plain runs).
-    mutate_engine_call: Callable[[str, Any], Any] | None = None
-    mutate_hf_prepared: Callable[[PreparedInput], PreparedInput] | None = None
-    mutate_engine_prepared: Callable[[PreparedInput], PreparedInput] | None = None
-    lmdeploy_vision_fault: Any = None                # parity.deploy.image_input.VisionFault
 
 
 def _check_floor_device(placement: Placement, floor_dtype: torch.dtype) -> None:
@@ -133,14 +127,14 @@ class _ImagePath:
     engine is then given the HF features wherever an image's row count agrees, so the layer checks judge
     the layers, and the input findings the image path."""
 
-    def __init__(self, opts: RunOptions, ref: ReferenceModel, ws):
+    def __init__(self, opts: RunOptions, ref: ReferenceModel, ws, vision_fault=None):
         from .deploy import image_input
 
         self.ref, self.allowance = ref, opts.thresholds.image_feature_rel
         self.hf_sub = image_input.hf_sub_type(opts.model) if ref.family == "xcomposer2" else "7b"
         record = ws.conversion_record()
         hd = ("4khd", "2.5")
-        self.vision = (image_input.LmdeployVision(opts.model, opts.lmdeploy_vision_fault)
+        self.vision = (image_input.LmdeployVision(opts.model, vision_fault)
                        if ref.family == "xcomposer2" and (self.hf_sub in hd or (record and record.sub_type in hd))
                        else None)
         self.section: dict[str, Any] = {}
@@ -222,8 +216,10 @@ def _timed(timings: dict[str, float], stage: str, detail: str = ""):
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t
 
 
-def run_parity(opts: RunOptions) -> Report:
-    """One parity run. With `opts.session`, reference captures are reused across runs."""
+def run_parity(opts: RunOptions, faults: FaultHooks | None = None) -> Report:
+    """One parity run. With `opts.session`, reference captures are reused across runs; `faults` are the fault
+    catalogue's injections (none in a user's run)."""
+    faults = faults or FaultHooks()
     t0 = time.perf_counter()
     semantics = runtime_semantics(opts)
     if opts.layers not in (None, "every", "bisect"):
@@ -251,7 +247,8 @@ def run_parity(opts: RunOptions) -> Report:
     work = Path(tempfile.mkdtemp(prefix="parity-engine-"))
     try:
         with judged_precision():  # judged float32 is float32 on a GPU too (TF32 off; parity.device)
-            return _run_stages(opts, session, semantics, cases, work, {"load_reference": time.perf_counter() - t0}, t0)
+            return _run_stages(opts, faults, session, semantics, cases, work,
+                               {"load_reference": time.perf_counter() - t0}, t0)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if opts.session is None:
@@ -272,7 +269,8 @@ def _weights_note(ref: ReferenceModel) -> str:
             "0.7.1 has no float32 weight type); the weights check compares the workspace with them the same way")
 
 
-def _run_stages(opts: RunOptions, session: ReferenceSession, semantics, cases: list[CanonicalInput], work: Path,
+def _run_stages(opts: RunOptions, faults: FaultHooks, session: ReferenceSession, semantics,
+                cases: list[CanonicalInput], work: Path,
                 timings: dict[str, float], t0: float) -> Report:
     from .deploy.workspace import Workspace
 
@@ -289,11 +287,11 @@ def _run_stages(opts: RunOptions, session: ReferenceSession, semantics, cases: l
         from .quant.kv_reference import turbomind_kv
 
         session.kv_cache = turbomind_kv(bits_for_policy(opts.quant_policy), ws.dtype)
-        options.update(kv_bits=bits_for_policy(opts.quant_policy), kv_scale_factor=opts.kv_scale_factor)
+        options.update(kv_bits=bits_for_policy(opts.quant_policy))
     engine = engine_class(opts.engine)(EngineSetup(
         model=opts.model, workspace=ws, semantics=semantics, numeric=opts.numeric, serve_from=opts.serve_from,
         options=options, layers=opts.layers, cache_dir=opts.cache_dir, thresholds=opts.thresholds,
-        session=session, device=session.placement.device, decode_deviations=opts.decode_deviations))
+        session=session, device=session.placement.device, faults=faults))
     try:
         settings = engine.activate()
         _check_floor_device(session.placement, settings.floor_dtype)
@@ -302,7 +300,7 @@ def _run_stages(opts: RunOptions, session: ReferenceSession, semantics, cases: l
         summaries: list[CaseSummary] = []
         decode_sections: list[DecodeSection] = []
         # every case laid out first: the resource guard judges their row counts before any capture starts
-        images = _ImagePath(opts, ref, ws)
+        images = _ImagePath(opts, ref, ws, faults.lmdeploy_vision_fault)
         laid_out = [images.prepare(case) for case in cases]
         image_findings: list[Finding] = [f for _, _, found in laid_out for f in found]
         if opts.resource_check:
@@ -310,11 +308,11 @@ def _run_stages(opts: RunOptions, session: ReferenceSession, semantics, cases: l
             check_resources(ref.config, rows, scratch=work, model=str(opts.model),
                             floor_bytes=torch.empty((), dtype=settings.floor_dtype).element_size())
         for case, (prepared, eng_prepared, _) in zip(cases, laid_out):
-            hf_p = opts.mutate_hf_prepared(prepared) if opts.mutate_hf_prepared else prepared
-            eng_p = opts.mutate_engine_prepared(eng_prepared) if opts.mutate_engine_prepared else eng_prepared
+            hf_p = faults.mutate_hf_prepared(prepared) if faults.mutate_hf_prepared else prepared
+            eng_p = faults.mutate_engine_prepared(eng_prepared) if faults.mutate_engine_prepared else eng_prepared
             hcall, ecall = hf_call(hf_p), engine_call(eng_p)
-            if opts.mutate_engine_call:
-                ecall = opts.mutate_engine_call(case.name, ecall)
+            if faults.mutate_engine_call:
+                ecall = faults.mutate_engine_call(case.name, ecall)
             with _timed(timings, "reference", case.name):
                 reference = session.reference(hcall, case.name)
                 floor_e2e, floor_local = session.floors(hcall, case.name, settings.floor_dtype,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import torch
 
@@ -151,6 +151,20 @@ class EngineRanges:
     reason: str | None
     accepted: tuple[tuple[int, int], ...]
     row_count_mismatch: bool
+
+
+@dataclass
+class FaultHooks:
+    """Where the fault catalogue (and tests) inject a fault between stages: what a stage hands to the next is
+    mutated, or a deployment detail deliberately mis-emulated. Passed beside the run's options, never inside
+    them (`pipeline.run_parity(opts, faults)`), so a user's options cannot carry one; a plain run has none."""
+
+    mutate_engine_call: Callable[[str, EngineCall], EngineCall] | None = None   # (case name, call) -> call
+    mutate_hf_prepared: Callable[[PreparedInput], PreparedInput] | None = None
+    mutate_engine_prepared: Callable[[PreparedInput], PreparedInput] | None = None
+    lmdeploy_vision_fault: Any = None     # parity.deploy.image_input.VisionFault
+    decode_deviations: Any = None         # parity.deploy.decode.DecodeDeviations
+    kv_scale_factor: float = 1.0          # the engine's quantized KV cache read with a wrong scale (--quant-policy)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from parity.cli import main
 from parity.deploy.kvcache import DtypeStorage, KVCache, SessionFull
 from parity.faults import catalogue_cases
 from parity.fixtures import IMAGES_DIR
-from parity.records import CanonicalInput, Segment
+from parity.records import CanonicalInput, FaultHooks, Segment
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache"
@@ -168,7 +168,7 @@ def test_free_running_divergence_names_first_token_and_assert_parity_says_step(f
     case = CanonicalInput("t", (Segment("text", text="Hello there."), Segment("image", image=img),
                                 Segment("text", text="What is it?")))
     report = run(fixture_models["xcomposer2-tiny"], trust_remote_code=True, cache_dir=CACHE, decode=8,
-                 cases=[case], decode_deviations=DecodeDeviations(lora_on_generated=True))
+                 cases=[case], faults=FaultHooks(decode_deviations=DecodeDeviations(lora_on_generated=True)))
     d = report.first_divergence
     assert (d.step, d.layer, d.module, d.positions, d.cause) == (1, 0, "attention.wqkv", "generated",
                                                                   "lora_outside_mask")

@@ -13,6 +13,7 @@ from parity.api import run
 from parity.cli import main
 from parity.device import fp32_settings, judged_precision, resolve_device, supports_float64
 from parity.errors import ParityInputError
+from parity.records import FaultHooks
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache"
@@ -92,7 +93,7 @@ def test_run_is_judged_in_full_float32_and_reports_its_device(fixture_models, tm
     before = fp32_settings()
     try:
         report = run(fixture_models["xcomposer2-tiny"], trust_remote_code=True, cache_dir=CACHE, device="auto"
-                     if not torch.cuda.is_available() else "cpu", mutate_engine_call=spy, out=tmp_path / "out")
+                     if not torch.cuda.is_available() else "cpu", faults=FaultHooks(mutate_engine_call=spy), out=tmp_path / "out")
         assert fp32_settings() == before
     finally:
         torch.set_float32_matmul_precision("highest")

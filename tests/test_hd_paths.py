@@ -19,7 +19,7 @@ from parity.deploy.image_input import (
 )
 from parity.fixtures.generator import make_hd_image
 from parity.pipeline import RunOptions, run_parity
-from parity.records import CanonicalInput, Chat
+from parity.records import CanonicalInput, Chat, FaultHooks
 
 REPO = Path(__file__).resolve().parents[1]
 SYSTEM = "You are a helpful assistant."
@@ -137,9 +137,9 @@ def warnings(report):
     return [f for f in report.findings if f.severity == "warning"]
 
 
-def run(model: Path, cases, numeric="fp32", **kw):
+def run(model: Path, cases, numeric="fp32", faults=None, **kw):
     kw.setdefault("cache_dir", REPO / ".cache")
-    return run_parity(RunOptions(model=model, trust_remote_code=True, cases=cases, numeric=numeric, **kw))
+    return run_parity(RunOptions(model=model, trust_remote_code=True, cases=cases, numeric=numeric, **kw), faults)
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +197,7 @@ def _separator_rows(first: int, rows: int, cols: int, side: int) -> list[int]:
 def test_swapped_separators_are_named_row_by_row(fixture_models, session_2d5, tmp_path):
     chat = Chat("What is in the image?", (image(tmp_path, 1000, 500),), SYSTEM)
     report = run(fixture_models["xcomposer2d5-tiny"], [CanonicalInput("sep", (), chat=chat)], session=session_2d5,
-                 lmdeploy_vision_fault=VisionFault(swap_separators=True))
+                 faults=FaultHooks(lmdeploy_vision_fault=VisionFault(swap_separators=True)))
     assert report.status == "fail"
     [f] = [f for f in report.errors() if "float16 allowance" in f.message]
     assert (f.cause, f.module, f.positions, f.layer) == ("input_mismatch", "embeddings", "image", None)
@@ -208,7 +208,7 @@ def test_swapped_separators_are_named_row_by_row(fixture_models, session_2d5, tm
 def test_placement_fault_names_the_rows(fixture_models, session_2d5, tmp_path):
     chat = Chat("What is in the image?", (image(tmp_path, 500, 400),), SYSTEM)
     report = run(fixture_models["xcomposer2d5-tiny"], [CanonicalInput("place", (), chat=chat)], session=session_2d5,
-                 lmdeploy_vision_fault=VisionFault(placement_sub_type="7b"))
+                 faults=FaultHooks(lmdeploy_vision_fault=VisionFault(placement_sub_type="7b")))
     d = report.first_divergence
     assert (d.cause, d.module, d.positions) == ("im_mask_mismatch", "embeddings", "all")
     [f] = [f for f in report.errors() if f.cause == "im_mask_mismatch" and f.check == "inputs"]
@@ -218,7 +218,7 @@ def test_placement_fault_names_the_rows(fixture_models, session_2d5, tmp_path):
 def test_hd_num_fault_names_both_row_counts(fixture_models, session_2d5, tmp_path):
     chat = Chat("What is in the image?", (image(tmp_path, 1000, 500),), SYSTEM)
     report = run(fixture_models["xcomposer2d5-tiny"], [CanonicalInput("hd", (), chat=chat)], session=session_2d5,
-                 lmdeploy_vision_fault=VisionFault(hd_num=1))
+                 faults=FaultHooks(lmdeploy_vision_fault=VisionFault(hd_num=1)))
     [f] = [f for f in report.errors() if "tile the image differently" in f.message]
     assert f.metrics["rows_hf"] == 1241 and f.metrics["rows_lmdeploy"] == 841 and "hd_num 1" in f.message
     assert torch.tensor(f.metrics["hf_rows"]).tolist() == [1, 1242]

@@ -46,6 +46,7 @@ from parity.errors import EngineUnavailable, ParityInputError
 from parity.inputs import default_cases, engine_call, hf_call, prepare
 from parity.layerwise import (EngineBuilds, LayerCase, LayerResult, LayerTarget, PipelineCase, PloraTarget, bisect,
                               every_layer, findings, first_true, max_bisect_builds, plora_effect, run_layers)
+from parity.records import FaultHooks
 from parity.reference.session import ReferenceSession
 from parity.trace import TraceMeta, TraceWriter
 
@@ -782,8 +783,8 @@ def test_live_rejected_ranges_are_a_finding_in_the_pipeline(fake_turbomind, deep
         (b, e), = call.input_embedding_ranges
         return replace(call, input_embedding_ranges=[(b, len(call.input_ids) + 5)])
 
-    report = run_parity(RunOptions(model=deep_model, engine="turbomind", trust_remote_code=True,
-                                   cache_dir=CACHE, mutate_engine_call=past_the_end))
+    report = run_parity(RunOptions(model=deep_model, engine="turbomind", trust_remote_code=True, cache_dir=CACHE),
+                        FaultHooks(mutate_engine_call=past_the_end))
     causes = {(f.check, f.cause) for f in report.errors()}
     assert ("inputs", "embeddings_skipped") in causes, causes
 

@@ -17,7 +17,7 @@ import yaml
 import parity.parallel as parallel
 from parity.cli import main
 from parity.fixtures import IMAGES_DIR
-from parity.records import CaseSummary, Finding, PointResult, Report
+from parity.records import CaseSummary, FaultHooks, Finding, PointResult, Report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -224,7 +224,7 @@ def test_unpicklable_hooks_refused_with_jobs(fixture_models, tmp_path):
     ws.mkdir()  # never opened: the options are refused before any worker starts
     with pytest.raises(ParityInputError, match="pickled"):
         run(fixture_models["xcomposer2-tiny"], trust_remote_code=True, inputs=inputs, workspace=ws, jobs=2,
-            mutate_engine_call=lambda name, call: call)
+            faults=FaultHooks(mutate_engine_call=lambda name, call: call))
 
 
 # ------------------------------------------------------------------------------------------ conversion cache

@@ -12,7 +12,8 @@ from typing import Any, Protocol
 
 import torch
 
-from ..records import EngineRanges, EngineRequest, EngineRun, EngineSettings, EngineSummary, RuntimeSemantics
+from ..records import (EngineRanges, EngineRequest, EngineRun, EngineSettings, EngineSummary, FaultHooks,
+                       RuntimeSemantics)
 from ..trace import TraceMeta, TraceWriter
 
 
@@ -32,7 +33,7 @@ class EngineSetup:
     session: Any = None              # parity.reference.session.ReferenceSession
     # where an engine that can choose computes (parity.device)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    decode_deviations: Any = None    # fault catalogue only: parity.deploy.decode.DecodeDeviations
+    faults: FaultHooks = field(default_factory=FaultHooks)  # the fault catalogue's injections (none: a plain run)
 
 
 class Engine(Protocol):

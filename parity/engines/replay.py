@@ -30,10 +30,10 @@ class ReplayRunner:
 
     def activate(self) -> EngineSettings:
         s = self.setup
-        # options: kv_bits / kv_scale_factor for a quantized KV cache (--quant-policy, parity.quant.kv)
+        # options: kv_bits for a quantized KV cache (--quant-policy, parity.quant.kv)
         self.engine = ReplayEngine(s.workspace, s.semantics, numeric=s.numeric, serve_from=s.serve_from,
                                    device=s.device, kv_bits=int(s.options.get("kv_bits", 0)),
-                                   kv_scale_factor=float(s.options.get("kv_scale_factor", 1.0)))
+                                   kv_scale_factor=float(s.faults.kv_scale_factor))
         self.settings = EngineSettings(
             kind=self.kind, numeric=s.numeric,
             floor_dtype=torch.float64 if s.numeric == "fp32" else s.workspace.dtype,
@@ -72,7 +72,7 @@ class ReplayRunner:
 
             storage = QuantizedStorage(self.engine.kv_bits, self.engine.weight_dtype, self.engine.device,
                                        self.engine.kv_scale_factor)
-        self._decoder = ReplayDecoder(self.engine, storage=storage, deviations=self.setup.decode_deviations)
+        self._decoder = ReplayDecoder(self.engine, storage=storage, deviations=self.setup.faults.decode_deviations)
         return self._decoder.run(request.call, tokens, teacher)
 
     def decode_info(self) -> dict[str, Any]:
