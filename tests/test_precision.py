@@ -99,3 +99,33 @@ def test_unknown_mode_is_refused(ref):
     with pytest.raises(ValueError, match="outside"):
         with compute_dtype(ref.model, ref.anatomy.layers, torch.float64, outside="some"):
             pass
+
+
+def test_float64_run_widens_what_the_code_pins_to_float32(ref):
+    """A float64 run lifts the model code's explicit float32 (`.float()`, `dtype=torch.float32`,
+    `.to(torch.float32)`) to float64: XComposer2's rotary cos/sin at position ~4,000 are then the exact ones,
+    where the code's float32 angles are ~1e-4 off. Without the widening the float64 run would share the float32
+    rounding and the noise floor could not see it (the 4KHD one-image decode false alarm)."""
+    from torch.nn import functional as F
+
+    from parity.reference.precision import widened_float32
+
+    x = torch.randn(3, 5)
+    with widened_float32(torch.float64):
+        got = [torch.arange(4, dtype=torch.float32), x.float(), x.to(torch.float32), x.to(dtype=torch.float32),
+               F.softmax(x, -1, dtype=torch.float32)]
+    assert all(t.dtype == torch.float64 for t in got)
+    with widened_float32(torch.bfloat16):  # a low-precision floor keeps the code's float32 (as the engine does)
+        assert x.double().float().dtype == torch.float32 and torch.arange(2, dtype=torch.float32).dtype == torch.float32
+
+    rope = ref.model.model.layers[0].attention.rotary_emb
+    probe = torch.zeros(1, dtype=torch.float64)
+    plain, _ = rope(probe, seq_len=4000)
+    with widened_float32(torch.float64):
+        wide, _ = rope(probe, seq_len=4000)
+    dim, base = rope.dim, rope.base
+    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    ang = torch.arange(4000, dtype=torch.float64)[:, None] * inv[None, :]
+    exact = torch.cat([ang, ang], -1).cos()
+    assert (wide - exact).abs().max() < 1e-12
+    assert (plain - exact)[-100:].abs().max() > 1e-5  # the float32 angles the float64 run used to share

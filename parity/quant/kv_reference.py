@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import ParityInputError
 from ..patching import patched
+from ..reference.precision import unwidened
 from .kv import kv_roundtrip
 
 Quantizer = Callable[[torch.Tensor], torch.Tensor]
@@ -57,7 +58,7 @@ def quantized_kv_cache(model: nn.Module, quantizer: Quantizer | None) -> Iterato
             "and XComposer2 code do); this model's code has none, so its KV cache cannot be emulated.")
     def wrap(orig):
         def repeat_kv(states, n_rep):
-            return orig(quantizer(states), n_rep)
+            return orig(unwidened(quantizer)(states), n_rep)  # TurboMind's arithmetic, also in a float64 run
         return repeat_kv
 
     with contextlib.ExitStack() as stack:

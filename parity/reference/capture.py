@@ -28,7 +28,7 @@ from ..points import CHECKED_PARTS, PLORA_PARTS, plora_key
 from ..records import HFCall
 from ..trace import Trace, TraceMeta, TraceWriter
 from .loader import ReferenceModel
-from .precision import compute_dtype
+from .precision import compute_dtype, unwidened, widened_float32
 
 # What the pipeline reads of the reference's PLoRA linears; ask for every part with parts=PLORA_PARTS.
 DEFAULT_PARTS: tuple[str, ...] = CHECKED_PARTS
@@ -111,29 +111,31 @@ class _Recorder:
     def install(self, stack: ExitStack) -> None:
         a = self.ref.anatomy
         want_b = "delta" in self.parts
-        hooks = []
+
+        def after(module, fn, **kw):  # parity's own code: float32 where it asks for it, also in a float64 run
+            stack.callback(module.register_forward_hook(unwidened(fn), **kw).remove)
+
         for i, layer in enumerate(a.layers):
-            hooks.append(layer.register_forward_hook(self._layer_done(i)))
+            after(layer, self._layer_done(i))
             if self.teacher is not None:
-                hooks.append(layer.register_forward_pre_hook(self._teacher_input(i), with_kwargs=True))
+                stack.callback(layer.register_forward_pre_hook(unwidened(self._teacher_input(i)),
+                                                               with_kwargs=True).remove)
             for name, norm in a.norms[i].items():
-                hooks.append(norm.register_forward_hook(self._plain(name)))
+                after(norm, self._plain(name))
             for point, lin in a.linears.get(i, {}).items():
                 if getattr(lin, "fused", False):
                     for part, mod in lin.module.parts.items():
                         key = f"{point}/{part}"
                         if want_b:
-                            hooks.append(mod.Plora_B.register_forward_hook(self._b_output(i, key)))
-                        hooks.append(mod.register_forward_hook(self._part(i, point, part, lin), with_kwargs=True))
+                            after(mod.Plora_B, self._b_output(i, key))
+                        after(mod, self._part(i, point, part, lin), with_kwargs=True)
                 else:
                     if want_b:
-                        hooks.append(lin.module.Plora_B.register_forward_hook(self._b_output(i, point)))
-                    hooks.append(lin.module.register_forward_hook(self._linear(i, point, lin), with_kwargs=True))
+                        after(lin.module.Plora_B, self._b_output(i, point))
+                    after(lin.module, self._linear(i, point, lin), with_kwargs=True)
                 self.plora.setdefault(str(i), {})[point] = {"rank": lin.rank, "scale": lin.scale}
-        hooks.append(a.final_norm.register_forward_hook(lambda m, i, o: self.writer.post("norm", _take(o, self.store))))
-        hooks.append(a.lm_head.register_forward_hook(lambda m, i, o: self.writer.post("output", _take(o, self.store))))
-        for h in hooks:
-            stack.callback(h.remove)
+        after(a.final_norm, lambda m, i, o: self.writer.post("norm", _take(o, self.store)))
+        after(a.lm_head, lambda m, i, o: self.writer.post("output", _take(o, self.store)))
 
     def _plain(self, point: str):
         def hook(module, args, output):
@@ -296,6 +298,7 @@ def capture_reference(
         rec.install(stack)
         stack.enter_context(compute_dtype(ref.model, ref.anatomy.layers, ref.dtype, outside="run",
                                           via=ref.weights_dtype))
+        stack.enter_context(widened_float32(ref.dtype))  # the float64 floor keeps nothing at float32
         if "base" in rec.parts:
             rec.tap = stack.enter_context(_BaseTap(m.weight for m in ref.model.modules() if hasattr(m, "Plora_A")))
         ref.model(inputs_embeds=embeds, im_mask=im_mask, use_cache=False)

@@ -19,15 +19,23 @@ and the model is left exactly as it was (the same tensors, not re-cast copies).
 `via` rounds each parameter to the dtype the deployment stores it in before the cast (buffers are not
 deployed weights): lmdeploy 0.7.1 has no float32 weight type, so a float32 checkpoint's workspace holds float16
 weights, and a reference judged against it must hold the same ones (`ReferenceModel.weights_dtype`).
+
+Casting the weights is not all of it: remote code pins some computations to float32 by name (`.float()`,
+`dtype=torch.float32`): XComposer2's rotary angles and cos/sin, its softmax, its RMSNorm. A "float64" run
+that kept those pins would share their float32 rounding with the float32 reference and so never measure it
+(at position 3,800 a float32 rotary angle is off by ~2e-4 rad). `widened_float32` lifts every such pin to
+float64 for the float64 runs, so the float64 reference is float64 throughout.
 """
 
 from __future__ import annotations
 
+import functools
 from contextlib import ExitStack, contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 _Saved = list[tuple[object, str, torch.Tensor]]
 
@@ -143,3 +151,58 @@ def compute_dtype(model: nn.Module, layers: list[nn.Module], dtype: torch.dtype,
                 while saved:
                     _restore(saved.pop())
             _restore(rest)
+
+
+class _WidenFloat32(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.paused = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self.paused:
+            if func is torch.Tensor.float:
+                func = torch.Tensor.double
+            else:
+                if kwargs.get("dtype") is torch.float32:
+                    kwargs = {**kwargs, "dtype": torch.float64}
+                if any(a is torch.float32 for a in args):
+                    args = tuple(torch.float64 if a is torch.float32 else a for a in args)
+        return func(*args, **kwargs)
+
+
+_WIDENING: list[_WidenFloat32] = []
+
+
+@contextmanager
+def widened_float32(dtype: torch.dtype) -> Iterator[None]:
+    """When `dtype` is float64: within the block, every float32 that the model's code asks for by name
+    (`.float()`, `dtype=torch.float32`, `.to(torch.float32)`) is float64 (see the module docstring); parity's
+    own code running inside the forward (hooks, emulated deployment parts) opts out with `unwidened`.
+    Otherwise nothing."""
+    if dtype != torch.float64:
+        yield
+        return
+    mode = _WidenFloat32()
+    _WIDENING.append(mode)
+    try:
+        with mode:
+            yield
+    finally:
+        _WIDENING.remove(mode)
+
+
+def unwidened(fn: Callable) -> Callable:
+    """`fn` (a hook, a deployment part run inside the model's forward) as parity's code: it gets the float32 it
+    asks for (reading a float32 trace file, emulating TurboMind's float32 arithmetic) also in a float64 run."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        modes = list(_WIDENING)
+        for m in modes:
+            m.paused += 1
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for m in modes:
+                m.paused -= 1
+    return run
