@@ -32,9 +32,13 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .compare.metrics import by_class, compare, fmt_metric
+from .compare.align import class_metrics, judge_classes, judge_value, positions_of
+from .compare.metrics import compare, fmt_metric
+from .compare.rowstats import row_stats_multi
 from .compare.thresholds import Thresholds
-from .records import EngineCall, Finding, HFCall, PreparedInput
+from .checks.hidden import exceeded_finding
+from .checks.plora import lora_cause
+from .records import EngineCall, Finding, HFCall, PointResult, PreparedInput
 from .trace import Trace
 
 EngineFactory = Callable[[Path], Any]
@@ -242,37 +246,17 @@ class EngineBuilds:
 # ------------------------------------------------------------------------------------------- comparisons
 
 
-def _bad(x: float) -> bool:
-    return not math.isfinite(x)
-
-
 def judge(ref: torch.Tensor, eng: torch.Tensor, floor_value: torch.Tensor, classes: dict[str, torch.Tensor],
           thresholds: Thresholds, numeric: str) -> tuple[dict[str, Any], float, float, bool, str | None]:
-    """(metrics with per-class floor/threshold/exceeded, floor, threshold, exceeded, positions)."""
+    """(metrics with per-class floor/threshold/exceeded, floor, threshold, exceeded, positions), judged as
+    every other point is (`compare.align.judge_classes`)."""
     if eng.shape != ref.shape:
         raise ValueError(f"The engine returned shape {tuple(eng.shape)}; the reference has {tuple(ref.shape)}. "
                          "Both sides must run the same rows.")
-    m = compare(ref, eng)
-    m["by_class"] = by_class(ref, eng, classes)
-    fm = compare(ref, floor_value)
-    f_by = by_class(ref, floor_value, classes)
-    floor = fm["rel_l2"]
-    threshold = thresholds.threshold(floor, numeric)
-    exceeded = _bad(m["rel_l2"]) or m["rel_l2"] > threshold
-    bad_classes = set()
-    for cls, cm in m["by_class"].items():
-        cf = f_by.get(cls, {}).get("rel_l2", floor)
-        cm["floor"] = cf
-        cm["threshold"] = thresholds.threshold(cf, numeric)
-        cm["exceeded"] = _bad(cm["rel_l2"]) or cm["rel_l2"] > cm["threshold"]
-        if cm["exceeded"]:
-            bad_classes.add(cls)
-    exceeded = bool(exceeded or bad_classes)
-    positions = None
-    if exceeded:
-        text, image = bool(bad_classes & {"text", "bos"}), "image" in bad_classes
-        positions = "image" if image and not text else "text" if text and not image else "all"
-    return m, floor, threshold, exceeded, positions
+    st_eng, st_floor = row_stats_multi(ref, [eng, floor_value])
+    m, fm = class_metrics(st_eng, classes), class_metrics(st_floor, classes)
+    threshold, exceeded = judge_classes(m, fm, thresholds, numeric)
+    return m, fm["rel_l2"], threshold, exceeded, positions_of(m["by_class"]) if exceeded else None
 
 
 def layer_results(k: int, cases: Sequence[LayerCase], models, builds: EngineBuilds) -> list[LayerResult]:
@@ -448,7 +432,6 @@ def plora_effect(targets: Sequence[tuple[PloraTarget, EngineCall]], models,
         eng = a - b
         m = _effect_metrics(pt.effect, eng, pt.classes)
         floor = compare(pt.effect, pt.floor_effect)["rel_l2"]
-        thr = pt.thresholds.threshold(floor, pt.numeric)
         img = pt.classes.get("image")
         has_img = img is not None and bool(img.any())
         sel = img if has_img else torch.ones(eng.shape[0], dtype=torch.bool)
@@ -458,11 +441,8 @@ def plora_effect(targets: Sequence[tuple[PloraTarget, EngineCall]], models,
         ratio = eng_n / ref_n if ref_n > 0 else (math.inf if eng_n > 0 else 1.0)
         if float(torch.linalg.vector_norm(pt.effect)) == 0.0:
             # nothing to compare against: judge the engine's effect against its own output's size
-            rel = float(torch.linalg.vector_norm(eng)) / max(float(torch.linalg.vector_norm(a)), 1e-30)
-            m["rel_l2"] = rel
-            exc = not math.isfinite(rel) or rel > thr
-        else:
-            exc = _bad(m["rel_l2"]) or m["rel_l2"] > thr
+            m["rel_l2"] = float(torch.linalg.vector_norm(eng)) / max(float(torch.linalg.vector_norm(a)), 1e-30)
+        thr, exc = judge_value(m["rel_l2"], floor, pt.thresholds, pt.numeric)
         cause, msg = None, (f"The engine's PLoRA effect matches the reference's (relative error {fmt_metric(m['rel_l2'])}, "
                             f"threshold {fmt_metric(thr)}; magnitude ratio {fmt_metric(ratio)}).")
         if ref_n == 0.0 and float(torch.linalg.vector_norm(pt.effect)) == 0.0:
@@ -471,19 +451,21 @@ def plora_effect(targets: Sequence[tuple[PloraTarget, EngineCall]], models,
                 cause = "lora_outside_mask"
                 msg = ("The reference's PLoRA changes nothing on this case, but deploying with and without LoRA "
                        f"changes the engine's final hidden state (relative {fmt_metric(m['rel_l2'])}).")
-        elif exc and ratio < NOT_APPLIED_RATIO:
-            cause = "lora_not_applied"
-            msg = (f"The engine applies no PLoRA: deploying the model with and without LoRA changes its final hidden "
-                   f"state on image rows by {fmt_metric(eng_n)}, {fmt_metric(100 * ratio)}% of the reference's change "
-                   f"({fmt_metric(ref_n)}). TurboMind ran as if the model had no PLoRA.")
-        elif exc and cos > pt.thresholds.delta_cosine and abs(ratio - 1) > pt.thresholds.scale_tolerance:
-            cause = "lora_scale_mismatch"
-            msg = (f"The engine's PLoRA effect points the same way as the reference's (cosine {cos:.6f}) but is "
-                   f"{fmt_metric(ratio)}x its size on image rows: a wrong LoRA scale.")
-        elif exc:
-            cause = "weight_mismatch"
-            msg = (f"The engine's PLoRA effect differs from the reference's: relative error {fmt_metric(m['rel_l2'])} "
-                   f"(threshold {fmt_metric(thr)}, floor {fmt_metric(floor)}), cosine {cos:.4f}, magnitude ratio {fmt_metric(ratio)}.")
+        elif exc:  # the LoRA cause ladder of the PLoRA check, on the effect (factor: the magnitude ratio)
+            cause = lora_cause(ratio < NOT_APPLIED_RATIO, cos, ratio, pt.thresholds)
+            msg = {
+                "lora_not_applied": (
+                    f"The engine applies no PLoRA: deploying the model with and without LoRA changes its final "
+                    f"hidden state on image rows by {fmt_metric(eng_n)}, {fmt_metric(100 * ratio)}% of the "
+                    f"reference's change ({fmt_metric(ref_n)}). TurboMind ran as if the model had no PLoRA."),
+                "lora_scale_mismatch": (
+                    f"The engine's PLoRA effect points the same way as the reference's (cosine {cos:.6f}) but is "
+                    f"{fmt_metric(ratio)}x its size on image rows: a wrong LoRA scale."),
+                "weight_mismatch": (
+                    f"The engine's PLoRA effect differs from the reference's: relative error "
+                    f"{fmt_metric(m['rel_l2'])} (threshold {fmt_metric(thr)}, floor {fmt_metric(floor)}), cosine "
+                    f"{cos:.4f}, magnitude ratio {fmt_metric(ratio)}."),
+            }[cause]
         out.append(PloraEffect(case=pt.case, metrics=m, ref_norm=ref_n, eng_norm=eng_n, ratio=ratio, cosine=cos,
                                floor=floor, threshold=thr, exceeded=exc, cause=cause, message=msg))
     return out
@@ -501,8 +483,13 @@ def findings(layers: Sequence[LayerResult] = (), effects: Sequence[PloraEffect] 
     one "info" finding (an end-to-end value stays diverged once an earlier layer diverged). A mismatching
     PLoRA effect is an error of check "plora".
     """
+    effect_findings = [
+        Finding(check="plora", severity="error", cause=e.cause, layer=None, module=None, positions="image",
+                case=e.case, message=f"{engine}: {e.message}",
+                metrics={"rel_l2": e.metrics["rel_l2"], "ratio": e.ratio, "cosine": e.cosine, "floor": e.floor,
+                         "threshold": e.threshold})
+        for e in effects if e.cause is not None]
     out: list[Finding] = []
-    not_applied = {e.case for e in effects if e.cause == "lora_not_applied"}
     by_case: dict[str, list[LayerResult]] = {}
     for r in layers:
         by_case.setdefault(r.case, []).append(r)
@@ -513,35 +500,25 @@ def findings(layers: Sequence[LayerResult] = (), effects: Sequence[PloraEffect] 
             if r is not None and r.exceeded:
                 run.append(r)
             elif run:
-                out += _run_findings(run, case, not_applied, engine)
+                out += _run_findings(run, case, effect_findings, engine)
                 run = []
-    for e in effects:
-        if e.cause is None:
-            continue
-        out.append(Finding(check="plora", severity="error", cause=e.cause, layer=None, module=None,
-                           positions="image", case=e.case, message=f"{engine}: {e.message}",
-                           metrics={"rel_l2": e.metrics["rel_l2"], "ratio": e.ratio, "cosine": e.cosine,
-                                    "floor": e.floor, "threshold": e.threshold}))
-    return out
+    return out + effect_findings
 
 
-def _run_findings(run: list[LayerResult], case: str, not_applied: set[str], engine: str) -> list[Finding]:
+def _run_findings(run: list[LayerResult], case: str, prior: list[Finding], engine: str) -> list[Finding]:
+    """The first layer of a run as the hidden check words every exceeded point (its cause by the verdict's
+    precedence: the PLoRA on/off finding of the case explains image rows), the rest as one info finding."""
     r = run[0]
-    cause = "lora_not_applied" if case in not_applied and r.positions == "image" else (
-        "nonfinite" if r.metrics.get("nonfinite_eng", 0) > r.metrics.get("nonfinite_ref", 0) else "numeric_drift")
-    classes = ", ".join(f"{c} {fmt_metric(m['rel_l2'])}" for c, m in r.metrics.get("by_class", {}).items())
-    why = {"lora_not_applied": " The engine applies no PLoRA (see the PLoRA on/off finding).",
-           "numeric_drift": " The final-norm output cannot say which module inside the layer caused it; run the "
-                            "replay engine on the same model for module-level attribution."}.get(cause, "")
-    out = [Finding(
-        check="hidden", severity="error", cause=cause, layer=r.layer, module="layer", positions=r.positions, case=case,
-        message=(f"layer {r.layer} ({engine}, model truncated to {r.layers_kept} layers): its final-norm output "
-                 f"differs from the reference's norm(hidden) by {fmt_metric(r.metrics['rel_l2'])} > threshold "
-                 f"{fmt_metric(r.threshold)} (noise floor {fmt_metric(r.floor)}) on {r.positions} rows [{classes}]." + why),
-        metrics={"e2e_rel_l2": r.metrics["rel_l2"], "floor": r.floor, "threshold": r.threshold,
-                 "max_abs": r.metrics["max_abs"], "max_abs_row": r.metrics["max_abs_row"],
-                 "max_abs_col": r.metrics["max_abs_col"], "layers_kept": r.layers_kept, "engine": engine},
-    )]
+    point = PointResult(case=case, layer=r.layer, module="layer", e2e=r.metrics, local=r.metrics, floor=r.floor,
+                        threshold=r.threshold, exceeded=r.exceeded)
+    first = exceeded_finding(
+        point, prior, where=f"layer {r.layer} ({engine}, model truncated to {r.layers_kept} layers)",
+        measured="final-norm output's error against the reference's norm(hidden)",
+        drift_note=(" The final-norm output cannot say which module inside the layer caused it; run the replay "
+                    "engine on the same model for module-level attribution."),
+        extra={"layers_kept": r.layers_kept, "engine": engine})
+    cause = first.cause
+    out = [first]
     if len(run) > 1:
         rest = [x.layer for x in run[1:]]
         out.append(Finding(

@@ -53,7 +53,9 @@ def attribute_cause(p: PointResult, prior: list[Finding]) -> tuple[str, Finding 
     for f in steps:
         if f is not None:
             return f.cause, f
-    version = [f for f in errors if f.cause in ("unsupported_version", "lora_not_applied") and f.layer is None]
+    # a runtime that applies no PLoRA (a release, or the live engine's PLoRA on/off run of this case)
+    version = [f for f in errors if f.cause in ("unsupported_version", "lora_not_applied") and f.layer is None
+               and (f.case is None or f.case == p.case)]
     if version and exceeded_positions(p) == "image":
         return "lora_not_applied", version[0]
     if p.local and (p.local.get("nonfinite_eng", 0) > p.local.get("nonfinite_ref", 0)):

@@ -7,8 +7,9 @@ import math
 
 import torch
 
-from ..compare.align import floor_needed, floor_stats
+from ..compare.align import floor_needed, floor_stats, judge_value
 from ..compare.rowstats import RowStats, row_stats
+from ..compare.thresholds import Thresholds
 from ..deploy.layout import tm_qkv_cols_to_hf
 from ..hfconfig import AttnShape
 from ..names import tm_linear_prefix
@@ -74,36 +75,42 @@ def run(ctx: CheckContext) -> CheckOutput:
                         floor = fst.metrics(image)["rel_l2"] if fst is not None else 0.0
                     raw = lambda: (ref[image], eng[image])  # noqa: E731
                 m = sti.metrics(sel)
-                limit = t.threshold(floor or 0.0, ctx.numeric)
-                if floor is None and not m["rel_l2"] <= limit:  # unmeasured: the bound that decides (align.judge)
-                    limit = t.bounds(ctx.numeric)[1]
+                limit, exceeded = judge_value(m["rel_l2"], floor or 0.0, t, ctx.numeric, unmeasured=floor is None)
                 denom, cross, eng_sq = _dots(sti, sel, m, raw)
                 factor = cross / denom if denom > 0 else (0.0 if eng_sq == 0 else math.inf)
                 row.update({"delta_rel_l2": m["rel_l2"], "delta_cosine": m["cosine"], "factor": factor,
                             "floor": floor, "threshold": limit})
-                ok = math.isfinite(m["rel_l2"]) and m["rel_l2"] <= limit
+                ok = not exceeded
                 row["status"] = "ok" if ok else "diverges"
                 out.table.append(row)
                 if ok:
                     continue
                 ref_norm = math.sqrt(denom)
                 eng_norm = math.sqrt(eng_sq)
-                if ref_norm > 0 and eng_norm == 0:
-                    cause, why = "lora_not_applied", "the engine added no LoRA delta at all on image rows"
-                elif (math.isfinite(m["cosine"]) and m["cosine"] > t.delta_cosine
-                      and abs(factor - 1) > t.scale_tolerance):
-                    cause = "lora_scale_mismatch"
-                    why = (f"the engine's delta is {factor:.4g}× the reference's (same direction, cosine "
-                           f"{m['cosine']:.6f}): the LoRA scale differs")
-                else:
-                    cause = "weight_mismatch"
-                    why = f"the engine's delta points elsewhere (cosine {m['cosine']:.4g}): the LoRA A/B weights differ"
+                cause = lora_cause(ref_norm > 0 and eng_norm == 0, m["cosine"], factor, t)
+                why = {"lora_not_applied": "the engine added no LoRA delta at all on image rows",
+                       "lora_scale_mismatch": (f"the engine's delta is {factor:.4g}× the reference's (same direction, "
+                                               f"cosine {m['cosine']:.6f}): the LoRA scale differs"),
+                       "weight_mismatch": (f"the engine's delta points elsewhere (cosine {m['cosine']:.4g}): the "
+                                           "LoRA A/B weights differ")}[cause]
                 out.findings.append(Finding(
                     check="plora", severity="error", cause=cause, layer=layer, module=linear, positions="image",
                     case=ct.prepared.name,
                     message=f"PLoRA delta of {linear} on image rows: relative error {m['rel_l2']:.3g} > {limit:.3g}; {why}.",
                     metrics={"rel_l2": m["rel_l2"], "cosine": m["cosine"], "factor": factor, "floor": floor}))
     return out
+
+
+def lora_cause(not_applied: bool, cosine: float, factor: float, t: Thresholds) -> str:
+    """Why a LoRA contribution (a linear's delta, or the live engine's PLoRA effect on the output) that exceeds
+    its threshold differs from the reference's: none at all (`not_applied`, the caller's test), the same
+    direction at another size (a scale: cosine above `delta_cosine`, `factor` off 1 by more than
+    `scale_tolerance`), or another direction (the A/B weights)."""
+    if not_applied:
+        return "lora_not_applied"
+    if math.isfinite(cosine) and cosine > t.delta_cosine and abs(factor - 1) > t.scale_tolerance:
+        return "lora_scale_mismatch"
+    return "weight_mismatch"
 
 
 def _dots(st: RowStats, rows: torch.Tensor | None, m: dict, raw) -> tuple[float, float, float]:

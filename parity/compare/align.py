@@ -62,14 +62,16 @@ def undo_layout(trace: Trace, point: str, value: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unknown layout {tag!r} for point {point}")
 
 
-def _metrics(st: RowStats, classes: dict[str, torch.Tensor]) -> dict[str, Any]:
+def class_metrics(st: RowStats, classes: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """A pair's metrics (`compare`) with `by_class`: the same restricted to each row class."""
     m = st.metrics()
     m["by_class"] = st.by_class(classes)
     return m
 
 
-def _bad(x: float) -> bool:
-    return not math.isfinite(x)
+def exceeds(value: float, threshold: float) -> bool:
+    """An error beyond its threshold; a non-finite error always is."""
+    return not math.isfinite(value) or value > threshold
 
 
 def floor_stats(floor: Trace | StatsTrace | FloorOnDemand | None, layer: int | None, point: str,
@@ -85,6 +87,37 @@ def floor_stats(floor: Trace | StatsTrace | FloorOnDemand | None, layer: int | N
         return st if st is not None and st.rows == (ref.shape[0] if ref.dim() else 1) else None
     value = floor.get(layer, point)
     return row_stats_multi(ref, [value])[0] if value is not None else None
+
+
+def judge_value(value: float, floor: float, thresholds: Thresholds, numeric: str,
+                unmeasured: bool = False) -> tuple[float, bool]:
+    """(threshold, exceeded) of one error against its noise floor. Unmeasured floor: the threshold is the
+    bound that decides whatever the floor is (max_rel for an error above it, else min_rel)."""
+    threshold = thresholds.threshold(floor, numeric)
+    exceeded = exceeds(value, threshold)
+    if unmeasured:
+        threshold = thresholds.bounds(numeric)[1 if exceeded else 0]
+    return threshold, exceeded
+
+
+def judge_classes(metrics: dict[str, Any], floor: dict[str, Any], thresholds: Thresholds, numeric: str,
+                  unmeasured: bool = False) -> tuple[float, bool]:
+    """(threshold, exceeded) of a value's metrics (`compare` plus `by_class`) against its floor's, overall and
+    per row class, each class with its own floor (else the overall one); writes each class's floor, threshold
+    and exceeded flag into `metrics["by_class"]`. An unmeasured floor (`unmeasured`): the threshold shown is the
+    bound that decides whatever the floor is (an error above max_rel exceeds max_rel, one at or below min_rel
+    is within min_rel), and the class floors are None."""
+
+    def judge(value: float, fl: float) -> tuple[float, bool]:
+        return judge_value(value, fl, thresholds, numeric, unmeasured)
+
+    threshold, exceeded = judge(metrics["rel_l2"], floor["rel_l2"])
+    for cls, cm in metrics["by_class"].items():
+        cf = floor["by_class"].get(cls, {}).get("rel_l2", floor["rel_l2"])
+        cm["floor"] = None if unmeasured else cf
+        cm["threshold"], cm["exceeded"] = judge(cm["rel_l2"], cf)
+        exceeded = exceeded or cm["exceeded"]
+    return threshold, bool(exceeded)
 
 
 def floor_needed(floor, values, thresholds: Thresholds, numeric: str) -> bool:
@@ -128,8 +161,8 @@ def compare_case(ct: CaseTraces, thresholds: Thresholds, numeric: str) -> list[P
             if fe is not None:
                 others["floor_e2e"] = fe
         st: dict[str, RowStats | None] = dict(zip(others, row_stats_multi(ref, list(others.values()))))
-        e2e = _metrics(st["e2e"], classes)
-        local = _metrics(st.get("local", st["e2e"]), classes)  # no teacher-forced value: local = e2e
+        e2e = class_metrics(st["e2e"], classes)
+        local = class_metrics(st.get("local", st["e2e"]), classes)  # no teacher-forced value: local = e2e
         measured.append((layer, point, ref, st, e2e, local))
     judged = [v for *_, local in measured for v in (local["rel_l2"], *(c["rel_l2"] for c in local["by_class"].values()))]
     use_floor = not floor_values and floor_needed(ct.floor_local, judged, thresholds, numeric)
@@ -141,23 +174,8 @@ def compare_case(ct: CaseTraces, thresholds: Thresholds, numeric: str) -> list[P
             st["floor_e2e"] = st.get("floor_local")
         fls = st.get("floor_local")
         unmeasured = fls is None and isinstance(ct.floor_local, FloorOnDemand) and not use_floor
-        floor_local = _metrics(fls, classes) if fls is not None else {"rel_l2": 0.0, "by_class": {}}
-
-        def judge(value: float, floor: float) -> tuple[float, bool]:
-            """(threshold, exceeded). Unmeasured floor: the bound that decides whatever the floor is (an error
-            above max_rel exceeds max_rel, one at or below min_rel is within min_rel)."""
-            threshold = thresholds.threshold(floor, numeric)
-            exceeded = _bad(value) or value > threshold
-            if unmeasured:
-                threshold = thresholds.bounds(numeric)[1 if exceeded else 0]
-            return threshold, exceeded
-
-        threshold, exceeded = judge(local["rel_l2"], floor_local["rel_l2"])
-        for cls, cm in local["by_class"].items():
-            cf = floor_local["by_class"].get(cls, {}).get("rel_l2", floor_local["rel_l2"])
-            cm["floor"] = None if unmeasured else cf
-            cm["threshold"], cm["exceeded"] = judge(cm["rel_l2"], cf)
-            exceeded = exceeded or cm["exceeded"]
+        floor_local = class_metrics(fls, classes) if fls is not None else {"rel_l2": 0.0, "by_class": {}}
+        threshold, exceeded = judge_classes(local, floor_local, thresholds, numeric, unmeasured)
         if ct.floor_e2e is not None:  # only the live path reads it
             fes = st.get("floor_e2e")
             local["floor_e2e"] = fes.metrics()["rel_l2"] if fes is not None else 0.0
@@ -179,8 +197,12 @@ def compare_case(ct: CaseTraces, thresholds: Thresholds, numeric: str) -> list[P
 
 def exceeded_positions(p: PointResult) -> str:
     """Which position classes a point's local error exceeds in: image, text (incl. BOS) or all."""
-    by = (p.local or {}).get("by_class", {})
-    bad = {c for c, m in by.items() if m.get("exceeded")}
+    return positions_of((p.local or {}).get("by_class", {}))
+
+
+def positions_of(by_class: dict[str, dict[str, Any]]) -> str:
+    """Which position classes exceed (`judge_classes` flags): image, text (incl. BOS) or all."""
+    bad = {c for c, m in by_class.items() if m.get("exceeded")}
     text = bool(bad & {"text", "bos"})
     image = "image" in bad
     if image and not text:
