@@ -169,3 +169,24 @@ def test_genuine_shaped_vl_checkpoint_quantizes_and_runs_clean(tmp_path, monkeyp
                                    cache_dir=tmp_path / "cache"))
     assert report.status == "pass", [f.message for f in report.errors()]
     assert report.quantization["smoothing_kept"] is True
+
+
+def test_quantize_twice_in_one_process_with_fewer_layers(tmp_path):
+    """lmdeploy keeps its calibration observers in a class-level registry that no call clears: a 1-layer model
+    quantized after a 2-layer one in the same process used to die with KeyError 'model.layers.1.attention.wqkv'
+    (found by tests/test_quant_property.py). Each `quantize` now calibrates with a registry of its own and puts the
+    process's back."""
+    from lmdeploy.lite.utils.global_avail import GlobalAvailMixin
+
+    from parity.fixtures import FixtureSpec, write_model
+    from parity.quant.quantize import quantize
+
+    before = GlobalAvailMixin.__dict__["_instances"]
+    for layers in (2, 1):
+        spec = FixtureSpec(name=f"l{layers}", layers=layers, heads=2, kv_heads=1, intermediate=128, seed=layers,
+                           image_size=14, patch_size=14, vision_hidden=16, vision_layers=1)
+        rec = quantize(write_model(spec, tmp_path / f"m{layers}"), tmp_path / f"q{layers}", trust_remote_code=True)
+        assert awq_config(rec.out).group_size == 128
+        assert {k.split(".")[2] for k in load_state(rec.out) if k.startswith("model.layers.")} == {
+            str(i) for i in range(layers)}
+    assert GlobalAvailMixin.__dict__["_instances"] is before

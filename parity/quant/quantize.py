@@ -5,7 +5,8 @@ activation absmax), `quant_weights` (round-to-nearest, asymmetric, per group) an
 (a) feeds the calibration batches from local text instead of a hub dataset (lmdeploy's `get_calib_loaders`
 is swapped for a function returning the same kind of token batches); (b) makes the vision loader build on a CPU
 machine without decord/torchvision (`check_xcomposer_install` and `build_preprocessor` — preprocessing is never
-used by the text-only calibration); (c) the converter patches of `parity.deploy.compat` (CUDA calls answered on
+used by the text-only calibration); (c) gives each call an empty observer registry (`fresh_observer_registry`);
+(d) the converter patches of `parity.deploy.compat` (CUDA calls answered on
 CPU). All patches live inside this process and are undone on exit. Calibration is text-only (`im_mask=None`),
 exactly what lmdeploy does.
 
@@ -126,12 +127,24 @@ def _compensation(done: list[str], names: dict[int, str]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def fresh_observer_registry() -> Iterator[None]:
+    """An empty registry of lmdeploy's calibration observers for one `auto_awq` call, the process's own put back
+    after. lmdeploy keeps every ActivationObserver in a class-level dict (`GlobalAvailMixin._instances`) that no
+    call clears, and `CalibrationContext` hooks every name found there: after a 2-layer model, calibrating a
+    1-layer one in the same process died with KeyError 'model.layers.1.attention.wqkv'."""
+    from lmdeploy.lite.utils.global_avail import GlobalAvailMixin
+
+    with patched(GlobalAvailMixin, "_instances", {"default": {}}):
+        yield
+
+
+@contextlib.contextmanager
 def lite_patches(text: str, samples: int, seqlen: int) -> Iterator[None]:
     """The in-process patches lmdeploy's lite code needs on a CPU machine without hub datasets."""
     from ..deploy.compat import cpu_converter_patches
     from ..deploy.image_input import init_empty_vit_contained
 
-    with cpu_converter_patches():
+    with cpu_converter_patches(), fresh_observer_registry():
         import lmdeploy.lite.apis.calibrate as calibrate
         import lmdeploy.vl.model.xcomposer2 as xc2
 
