@@ -100,12 +100,22 @@ def test_w4a16_replay_is_faithful_and_the_report_separates_quantization(quantize
         assert ("Did the AWQ smoothing keep PLoRA? " + ("No" if errors else "Yes")) in html
 
 
-def test_4khd_quantized_runs_clean(quantized, fixture_models):
+@pytest.mark.parametrize("family", ["xcomposer2-4khd-tiny", "xcomposer2d5-tiny"])
+def test_hd_families_quantized_run_clean(quantized, fixture_models, family):
+    """The HD sub-types quantize and run clean. XComposer2.5: lmdeploy's vision loader, which `auto_awq` builds,
+    looked the modeling module up under the raw folder name ('xcomposer2d5-tiny', transformers registers
+    'xcomposer2d5_hyphen_tiny') and `parity quantize` died with KeyError; now the in-process fix is applied and
+    recorded."""
     from parity.pipeline import RunOptions, run_parity
+    from parity.quant.quantize import read_record
 
-    report = run_parity(RunOptions(model=quantized["xcomposer2-4khd-tiny-awq-kept"], trust_remote_code=True,
-                                   cache_dir=CACHE, original=fixture_models["xcomposer2-4khd-tiny"]))
+    folder = quantized[f"{family}-awq-kept"]
+    applied = [w for w in read_record(folder).warnings if w.startswith("applied: ")]
+    assert bool(applied) == (family == "xcomposer2d5-tiny"), applied
+    report = run_parity(RunOptions(model=folder, trust_remote_code=True, cache_dir=CACHE,
+                                   original=fixture_models[family]))
     assert report.status == "pass", [f.message for f in report.errors()]
+    assert report.engine["sub_type"] == ("4khd" if "4khd" in family else "2.5")
 
 
 def test_pickled_objects_are_refused(quantized, tmp_path, capsys):

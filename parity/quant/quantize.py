@@ -139,6 +139,22 @@ def fresh_observer_registry() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _vision_loader_fixes(model: Path, applied: list[str]) -> Iterator[None]:
+    """`auto_awq` builds lmdeploy's vision model to reach the language model; for an XComposer2.5 folder whose name
+    is not a Python identifier (`internlm-xcomposer2d5-7b`) lmdeploy's `init_empty_vit` raises KeyError under
+    transformers' sanitised module names. The same in-process fix as `parity run`'s image path, recorded."""
+    from lmdeploy.vl.model.xcomposer2 import ModelType, get_xcomposer_type
+
+    from ..deploy.image_input import _raw_folder_alias  # the one home of this lmdeploy fix
+
+    if get_xcomposer_type(str(model))[0] != ModelType.XCOMPOSER2D5:
+        yield
+        return
+    with _raw_folder_alias(str(model), applied):
+        yield
+
+
+@contextlib.contextmanager
 def lite_patches(text: str, samples: int, seqlen: int) -> Iterator[None]:
     """The in-process patches lmdeploy's lite code needs on a CPU machine without hub datasets."""
     from ..deploy.compat import cpu_converter_patches
@@ -219,6 +235,7 @@ def quantize(model: Path | str, out: Path | str, *, w_bits: int = 4, group_size:
     tmp = out.parent / f".{out.name}.quantizing.{os.getpid()}.{uuid.uuid4().hex[:8]}"
     log: list[str] = []
     done: list[str] = []
+    applied: list[str] = []
     t0 = time.perf_counter()
     try:
         with lite_patches(text, calib_samples, calib_seqlen):
@@ -227,7 +244,8 @@ def quantize(model: Path | str, out: Path | str, *, w_bits: int = 4, group_size:
             comp = _compensation_for(done) if compensate_plora else contextlib.nullcontext()
             try:
                 # a hub id the model's code loads (the genuine CLIP) resolves like `parity run`'s (--hub-model)
-                with comp, resolving_hub_models(model), captured_output(log, warnings):
+                with comp, resolving_hub_models(model), _vision_loader_fixes(model, applied), \
+                        captured_output(log, warnings):
                     auto_awq(str(model), str(tmp), calib_dataset="ptb", calib_samples=calib_samples,
                              calib_seqlen=calib_seqlen, w_bits=w_bits, w_group_size=group_size, device="cpu")
             except ParityInputError:
@@ -241,7 +259,7 @@ def quantize(model: Path | str, out: Path | str, *, w_bits: int = 4, group_size:
                                 group_size=group_size, compensate_plora=compensate_plora,
                                 calib=str(calib) if calib else "built-in text", calib_samples=calib_samples,
                                 calib_seqlen=calib_seqlen, seconds=round(time.perf_counter() - t0, 2),
-                                compensated=done, warnings=warnings)
+                                compensated=done, warnings=warnings + [f"applied: {a}" for a in applied])
         (tmp / RECORD_NAME).write_text(json.dumps(asdict(record), indent=1) + "\n")
         (tmp / LOG_NAME).write_text("\n".join(log) + "\n")
         if out.exists():
@@ -287,6 +305,7 @@ QUANT_FIXTURES: dict[str, tuple[str, bool]] = {
     "xcomposer2-tiny-awq": ("xcomposer2-tiny", False),
     "xcomposer2-tiny-awq-kept": ("xcomposer2-tiny", True),
     "xcomposer2-4khd-tiny-awq-kept": ("xcomposer2-4khd-tiny", True),
+    "xcomposer2d5-tiny-awq-kept": ("xcomposer2d5-tiny", True),
 }
 
 
