@@ -50,13 +50,6 @@ IMAGES = tuple(sorted(Path(IMAGES_DIR).glob("*.png")))
 # the linears lmdeploy's smoothing rescales for InternLM2 (NORM_FCS_MAP / FC_FCS_MAP): their PLoRA must follow
 SMOOTHED = ("attention.wqkv", "feed_forward.w1", "feed_forward.w3", "feed_forward.w2")
 FAMILIES = ("7b", "vl", "4khd", "2d5", "qwen2")
-# OPEN BUG (helper "leak", issue 15), kept visible: the genuine-shaped vl family passes in a fresh process but fails
-# after another family's run in the same process ('NoneType'.endswith in CLIPVisionModel.from_pretrained, or the
-# previous model's hub CLIP). lmdeploy's `rewrite_ctx` (lmdeploy/vl/model/utils.py), leaving `init_empty_vit`,
-# swaps every reference to its `_CLIPVisionModel_from_pretrained` (gc.get_referrers) for the `from_pretrained`
-# it saw on entry: parity's hub-resolution wrapper of the previous model, which then serves the next model.
-VL_OPEN_BUG = pytest.mark.xfail(strict=False, reason="lmdeploy init_empty_vit leaks the previous model's hub "
-                                "resolution into its module global (open, helper leak)")
 
 
 @dataclass(frozen=True)
@@ -189,7 +182,7 @@ def root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("quantized")
 
 
-@pytest.mark.parametrize("family", [pytest.param(f, marks=VL_OPEN_BUG) if f == "vl" else f for f in FAMILIES])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_clean_quantized_runs_raise_no_alarm(family, root, monkeypatch):
     from parity.reference import modelcode
 
