@@ -397,6 +397,7 @@ class FaultResult:
     status: str
     seconds: float
     error_findings: int
+    report: Any = None  # the run's Report
 
     @property
     def detected(self) -> bool:
@@ -437,7 +438,7 @@ def run_fault(fault: Fault, models: dict[str, Path], workspaces: dict[str, Path]
         shutil.rmtree(tmp, ignore_errors=True)
     d = report.first_divergence
     got = Expected(d.layer, d.module, d.positions, d.cause, d.step) if d else None
-    return FaultResult(fault, got, report.status, time.perf_counter() - t, len(report.errors()))
+    return FaultResult(fault, got, report.status, time.perf_counter() - t, len(report.errors()), report)
 
 
 def catalogue_models(cache: Path, names: list[str]) -> dict[str, Path]:

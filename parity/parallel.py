@@ -198,7 +198,7 @@ def merge_reports(reports: Sequence["Report"], cases: Sequence[str], num_layers:
     findings exactly as the pipeline decides it. Timings: each stage summed over the workers (plus `extra`,
     e.g. the parent's conversion), `total` the wall time of the whole parallel run when `wall` is given.
     """
-    from .verdict import decide, sort_findings
+    from .verdict import decide, group_findings, sort_findings
 
     if not reports:
         raise ValueError("merge_reports needs at least one report")
@@ -230,6 +230,7 @@ def merge_reports(reports: Sequence["Report"], cases: Sequence[str], num_layers:
         first,
         status=status,
         findings=findings,
+        groups=group_findings(findings),
         first_divergence=first_divergence,
         points=[p for r in reports for p in r.points],
         cases=[c for r in reports for c in r.cases],

@@ -37,7 +37,7 @@ from .records import (CanonicalInput, CaseSummary, DecodeSection, EngineRequest,
                       PreparedInput, Report)
 from .reference.loader import ReferenceModel
 from .reference.session import ReferenceSession
-from .verdict import decide, sort_findings
+from .verdict import decide, group_findings, sort_findings
 
 
 @dataclass
@@ -90,6 +90,8 @@ def _hf_tm_tensors(ref: ReferenceModel, ws):
     shape = replace(
         ws.model, head_num=int(c["num_attention_heads"]), kv_head_num=kv_heads_of(c), size_per_head=head_dim_of(c),
         hidden_units=int(c["hidden_size"]), num_layer=int(c["num_hidden_layers"]), vocab_size=int(c["vocab_size"]),
+        inter_size=ws.model.inter_size if len(ws.model.inter_size) == int(c["num_hidden_layers"])
+        else [int(c["intermediate_size"])] * int(c["num_hidden_layers"]),  # a workspace of another depth
     )
     return ExpectedTensors(ref.xcomposer2_state_dict(), shape)
 
@@ -350,7 +352,7 @@ def _run_stages(opts: RunOptions, faults: FaultHooks, session: ReferenceSession,
         ctx = CheckContext(
             hf_config=ref.config, hf_plora=_hf_plora(ref), hf_tm_tensors=_hf_tm_tensors(ref, ws), workspace=ws,
             semantics=semantics, serve_from=opts.serve_from, cases=case_traces, points=points,
-            thresholds=opts.thresholds, numeric=settings.numeric,
+            thresholds=opts.thresholds, numeric=settings.numeric, model=opts.model,
         )
         prior = (warning_findings(warnings) + refused + warning_findings(summary.warnings) + summary.findings
                  + image_findings)
@@ -391,8 +393,9 @@ def _run_stages(opts: RunOptions, faults: FaultHooks, session: ReferenceSession,
         engine_section["image_input"] = images.section
     return Report(
         status=status, engine=engine_section, model=str(opts.model), workspace=str(ws.root), findings=findings,
-        first_divergence=first, points=points, cases=summaries, config_audit=outputs["config"].table,
+        first_divergence=first, points=points, cases=summaries,
+        config_audit=outputs["source"].table + outputs["config"].table,
         weights_audit=outputs["weights"].table, plora_table=outputs["plora"].table,
         thresholds=opts.thresholds.to_dict(), timings=timings, parity_version=__version__,
-        quantization=quantization, decode=decode_sections,
+        quantization=quantization, decode=decode_sections, groups=group_findings(findings),
     )

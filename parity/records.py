@@ -118,6 +118,9 @@ class ConversionRecord:
     lora_config: dict[str, Any]
     tp: int
     warnings: list[str] = field(default_factory=list)
+    # the source model's fingerprint (parity.deploy.source): {"shape": {...}, "tensors": {name: digest}}; {} in
+    # records written before it was kept
+    source: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -233,6 +236,18 @@ class Finding:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class FindingGroup:
+    """One root cause and the findings it explains (indices into `Report.findings`): what one fault looks
+    like from every check that saw it (`parity.verdict.group_findings`)."""
+
+    root: int
+    related: tuple[int, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"root": self.root, "related": list(self.related)}
+
+
 @dataclass
 class Divergence:
     layer: int | None
@@ -264,6 +279,7 @@ CAUSES: tuple[str, ...] = (
     "nonfinite",
     "numeric_drift",
     "unsupported_version",
+    "workspace_from_other_model",  # the workspace's source model is not the model given (checks.source)
     "lora_smoothing_mismatch",   # AWQ smoothing scaled a linear's base weights but not its Plora_A/Plora_B
     "kv_quant_drift",            # the quantized KV cache moves attention beyond its budget
     # decode phase (issue 18)
@@ -372,6 +388,8 @@ class Report:
     written_to: str | None = field(default=None, compare=False)  # the report folder, once written (not in JSON)
     # quantized deployments: {"smoothing": [...], "cost": {...}} (parity.quant); empty otherwise
     quantization: dict[str, Any] = field(default_factory=dict)
+    # the error findings by root cause (parity.verdict.group_findings); empty: not grouped (a hand-made Report)
+    groups: list[FindingGroup] = field(default_factory=list)
 
     def errors(self) -> list[Finding]:
         return [f for f in self.findings if f.severity == "error"]
@@ -395,6 +413,7 @@ class Report:
             "workspace": self.workspace,
             "first_divergence": self.first_divergence.to_dict() if self.first_divergence else None,
             "findings": [f.to_dict() for f in self.findings],
+            "groups": [g.to_dict() for g in self.groups],
             "layers": [asdict(p) for p in self.points],
             "cases": [asdict(c) for c in self.cases],
             "config_audit": self.config_audit,

@@ -63,3 +63,20 @@ def prepared(ref):
     case = CanonicalInput("t", (Segment("text", text="Hello there."), Segment("image", image=img),
                                 Segment("text", text="What is it?")))
     return prepare(case, ref.tokenize, ref.embed_tokens, ref.encode_image, ref.bos_id, ref.decode)
+
+
+def catalogue_harness(fixture_models: dict[str, Path], names: list[str]):
+    """(models, workspaces, sessions, cache) for running the fault catalogue's faults of the models `names`;
+    a generator for a module-scoped fixture (`yield from`), closing the reference sessions at its end."""
+    from parity.faults import catalogue_models, fault_workspace
+    from parity.reference.session import ReferenceSession
+
+    cache = REPO / ".cache"
+    models = {**fixture_models, **catalogue_models(cache, names)}
+    workspaces = {m: fault_workspace(models[m], cache) for m in names}
+    sessions = {m: ReferenceSession(models[m], trust_remote_code=True) for m in names}
+    try:
+        yield models, workspaces, sessions, cache
+    finally:
+        for s in sessions.values():
+            s.close()

@@ -1,27 +1,17 @@
 """The harness proves itself: every catalogued fault, injected into a real converted workspace (or into the
 inputs / runtime semantics), is detected with the expected layer, module, positions and cause."""
 
-from pathlib import Path
-
 import pytest
+from conftest import catalogue_harness
 
-from parity.faults import CATALOGUE, catalogue_models, fault_workspace, run_fault
-from parity.reference.session import ReferenceSession
+from parity.faults import CATALOGUE, run_fault
 
-REPO = Path(__file__).resolve().parents[1]
 KINDS = {"weights", "config", "inputs", "version", "numerics", "quant", "decode"}
 
 
 @pytest.fixture(scope="module")
 def harness(fixture_models):
-    cache = REPO / ".cache"
-    names = sorted({f.model for f in CATALOGUE})
-    models = {**fixture_models, **catalogue_models(cache, names)}
-    workspaces = {m: fault_workspace(models[m], cache) for m in names}
-    sessions = {m: ReferenceSession(models[m], trust_remote_code=True) for m in names}
-    yield models, workspaces, sessions, cache
-    for s in sessions.values():
-        s.close()
+    yield from catalogue_harness(fixture_models, sorted({f.model for f in CATALOGUE}))
 
 
 def test_catalogue_covers_every_class():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..compare.align import CaseTraces
@@ -23,6 +24,7 @@ class CheckContext:
     points: list[PointResult]
     thresholds: Thresholds
     numeric: str
+    model: Path | None = None                 # the HF model folder (the source check reads its fingerprint)
 
 
 @dataclass

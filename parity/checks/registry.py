@@ -7,11 +7,12 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 from ..records import EngineWarning, Finding
-from . import config, hidden, inputs, mask, nonfinite, plora, weights
+from . import config, hidden, inputs, mask, nonfinite, plora, source, weights
 from .base import CheckContext, CheckOutput
 
 CHECKS: tuple[tuple[str, Callable[[CheckContext], CheckOutput]], ...] = (
     ("inputs", inputs.run),
+    ("source", source.run),
     ("config", config.run),
     ("weights", weights.run),
     ("mask", mask.run),

@@ -7,7 +7,8 @@ machine without CUDA. It:
 * validates the model folder first (folder, config.json, architecture) and turns every converter failure
   into a `ParityInputError` (one paragraph naming the path/field);
 * records the lmdeploy version, the XComposer2 sub-type lmdeploy chose (`get_xcomposer_type`, observed
-  while the converter runs) and the `lora_config` it wrote (read back from config.yaml);
+  while the converter runs), the `lora_config` it wrote (read back from config.yaml) and the source model's
+  fingerprint (`parity.deploy.source`), so a run can tell a workspace converted from another model;
 * detects the 4KHD trap: the checkpoint's `ixc_utils.py` defines `HD_transform`/`Image_transform` but
   lmdeploy's import of it failed, so the 7b LoRA settings were used silently;
 * optionally overrides the `lora_config` (the source model's `model_info()` is patched inside this
@@ -53,6 +54,7 @@ from ..records import ConversionRecord
 from .compat import cpu_converter_patches, installed_lmdeploy_version
 from .folder_config import LORA_CONFIG_FILE, disguise_model_info
 from .lora_config import check_lora_override
+from .source import model_fingerprint
 from .workspace import CONFIG_NAME, RECORD_NAME, load_record
 
 LOG_NAME = "parity-conversion.log"
@@ -476,6 +478,7 @@ def convert(model_dir: str | Path, out_dir: str | Path, tp: int = 1, lora_config
             lora_config=lora_written,
             tp=tp,
             warnings=warn,
+            source=model_fingerprint(model_dir),
         )
         (tmp / RECORD_NAME).write_text(json.dumps(asdict(record), indent=1, sort_keys=True) + "\n")
         header = [f"# lmdeploy {version} converter: {elapsed:.2f} s (conversion only; {time.perf_counter() - t0:.2f} s "

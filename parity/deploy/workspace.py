@@ -468,11 +468,11 @@ LORA_FIELDS = LORA_KEYS
 
 # ------------------------------------------------------------------------------------------ conversion record
 
-# field -> (accepted types, what to say); `warnings` may be absent (older records)
+# field -> (accepted types, what to say); `warnings` and `source` may be absent (older records)
 _RECORD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "model": ((str,), "a string"), "workspace": ((str,), "a string"), "lmdeploy_version": ((str,), "a string"),
     "sub_type": ((str,), "a string"), "lora_config": ((dict,), "a mapping"), "tp": ((int,), "an integer >= 1"),
-    "warnings": ((list,), "a list of strings"),
+    "warnings": ((list,), "a list of strings"), "source": ((dict,), "a mapping"),
 }
 
 
@@ -502,7 +502,7 @@ def load_record(path: str | Path) -> ConversionRecord | None:
     values = {}
     for f in fields(ConversionRecord):
         if f.name not in data:
-            if f.name == "warnings":
+            if f.name in ("warnings", "source"):
                 continue
             raise bad(f"field '{f.name}' is missing")
         v = data[f.name]

@@ -6,7 +6,8 @@
 
 - `write_reports(report, out_dir)`: creates `out_dir`, writes `report.json` and `report.html` atomically
   (temporary file in the same folder + os.replace). An unwritable folder raises ParityInputError naming it.
-- `render_failure_message(report, top=5)`: plain text, the first divergence then one line per top error.
+- `render_failure_message(report, top=5)`: plain text, the first divergence then one line per top root cause
+  (with how many related findings it explains; `report.groups`).
 - `parity.report.json_report`: `write_json`, `read_json` (non-finite floats stored as "nan"/"inf"/"-inf").
 - `parity.report.html_report`: `write_html`, `render_html` (one self-contained file, plotly.js inlined gzip+base64).
 - `parity.report.terminal`: `print_summary(report, console=None, paths=None)`.
@@ -22,7 +23,8 @@ from parity.report._common import (
     POSITION_WORDS,
     divergence_sentence,
     ensure_dir,
-    sorted_findings,
+    finding_groups,
+    related_words,
     status_word,
 )
 from parity.report.html_report import render_html, write_html
@@ -58,16 +60,19 @@ def write_reports(report: Report, out_dir: str | os.PathLike) -> dict[str, Path]
 
 
 def render_failure_message(report: Report, top: int = 5) -> str:
-    """The text a failing pytest assertion shows: the verdict, the first divergence, then the top error
-    findings (one line each: [case] layer/module/rows, cause, message)."""
-    errors = [f for f in sorted_findings(report.findings) if f.severity == "error"]
+    """The text a failing pytest assertion shows: the verdict, the first divergence, then the top root causes
+    (one line each: [case] layer/module/rows, cause, message; then how many findings it explains)."""
+    groups = finding_groups(report)
+    n_err = sum(1 for f in report.findings if f.severity == "error")
     n_warn = sum(1 for f in report.findings if f.severity == "warning")
-    head = f"parity {status_word(report.status)} for {report.model}: {len(errors)} error(s), {n_warn} warning(s)"
+    head = f"parity {status_word(report.status)} for {report.model}: {n_err} error(s), {n_warn} warning(s)"
+    if len(groups) < n_err:
+        head += f"; {len(groups)} root cause(s)"
     lines = [head]
-    if report.first_divergence is not None or errors or report.status != "pass":
+    if report.first_divergence is not None or groups or report.status != "pass":
         lines.append(f"first divergence: {divergence_sentence(report)}")
-    shown = errors[: max(0, top)]
-    for f in shown:
+    shown = groups[: max(0, top)]
+    for f, related in shown:
         where = []
         if f.case and len(report.cases) > 1:
             where.append(f"case {f.case}")
@@ -80,9 +85,11 @@ def render_failure_message(report: Report, top: int = 5) -> str:
         if f.positions:
             where.append(POSITION_WORDS.get(str(f.positions), str(f.positions)))
         msg = " ".join(str(f.message).split())  # one line
-        lines.append(f"  - [{f.cause}] {', '.join(where) or 'global'}: {msg}")
-    if len(errors) > len(shown):
-        lines.append(f"  … {len(errors) - len(shown)} more error(s) in the report")
+        tail = f" [+{related_words(related)}]" if related else ""
+        lines.append(f"  - [{f.cause}] {', '.join(where) or 'global'}: {msg}{tail}")
+    if len(groups) > len(shown):
+        rest = sum(1 + len(r) for _, r in groups[len(shown):])
+        lines.append(f"  … {len(groups) - len(shown)} more root cause(s) ({rest} error(s)) in the report")
     if report.written_to:
         lines.append(f"report: {Path(report.written_to) / HTML_NAME} (and {JSON_NAME} beside it)")
     else:

@@ -213,6 +213,32 @@ def sorted_findings(findings: Iterable[Any]) -> list[Any]:
     return sorted(findings, key=lambda f: SEVERITY_ORDER.get(getattr(f, "severity", "info"), 3))
 
 
+def finding_groups(report: Any) -> list[tuple[Any, list[Any]]]:
+    """The report's error findings by root cause: (root, related findings) in the order of the roots.
+    `report.groups` as the pipeline recorded it; a hand-made Report without groups is grouped here."""
+    from parity.verdict import group_findings
+
+    findings = list(report.findings)
+    groups = getattr(report, "groups", None) or group_findings(findings)
+    return [(findings[g.root], [findings[j] for j in g.related]) for g in groups]
+
+
+def related_words(related: Iterable[Any]) -> str:
+    """'34 related: 4 config, 15 plora, 15 hidden; layers 0–2' (the collapsed part of a group, in one line)."""
+    related = list(related)
+    if not related:
+        return ""
+    checks: dict[str, int] = {}
+    for f in related:
+        checks[f.check] = checks.get(f.check, 0) + 1
+    layers = sorted({f.layer for f in related if f.layer is not None})
+    span = ""
+    if layers:
+        span = (f"; layers {layers[0]}–{layers[-1]}" if len(layers) > 1 and layers == list(range(layers[0], layers[-1] + 1))
+                else f"; layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}")
+    return f"{len(related)} related: " + ", ".join(f"{n} {c}" for c, n in checks.items()) + span
+
+
 def where_words(layer: Any, module: Any, positions: Any, step: Any = None) -> str:
     """'Layer 0, module attention.wqkv, image rows' (parts that are None are left out); decode findings
     start with 'Decode step k'."""

@@ -1,6 +1,6 @@
 """report.html: one self-contained page (no network: plotly.js is inlined once, gzip+base64) for the person whose
 conversion just broke. Top to bottom: verdict banner with the first divergence in plain words, engine /
-model / thresholds, findings (errors first), per case the input with image spans and the mask strip, the
+model / thresholds, findings (root causes first, the findings each explains collapsed under it), per case the input with image spans and the mask strip, the
 per-layer error curves and the layer x position heatmap, then the module table and the PLoRA, config and
 weights audits.
 
@@ -37,8 +37,10 @@ from parity.report._common import (
     atomic_write_text,
     divergence_parts,
     divergence_sentence,
+    finding_groups,
     fmt_num,
     fmt_value,
+    related_words,
     sorted_findings,
     status_word,
     to_float,
@@ -219,27 +221,40 @@ def _module_rows(report: Report) -> list[dict[str, Any]]:
     return rows
 
 
+def _finding_row(f, is_first: bool) -> dict[str, Any]:
+    return {
+        "severity": f.severity,
+        "check": f.check,
+        "cause": f.cause,
+        "case": f.case or "",
+        "layer": "—" if f.layer is None else str(f.layer),
+        "module": f.module or "—",
+        "positions": POSITION_WORDS.get(str(f.positions), str(f.positions)) if f.positions else "—",
+        "message": f.message,
+        "metrics": ", ".join(f"{k}={fmt_value(v)}" for k, v in (f.metrics or {}).items()),
+        "first": is_first,
+        "related": [],
+        "related_words": "",
+    }
+
+
 def _finding_rows(report: Report) -> list[dict[str, Any]]:
+    """One row per root cause (its related findings collapsed under it, `report.groups`), then warnings and
+    info. The group holding the first divergence is marked on its root."""
     div = report.first_divergence
-    out = []
-    marked = False
-    for f in sorted_findings(report.findings):
-        is_first = (not marked and f.severity == "error" and div is not None and f.cause == div.cause
-                    and _matches(div, f.case, f.layer, f.module))
-        marked = marked or is_first
-        metrics = ", ".join(f"{k}={fmt_value(v)}" for k, v in (f.metrics or {}).items())
-        out.append({
-            "severity": f.severity,
-            "check": f.check,
-            "cause": f.cause,
-            "case": f.case or "",
-            "layer": "—" if f.layer is None else str(f.layer),
-            "module": f.module or "—",
-            "positions": POSITION_WORDS.get(str(f.positions), str(f.positions)) if f.positions else "—",
-            "message": f.message,
-            "metrics": metrics,
-            "first": is_first,
-        })
+
+    def is_div(f) -> bool:
+        return div is not None and f.cause == div.cause and _matches(div, f.case, f.layer, f.module)
+
+    out, marked = [], False
+    for root, related in finding_groups(report):
+        first = not marked and any(is_div(f) for f in [root, *related])
+        marked = marked or first
+        row = _finding_row(root, first)
+        row["related"] = [_finding_row(f, False) for f in related]
+        row["related_words"] = related_words(related)
+        out.append(row)
+    out += [_finding_row(f, False) for f in sorted_findings(report.findings) if f.severity != "error"]
     return out
 
 
@@ -434,7 +449,8 @@ def build_context(report: Report, *, inline_plotlyjs: bool = True) -> dict[str, 
         "parts": dict(zip(("where", "cause", "message"), divergence_parts(report))),
         "has_divergence": div is not None or n_err > 0,
         "first_case_anchor": next((c["anchor"] for c in cases if c["is_div_case"]), None),
-        "counts": {"errors": n_err, "warnings": n_warn, "infos": n_info, "points": len(report.points),
+        "counts": {"errors": n_err, "roots": sum(1 for f in findings if f["severity"] == "error"), "warnings": n_warn,
+                   "infos": n_info, "points": len(report.points),
                    "exceeded": sum(1 for p in report.points if p.exceeded), "cases": len(case_names)},
         "model": report.model,
         "workspace": report.workspace,

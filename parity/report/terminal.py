@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from parity.records import Report
-from parity.report._common import POSITION_WORDS, divergence_sentence, sorted_findings, status_word
+from parity.report._common import POSITION_WORDS, divergence_sentence, finding_groups, related_words, status_word
 
 __all__ = ["print_summary"]
 
@@ -25,10 +25,13 @@ TOP = 8
 
 def print_summary(report: Report, console: Console | None = None,
                   paths: Mapping[str, object] | None = None) -> None:
-    """Print the verdict line, the first divergence, up to 8 error findings, and the report paths."""
+    """Print the verdict line, the first divergence, up to 8 root causes (each with how many findings it
+    explains), and the report paths."""
     console = console or Console()
     status = str(report.status).lower()
-    errors = [f for f in sorted_findings(report.findings) if f.severity == "error"]
+    groups = finding_groups(report)
+    errors = [f for f, _ in groups]
+    n_err = sum(1 for f in report.findings if f.severity == "error")
     warnings = [f for f in report.findings if f.severity == "warning"]
 
     line = Text()
@@ -38,7 +41,8 @@ def print_summary(report: Report, console: Console | None = None,
     bits = [str(engine.get(k)) for k in ("kind", "lmdeploy_version", "numeric") if engine.get(k) is not None]
     if bits:
         line.append("  (" + ", ".join(bits) + ")", style="dim")
-    line.append(f"  {len(errors)} error(s), {len(warnings)} warning(s), "
+    roots = f" ({len(groups)} root cause(s))" if len(groups) < n_err else ""
+    line.append(f"  {n_err} error(s){roots}, {len(warnings)} warning(s), "
                 f"{sum(1 for p in report.points if p.exceeded)}/{len(report.points)} points over threshold",
                 style="dim")
     console.print(line)
@@ -66,16 +70,18 @@ def print_summary(report: Report, console: Console | None = None,
             table.add_column("module", no_wrap=True)
             table.add_column("rows", no_wrap=True)
             table.add_column("message", overflow="fold", min_width=30)
-            for f in errors[:TOP]:
+            table.add_column("explains", style="dim", overflow="fold", max_width=40)
+            for f, related in groups[:TOP]:
                 row = [Text(f.cause)]
                 if many:
                     row.append(Text(f.case or ""))
                 row += [Text("—" if f.layer is None else str(f.layer)), Text(f.module or "—"),
-                        Text(POSITION_WORDS.get(str(f.positions), "—") if f.positions else "—"), Text(f.message)]
+                        Text(POSITION_WORDS.get(str(f.positions), "—") if f.positions else "—"), Text(f.message),
+                        Text(related_words(related) or "—")]
                 table.add_row(*row)
             console.print(table)
         else:  # narrow terminal: one heading line and one indented message line per finding
-            for f in errors[:TOP]:
+            for f, related in groups[:TOP]:
                 where = [f"case {f.case}"] if many and f.case else []
                 where += [f"layer {f.layer}"] if f.layer is not None else []
                 where += [f.module] if f.module else []
@@ -86,8 +92,10 @@ def print_summary(report: Report, console: Console | None = None,
                     head.append("  " + ", ".join(where))
                 console.print(head)
                 console.print(Text("    " + " ".join(str(f.message).split()), style="dim"))
-        if len(errors) > TOP:
-            console.print(Text(f"… and {len(errors) - TOP} more error finding(s) in the report", style="dim"))
+                if related:
+                    console.print(Text("    + " + related_words(related), style="dim"))
+        if len(groups) > TOP:
+            console.print(Text(f"… and {len(groups) - TOP} more root cause(s) in the report", style="dim"))
 
     for name, path in (paths or {}).items():
         console.print(Text.assemble((f"{name} report: ", "dim"), (str(path), "cyan")))
