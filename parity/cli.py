@@ -12,6 +12,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from . import progress
 from .errors import ParityInputError, followable
 from .places import CACHE_ENV, REPORTS_ROOT, default_cache_dir, default_report_dir
 from .scratch import Terminated, out_lock, run_scratch, terminate_as_exception
@@ -368,19 +369,21 @@ class _WarningLines(logging.Handler):
 
 
 class _StageLines(logging.Handler):
-    """parity.progress messages on stdout: dim on a terminal, plain one-line messages in a pipe or CI log."""
+    """parity.progress stage messages in a pipe or CI log: plain one-line messages (no per-layer lines)."""
 
-    def __init__(self) -> None:
+    def __init__(self, console: Console) -> None:
         super().__init__(logging.INFO)
         self.start = time.perf_counter()
-        self.console = out_console()
+        self.console = console
 
     def emit(self, record: logging.LogRecord) -> None:
-        line = f"parity: [{time.perf_counter() - self.start:6.1f} s] {record.getMessage()}"
-        if self.console.is_terminal:
-            self.console.print(f"[dim]{line}[/]")
-        else:
-            self.console.print(line, markup=False)
+        self.console.print(f"parity: [{time.perf_counter() - self.start:6.1f} s] {record.getMessage()}", markup=False,
+                           highlight=False, soft_wrap=True)  # one greppable line, however long
+
+
+def progress_handler(console: Console) -> logging.Handler:
+    """How a command shows parity.progress: bars per stage and layer on a terminal, plain stage lines elsewhere."""
+    return progress.StageProgress(console) if console.is_terminal else _StageLines(console)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -388,10 +391,11 @@ def main(argv: list[str] | None = None) -> int:
     if not any(isinstance(h, _WarningLines) for h in log.handlers):
         log.addHandler(_WarningLines(logging.WARNING))
     stages = logging.getLogger("parity.progress")
-    for h in [h for h in stages.handlers if isinstance(h, _StageLines)]:
+    for h in [h for h in stages.handlers if isinstance(h, (_StageLines, progress.StageProgress))]:
         stages.removeHandler(h)  # one per command: its clock starts now
-    stages.addHandler(_StageLines())
-    stages.setLevel(logging.INFO)
+    shown = progress_handler(out_console())
+    stages.addHandler(shown)
+    stages.setLevel(shown.level)  # DEBUG (per-layer records) only where a terminal shows them
     stages.propagate = False
     try:
         args = build_parser().parse_args(argv)
@@ -408,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + e.signum
     except SystemExit as e:  # argparse: --help (0) or a usage error (2, already printed)
         return e.code if isinstance(e.code, int) else 2
+    finally:
+        shown.close()  # a progress display ends with the command
 
 
 if __name__ == "__main__":

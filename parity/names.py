@@ -113,3 +113,14 @@ def tm_name_location(name: str) -> tuple[int | None, str | None]:
         if name.startswith(tm.split(".")[0]):
             return None, point
     return None, None
+
+
+def hf_name_of_tm(name: str) -> str:
+    """Merged TurboMind name -> the XComposer2 checkpoint's name of the same tensor
+    (`layers.0.attention.w_qkv.lora_b.weight` -> `model.layers.0.attention.wqkv.Plora_B.weight`)."""
+    layer, part, kind = parse_tm_name(name)
+    if layer is None:
+        return TM_GLOBALS[kind][0]
+    if part in NORMS:
+        return f"model.layers.{layer}.{part}.weight"
+    return f"model.layers.{layer}.{CANONICAL_OF_TM[part]}.{HF_KIND_OF_TM[kind]}"

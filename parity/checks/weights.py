@@ -1,4 +1,6 @@
-"""Weights audit: every workspace tensor against the HF tensor transformed to TurboMind's layout, exactly."""
+"""Weights audit: every workspace tensor against the HF tensor transformed to TurboMind's layout, exactly. Each
+row and finding names the tensor as both sides spell it: the workspace's files (with their tensor-parallel rank,
+what `ls triton_models/weights` shows) and the HF checkpoint's tensor."""
 
 from __future__ import annotations
 
@@ -8,8 +10,9 @@ import torch
 
 from ..errors import ParityInputError
 from ..deploy.expected import fingerprint
+from ..deploy.layout import rank_file_name
 from ..records import Finding
-from ..names import tm_name_location
+from ..names import hf_name_of_tm, tm_name_location
 from .base import CheckContext, CheckOutput
 
 
@@ -39,76 +42,92 @@ def _faithful_copy(got: torch.Tensor, want: torch.Tensor) -> bool:
     return bool(nan.any()) and torch.equal(torch.isnan(got), nan) and torch.equal(got[~nan], want[~nan])
 
 
+def tensor_names(name: str, tp: int) -> dict[str, str]:
+    """The row's names: the merged TurboMind name, its workspace file(s) and the HF checkpoint's tensor."""
+    files = dict.fromkeys(rank_file_name(name, r) for r in range(max(1, tp)))
+    return {"tensor": name, "file": ", ".join(files), "hf_tensor": hf_name_of_tm(name)}
+
+
+def _says(names: dict[str, str]) -> str:
+    """'workspace file layers.0.attention.w_qkv.0.weight (HF model.layers.0.attention.wqkv.weight)'."""
+    many = "," in names["file"]
+    return f"workspace file{'s' if many else ''} {names['file']} (HF {names['hf_tensor']})"
+
+
 def run(ctx: CheckContext) -> CheckOutput:
     out = CheckOutput()
     ws, hf = ctx.workspace, ctx.hf_tm_tensors
     if ws is None or hf is None:
         return out
     present = set(ws.names())
-    ok = 0
+    tp = int(ws.model.tp)
     for name in sorted(set(hf) | present, key=_order):
         layer, module = tm_name_location(name)
+        names = tensor_names(name, tp)
         want = hf.get(name)
         if want is None:
-            out.table.append({"tensor": name, "status": "unexpected", "shape": None, "max_abs_diff": None})
+            out.table.append({**names, "hf_tensor": None, "status": "unexpected", "shape": None, "max_abs_diff": None})
             out.findings.append(Finding(
                 check="weights", severity="warning", cause="weight_mismatch", layer=layer, module=module,
-                positions="all", message=f"Workspace tensor {name} has no counterpart in the HF model."))
+                positions="all", message=f"Workspace file(s) {names['file']} have no counterpart in the HF model.",
+                metrics={"tensor": name, "file": names["file"]}))
             continue
         if name not in present:
             lora = ".lora_" in name
-            out.table.append({"tensor": name, "status": "missing", "shape": list(want.shape), "max_abs_diff": None})
+            out.table.append({**names, "status": "missing", "shape": list(want.shape), "max_abs_diff": None})
             out.findings.append(Finding(
                 check="weights", severity="error", cause="missing_tensor", layer=layer, module=module,
                 positions="image" if lora else "all",
-                message=f"Workspace has no {name} (expected shape {list(want.shape)} from the HF model)."))
+                message=(f"The workspace has no {names['file']} (expected from HF {names['hf_tensor']}, shape "
+                         f"{list(want.shape)})."), metrics={**names}))
             continue
         try:
             got = ws.tensor(name)
         except ParityInputError as e:  # the file's size does not fit what config.yaml implies for it
-            out.table.append({"tensor": name, "status": "shape", "shape": None, "max_abs_diff": None,
+            out.table.append({**names, "status": "shape", "shape": None, "max_abs_diff": None,
                               "expected": list(want.shape)})
             out.findings.append(Finding(
                 check="weights", severity="error", cause="shape_mismatch", layer=layer, module=module,
-                positions="image" if ".lora_" in name else "all", message=str(e)))
+                positions="image" if ".lora_" in name else "all", message=f"{e} (HF {names['hf_tensor']})",
+                metrics={**names}))
             continue
         want = want.to(got.dtype)
         if tuple(got.shape) != tuple(want.shape):
-            out.table.append({"tensor": name, "status": "shape", "shape": list(got.shape), "max_abs_diff": None,
+            out.table.append({**names, "status": "shape", "shape": list(got.shape), "max_abs_diff": None,
                               "expected": list(want.shape)})
             out.findings.append(Finding(
                 check="weights", severity="error", cause="shape_mismatch", layer=layer, module=module,
-                positions="all", message=f"{name} has shape {list(got.shape)}, expected {list(want.shape)}."))
+                positions="all", message=f"{_says(names)} has shape {list(got.shape)}, expected {list(want.shape)}.",
+                metrics={**names}))
             continue
         if torch.equal(got, want):
-            ok += 1
-            out.table.append({"tensor": name, "status": "ok", "shape": list(got.shape), "max_abs_diff": 0.0})
+            out.table.append({**names, "status": "ok", "shape": list(got.shape), "max_abs_diff": 0.0})
             continue
         if _faithful_copy(got, want):  # unequal only through NaN != NaN: the checkpoint itself is broken
             bad = int((~torch.isfinite(want)).sum())
-            out.table.append({"tensor": name, "status": "nonfinite in checkpoint", "shape": list(got.shape),
+            out.table.append({**names, "status": "nonfinite in checkpoint", "shape": list(got.shape),
                               "max_abs_diff": 0.0})
             out.findings.append(Finding(
                 check="weights", severity="error", cause="nonfinite", layer=layer, module=module,
                 positions="image" if ".lora_" in name else "all",
-                message=(f"The reference is broken, not the conversion: the HF checkpoint's tensor for {name} holds "
-                         f"{bad} non-finite value(s), which the workspace copies faithfully. Fix or re-export the "
-                         "checkpoint; no comparison against it can pass."),
-                metrics={"nonfinite_reference": bad, "tensor": name}))
+                message=(f"The reference is broken, not the conversion: the HF checkpoint's {names['hf_tensor']} holds "
+                         f"{bad} non-finite value(s), which the workspace's {names['file']} copies faithfully. Fix or "
+                         "re-export the checkpoint; no comparison against it can pass."),
+                metrics={"nonfinite_reference": bad, **names}))
             continue
         diff = (got.double() - want.double()).abs()
         nonfinite = int((~torch.isfinite(got)).sum())
         mad = float(diff[torch.isfinite(diff)].max()) if bool(torch.isfinite(diff).any()) else float("inf")
         lora = ".lora_" in name
         hint = _hint(name, got, hf)
-        out.table.append({"tensor": name, "status": "mismatch", "shape": list(got.shape), "max_abs_diff": mad,
+        out.table.append({**names, "status": "mismatch", "shape": list(got.shape), "max_abs_diff": mad,
                           "note": hint})
         out.findings.append(Finding(
             check="weights", severity="error", cause="nonfinite" if nonfinite else "weight_mismatch",
             layer=layer, module=module, positions="image" if lora else "all",
-            message=(f"{name} differs from the HF tensor after the layout transform (max |diff| {mad:.3g}"
+            message=(f"{_says(names)} differs from the HF tensor after the layout transform (max |diff| {mad:.3g}"
                      f"{f', {nonfinite} non-finite' if nonfinite else ''}); {hint}."),
-            metrics={"max_abs_diff": mad, "nonfinite": nonfinite, "tensor": name}))
+            metrics={"max_abs_diff": mad, "nonfinite": nonfinite, **names}))
     return out
 
 

@@ -102,7 +102,7 @@ from dataclasses import dataclass as _dataclass
 from typing import TYPE_CHECKING as _TYPE_CHECKING, Mapping as _Mapping
 
 from ..errors import ParityInputError as _ParityInputError
-from ..names import CANONICAL_OF_TM, HF_KIND_OF_TM, NORMS, TM_GLOBALS, TM_KIND_OF_HF, is_tm_norm, parse_tm_name
+from ..names import CANONICAL_OF_TM, NORMS, TM_KIND_OF_HF, hf_name_of_tm, is_tm_norm, parse_tm_name
 
 if _TYPE_CHECKING:  # pragma: no cover
     from .shapes import ModelShape
@@ -644,17 +644,10 @@ def tm_to_hf(tm_state: _Mapping[str, torch.Tensor], shape: "ModelShape", *,
 
     for name, t in tm_state.items():
         layer, linear, kind = parse_tm_name(name)
-        if layer is None:
-            key = TM_GLOBALS[kind][0]
+        key = hf_name_of_tm(name)
+        if layer is None or linear in NORMS:
             out[key] = t
             continue
-        p = f"model.layers.{layer}."
-        if linear in NORMS:
-            out[p + f"{linear}.weight"] = t
-            continue
-        hf_lin = CANONICAL_OF_TM[linear]
-        hkind = HF_KIND_OF_TM[kind]
-        key = p + f"{hf_lin}.{hkind}"
         if linear == "attention.w_qkv" and kind != "lora_a.weight":
             spec = tensor_spec(name, shape, lora_rank(name, t))
             shards = split_merged(spec, t)

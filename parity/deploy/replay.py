@@ -42,6 +42,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from .. import progress
 from ..errors import EngineRefused, ParityInputError
 
 from ..names import TM_LINEAR_OF, tm_linear_prefix
@@ -653,6 +654,7 @@ class ReplayEngine:
                 s.writer.layer(i, _fresh(vals, s.writer))
                 del vals
             del lw
+            progress.layer_done(i + 1, self.num_layers)
         self._head(streams, prep, pool)
         del pool
         return [self._finish(call, s, prep, notes, plora_meta) for s in streams]

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from .. import progress
 from ..deploy.layout import join_grouped_qkv
 from ..points import CHECKED_PARTS, PLORA_PARTS, plora_key
 from ..records import HFCall
@@ -254,6 +255,7 @@ class _Recorder:
             self.put("layer", _first(output))
             values, self.current = self.current, {}
             self.writer.layer(index, values)
+            progress.layer_done(index + 1, len(self.ref.anatomy.layers))
         return hook
 
 

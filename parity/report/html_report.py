@@ -435,7 +435,8 @@ def build_context(report: Report, *, inline_plotlyjs: bool = True) -> dict[str, 
     findings = _finding_rows(report)
     modules = _module_rows(report)
     engine_items, sem_items = _engine_items(report.engine)
-    weights = _generic_table(report.weights_audit, first=("tensor", "status", "shape", "max_abs_diff"))
+    weights = _generic_table(report.weights_audit,
+                             first=("file", "hf_tensor", "status", "shape", "max_abs_diff", "tensor"))
     w_bad = {**weights, "rows": [r for r in weights["rows"] if r["bad"]]}
     w_ok = [r for r in weights["rows"] if not r["bad"]]
     n_err = sum(1 for f in report.findings if f.severity == "error")
