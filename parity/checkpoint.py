@@ -5,7 +5,9 @@ the quantized reference alike."""
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -65,3 +67,32 @@ def load_state(folder: Path | str) -> dict[str, torch.Tensor]:
     for f in weight_files(folder):
         state.update(load_weight_file(f))
     return state
+
+
+def safetensors_headers(path: Path) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """name -> {"dtype", "shape"} from the headers of the folder's safetensors files (no tensor is read), and
+    what could not be read."""
+    problems: list[str] = []
+    try:
+        files = indexed_shards(path / "model.safetensors.index.json")
+    except ParityInputError as e:
+        return {}, [str(e)]
+    if files is None:
+        files = sorted(path.glob("*.safetensors"))
+    out: dict[str, dict[str, Any]] = {}
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                if n > 100 * 2**20:
+                    raise ValueError(f"header length {n}")
+                header = json.loads(fh.read(n))
+        except (OSError, ValueError, struct.error) as e:
+            problems.append(f"{f} has no readable safetensors header ({type(e).__name__}: {e})")
+            continue
+        for name, entry in header.items():
+            if name != "__metadata__" and isinstance(entry, dict):
+                out[name] = {"dtype": entry.get("dtype"), "shape": list(entry.get("shape") or [])}
+    if not files:
+        problems.append(f"{path} has no *.safetensors weights (a pytorch_model*.bin is not unpickled by parity)")
+    return out, problems

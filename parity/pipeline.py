@@ -257,18 +257,13 @@ def run_parity(opts: RunOptions, faults: FaultHooks | None = None) -> Report:
             session.close()
 
 
-def _weights_note(ref: ReferenceModel) -> str:
+def _weights_note(ref: ReferenceModel, ws) -> str:
     """How the reference held its weights for this run (report.json engine.reference_weights)."""
-    stored = {p.dtype for p in ref.anatomy.layers[0].parameters() if p.is_floating_point()} if ref.anatomy.layers else set()
-    wd = ref.weights_dtype
-    name = lambda d: str(d).replace("torch.", "")  # noqa: E731
-    if wd is None:
-        return "as loaded (the deployment's weights are quantized; compared exactly)"
-    wider = sorted(name(d) for d in stored if d != wd)
-    if not wider:
-        return f"as stored ({name(wd)}, the deployment's dtype)"
-    return (f"rounded from {', '.join(wider)} to {name(wd)}, the dtype the workspace stores them in (lmdeploy "
-            "0.7.1 has no float32 weight type); the weights check compares the workspace with them the same way")
+    if ref.weights_dtype is None:
+        return f"as stored in the checkpoint (the workspace's {ws.model.weight_type} weights hold the same values)"
+    return (f"rounded to {str(ref.weights_dtype).replace('torch.', '')}, the dtype the workspace stores them in "
+            "(the checkpoint holds other dtypes; lmdeploy 0.7.1 writes no float32 weights); the weights check "
+            "compares the workspace with the checkpoint the same way")
 
 
 def _run_stages(opts: RunOptions, faults: FaultHooks, session: ReferenceSession, semantics,
@@ -279,7 +274,7 @@ def _run_stages(opts: RunOptions, faults: FaultHooks, session: ReferenceSession,
     with _timed(timings, "convert"):
         ws = Workspace.open(workspace_path(opts, session.loaded.family))
     # judged with the weights the deployment holds (the weights check compares them with the checkpoint)
-    session.weights_dtype = stored_weights_dtype(ws.model.weight_type)
+    session.hold_weights_as(stored_weights_dtype(ws.model.weight_type))
     ref = session.ref
     record = ws.conversion_record()
     warnings = [EngineWarning(cause="config_mismatch", message=w) for w in (record.warnings if record else [])]
@@ -386,7 +381,7 @@ def _run_stages(opts: RunOptions, faults: FaultHooks, session: ReferenceSession,
                       "serve_from": opts.serve_from, "semantics": semantics.__dict__,
                       "weight_type": ws.model.weight_type, "sub_type": record.sub_type if record else None,
                       "reference_storage": str(next(ref.model.parameters()).dtype).replace("torch.", ""),
-                      "reference_weights": _weights_note(ref),
+                      "reference_weights": _weights_note(ref, ws),
                       "conversion_warnings": record.warnings if record else [],
                       "device": session.placement.describe(), "reference_applied": ref.applied, **summary.report}
     if images.section:

@@ -45,7 +45,7 @@ class TraceMeta:
 
 
 # safetensors dtype codes (https://huggingface.co/docs/safetensors: "Format").
-_CODES: dict[torch.dtype, str] = {
+SAFETENSORS_CODES: dict[torch.dtype, str] = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL",
@@ -76,10 +76,10 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path | str) -> int
     header: dict[str, Any] = {}
     offset = 0
     for k, t in items:
-        if t.dtype not in _CODES:
+        if t.dtype not in SAFETENSORS_CODES:
             raise TypeError(f"Trace value {k!r} has dtype {t.dtype}, which safetensors cannot store.")
         n = t.numel() * t.element_size()
-        header[k] = {"dtype": _CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        header[k] = {"dtype": SAFETENSORS_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
         offset += n
     head = json.dumps(header, separators=(",", ":")).encode("utf-8")
     head += b" " * (-len(head) % 8)

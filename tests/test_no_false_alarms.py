@@ -264,7 +264,7 @@ def test_float32_checkpoint_passes_in_fp32_mode(root):
     RUNS.append((repr(FP32_SPEC), "fp32"))
     assert_clean(FP32_SPEC, [FP32_CASE], "fp32", runs["fp32"])
     note = runs["fp32"].engine["reference_weights"]
-    assert note.startswith("rounded from float32 to float16"), note
+    assert note.startswith("rounded to float16"), note
 
 
 def test_float32_checkpoint_still_names_a_lora_fault_in_fp32_mode(root, tmp_path):
@@ -286,6 +286,27 @@ def test_float32_checkpoint_still_names_a_lora_fault_in_fp32_mode(root, tmp_path
     assert bad.positions == "image" and bad.cause in ("weight_mismatch", "lora_scale_mismatch")
     weights = [f for f in errors if f.check == "weights"]
     assert [f.module for f in weights] == ["feed_forward.w1"] and weights[0].layer == 0
+
+
+def test_weights_are_rounded_only_where_the_checkpoint_holds_another_dtype(root, fixture_models):
+    """From the safetensors headers: the float32 checkpoint deployed as float16 is rounded; a checkpoint stored in
+    the deployment's dtype (the usual bfloat16 one) is not (no rounding pass, no cost); a quantized one is not."""
+    import torch
+
+    model, _ = build(FP32_SPEC, root)
+    with ReferenceSession(model, trust_remote_code=True) as s:
+        s.hold_weights_as(torch.float16)
+        assert s.weights_dtype == torch.float16 and s.ref.weights_dtype == torch.float16
+        assert s.floor_model(torch.float64).weights_dtype == torch.float16
+        s.hold_weights_as(torch.float32)
+        assert s.weights_dtype is None and s.ref is s.loaded
+        s.hold_weights_as(None)
+        assert s.weights_dtype is None
+    with ReferenceSession(fixture_models["xcomposer2-tiny"], trust_remote_code=True) as s:
+        s.hold_weights_as(torch.bfloat16)
+        assert s.weights_dtype is None and s.ref is s.loaded
+        s.hold_weights_as(torch.float16)  # a bfloat16 checkpoint deployed as float16 (V100): rounded
+        assert s.weights_dtype == torch.float16
 
 
 def test_rounding_through_the_deployed_dtype_equals_rounded_weights():

@@ -20,12 +20,12 @@ from __future__ import annotations
 import json
 import math
 import re
-import struct
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import safetensors_headers
 from ..names import QWEN2_QKV_PART, canonical_linear
 
 _LAYER_RE = re.compile(r"^(?:.*\.)?layers\.(?P<layer>\d+)\.(?P<local>.+)\.Plora_A\.weight$")
@@ -47,36 +47,6 @@ class ModelSide:
     rank_conflicts: list[str] = field(default_factory=list)     # checkpoint rank != the code's rank
     missing: list[str] = field(default_factory=list)            # what could not be inspected, and why
     read: list[str] = field(default_factory=list)               # what was read
-
-
-def safetensors_headers(path: Path) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """name -> {"dtype", "shape"} from the headers of the folder's safetensors files (no tensor is read)."""
-    problems: list[str] = []
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            return {}, [f"{index} is not a safetensors index ({type(e).__name__}: {e})"]
-    else:
-        files = sorted(path.glob("*.safetensors"))
-    out: dict[str, dict[str, Any]] = {}
-    for f in files:
-        try:
-            with open(f, "rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                if n > 100 * 2**20:
-                    raise ValueError(f"header length {n}")
-                header = json.loads(fh.read(n))
-        except (OSError, ValueError, struct.error) as e:
-            problems.append(f"{f} has no readable safetensors header ({type(e).__name__}: {e})")
-            continue
-        for name, entry in header.items():
-            if name != "__metadata__" and isinstance(entry, dict):
-                out[name] = {"dtype": entry.get("dtype"), "shape": list(entry.get("shape") or [])}
-    if not files:
-        problems.append(f"{path} has no *.safetensors weights (a pytorch_model*.bin is not unpickled by parity)")
-    return out, problems
 
 
 def _layer_class(model_cls):

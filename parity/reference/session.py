@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import safetensors_headers
 from ..device import Placement, place_reference, resolve_device
 from ..points import PLORA_PARTS
 from ..records import HFCall
-from ..trace import Trace, TraceMeta
+from ..trace import SAFETENSORS_CODES, Trace, TraceMeta
 from .capture import capture_reference
 from .loader import ReferenceModel, load_reference
 
@@ -42,13 +43,28 @@ class ReferenceSession:
         self.placement = placement or resolve_device("cpu")
         self.loaded: ReferenceModel = load_reference(self.model, trust_remote_code, torch.float32, low_memory)
         self.loaded.model = place_reference(self.loaded.model, self.loaded.anatomy.layers, self.placement)
-        # set per run: the dtype the deployment stores the weights in, which the reference's weights are rounded
-        # to (a float32 checkpoint is deployed as float16: lmdeploy 0.7.1 has no float32 weight type)
+        # set per run (hold_weights_as): the dtype the deployment stores the weights in where the reference's
+        # are rounded to it (a float32 checkpoint is deployed as float16: lmdeploy 0.7.1 has no float32 weights)
         self.weights_dtype: torch.dtype | None = None
         self._variants: dict[tuple[torch.dtype, torch.dtype | None], ReferenceModel] = {}
+        self._stored: set[str] | None = None  # the checkpoint's safetensors dtype codes
         self._own_root = root is None
         self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="parity-ref-"))
         self._traces: dict[tuple[str, str, str], object] = {}
+
+    def hold_weights_as(self, deployed: torch.dtype | None) -> None:
+        """The next runs judge the reference with its weights as a deployment storing them in `deployed` holds
+        them. Nothing is rounded where the checkpoint's safetensors hold every floating tensor in that dtype
+        already (the usual case, which then costs nothing); None: as loaded."""
+        if deployed is not None:
+            if self._stored is None:
+                headers, problems = safetensors_headers(self.model)
+                self._stored = set() if problems else {h["dtype"] for h in headers.values()}
+            floats = {SAFETENSORS_CODES[d] for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16)}
+            stored = self._stored & floats
+            if stored == {SAFETENSORS_CODES[deployed]}:
+                deployed = None
+        self.weights_dtype = deployed
 
     @property
     def ref(self) -> ReferenceModel:
