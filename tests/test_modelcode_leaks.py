@@ -173,6 +173,38 @@ def test_lmdeploy_init_empty_vit_leaks_and_the_containment_undoes_it(fixture_mod
         assert _vit_state() == clean
 
 
+def test_init_empty_vit_on_a_2d5_checkpoint_leaves_its_get_font(fixture_models):
+    """lmdeploy's init_empty_vit swaps an XComposer2.5 code's `get_font` for a no-op in every module that binds it
+    (gc-referrer swap: the fixture's hd_vision defines it, its modeling module imports it) and, when the code
+    inside raises, puts none back (the fault, shown bare). Contained, every binding is the original again."""
+    import contextlib
+
+    from lmdeploy.vl.model.xcomposer2 import init_empty_vit
+
+    from parity.deploy.image_input import _raw_folder_alias, get_font_holders, init_empty_vit_contained
+
+    model = str(fixture_models["xcomposer2d5-tiny"].resolve())
+    with _raw_folder_alias(model, []):
+        holders = get_font_holders(model)
+        original = vars(holders[0][0])[holders[0][1]]
+        assert len({id(m) for m, _ in holders}) >= 2  # the defining module and the modeling module
+
+        def bindings():
+            return [vars(m)[name] for m, name in holders]
+
+        with contextlib.ExitStack() as guard:  # bare, the test cleans up after lmdeploy itself
+            for m, name in holders:
+                guard.enter_context(left_as_found(m, name))
+            with pytest.raises(RuntimeError), init_empty_vit_contained(), init_empty_vit(model):
+                raise RuntimeError("the model's code failed")
+            assert all(f is not original for f in bindings())  # what lmdeploy leaves behind
+        assert all(f is original for f in bindings())
+        with pytest.raises(RuntimeError), init_empty_vit_contained(model), init_empty_vit(model):
+            assert all(f is not original for f in bindings())
+            raise RuntimeError("the model's code failed")
+        assert all(f is original for f in bindings())
+
+
 # ------------------------------------------------------------------------------------------- hub resolution
 
 

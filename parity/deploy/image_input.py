@@ -110,20 +110,38 @@ def _raw_folder_alias(model_dir: str, applied: list[str]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def init_empty_vit_contained() -> Iterator[None]:
+def init_empty_vit_contained(model_dir: str | None = None) -> Iterator[None]:
     """Whatever runs lmdeploy 0.7.1's `init_empty_vit` (here, and lmdeploy's own `load_vl_model` under `parity
     quantize`) leaves transformers and lmdeploy as found. Its `rewrite_ctx` swaps `CLIPVisionModel.from_pretrained`
     and restores it by assignment (a bound copy left in CLIPVisionModel's own dict, which shadowed parity's hub
     resolution for the rest of the process), and its gc-referrer swap rebinds lmdeploy's module-level
     `_CLIPVisionModel_from_pretrained` to that bound method, so a later `init_empty_vit` downloads again; on an
-    exception it restores nothing. Both entries are put back exactly (parity/patching.py)."""
+    exception it restores nothing. Both entries are put back exactly (parity/patching.py); for the XComposer2.5
+    checkpoint in `model_dir` also every binding of its code's `get_font`, which init_empty_vit swaps for a no-op."""
     import lmdeploy.vl.model.xcomposer2 as xc2
     from transformers import CLIPVisionModel
 
     from ..patching import left_as_found
 
-    with left_as_found(CLIPVisionModel, "from_pretrained"), left_as_found(xc2, "_CLIPVisionModel_from_pretrained"):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(left_as_found(CLIPVisionModel, "from_pretrained"))
+        stack.enter_context(left_as_found(xc2, "_CLIPVisionModel_from_pretrained"))
+        if model_dir is not None and xc2.get_xcomposer_type(model_dir)[0] == xc2.ModelType.XCOMPOSER2D5:
+            for module, name in get_font_holders(model_dir):
+                stack.enter_context(left_as_found(module, name))
         yield
+
+
+def get_font_holders(model_dir: str) -> list[tuple[Any, str]]:
+    """(module, name) for every name of the checkpoint's code modules bound to its `get_font`: lmdeploy's swap
+    (gc.get_referrers) rewrites all of them, the defining module and each that imported it."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+    from transformers.utils import TRANSFORMERS_DYNAMIC_MODULE_NAME
+
+    fn = get_class_from_dynamic_module("modeling_internlm_xcomposer2.get_font", model_dir)
+    modules = {id(m): m for key, m in list(sys.modules.items())
+               if m is not None and key.startswith(TRANSFORMERS_DYNAMIC_MODULE_NAME + ".")}
+    return [(m, name) for m in modules.values() for name, value in list(vars(m).items()) if value is fn]
 
 
 def build_vision_shell(model_dir: str) -> tuple[Any, list[str]]:
@@ -133,8 +151,6 @@ def build_vision_shell(model_dir: str) -> tuple[Any, list[str]]:
 
     from lmdeploy.archs import get_model_arch
     from lmdeploy.vl.model.xcomposer2 import ModelType, Xcomposer2VisionModel, get_xcomposer_type, init_empty_vit
-
-    from ..patching import left_as_found
 
     _, hf_config = get_model_arch(model_dir)
     if not Xcomposer2VisionModel.match(hf_config):
@@ -155,11 +171,9 @@ def build_vision_shell(model_dir: str) -> tuple[Any, list[str]]:
     with contextlib.ExitStack() as stack:
         if shell.model_type == ModelType.XCOMPOSER2D5:
             stack.enter_context(_raw_folder_alias(model_dir, applied))
-            # init_empty_vit swaps the 2.5 code's get_font for a no-op and restores it only on success
-            stack.enter_context(left_as_found(_modeling_module(model_dir), "get_font"))
         stack.enter_context(warnings.catch_warnings())
         warnings.simplefilter("ignore")
-        stack.enter_context(init_empty_vit_contained())
+        stack.enter_context(init_empty_vit_contained(model_dir))
         stack.enter_context(init_empty_vit(model_dir))
         model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=True)
         model.vit.load_model()
