@@ -124,3 +124,19 @@ def hf_name_of_tm(name: str) -> str:
     if part in NORMS:
         return f"model.layers.{layer}.{part}.weight"
     return f"model.layers.{layer}.{CANONICAL_OF_TM[part]}.{HF_KIND_OF_TM[kind]}"
+
+
+def qwen2_names_of_tm(name: str) -> str:
+    """Merged TurboMind name -> the Qwen2 PLoRA checkpoint's tensor(s) a disguise fuses into it
+    (`layers.0.attention.w_qkv.weight` -> `model.layers.0.self_attn.{q,k,v}_proj.weight`). `o_proj.bias` may be
+    absent from the original: the disguise then writes the zeros TurboMind's `wo.bias` needs."""
+    layer, part, kind = parse_tm_name(name)
+    if layer is None:
+        return next(q for q, x in QWEN2_GLOBAL_OF.items() if x == TM_GLOBALS[kind][0])
+    p = f"model.layers.{layer}."
+    if part in NORMS:
+        return p + next(q for q, n in QWEN2_NORM_OF.items() if n == part) + ".weight"
+    canon, hkind = CANONICAL_OF_TM[part], HF_KIND_OF_TM[kind]
+    if canon == "attention.wqkv":
+        return p + "self_attn.{" + ",".join(QWEN2_QKV_PART.values()) + "}_proj." + hkind
+    return p + next(q for q, c in QWEN2_LINEAR_OF.items() if c == canon) + "." + hkind

@@ -106,10 +106,11 @@ def sort_findings(findings: list[Finding], num_layers: int, cases: list[str]) ->
 # setting does to one linear, the hidden-state check what it does to the module's output, the decode checks what
 # it does to generated tokens. Every other check (inputs, mask, config, weights, engine, ...) audits a cause.
 _SYMPTOM_LEVEL = {"plora": 1, "nonfinite": 1, "hidden": 2, "decode": 3, "decode-tokens": 4}
-# Checks whose unexplained findings of one cause are one fault wherever they sit (a run-wide setting, or a
-# difference that repeats in every layer); other checks' findings (a tensor of the weights audit) are one fault
-# per layer.
-_RUN_WIDE = ("config", "plora", "nonfinite", "hidden", "decode", "decode-tokens", "inputs", "mask")
+# Checks whose unexplained findings of one cause are one fault wherever they sit (a run-wide setting, the
+# quantization procedure, or a difference that repeats in every layer); other checks' findings (a tensor of the
+# weights audit) are one fault per layer, but for file sizes: config.yaml fixes those for every layer at once.
+_RUN_WIDE = ("config", "plora", "nonfinite", "hidden", "decode", "decode-tokens", "inputs", "mask", "quant")
+_RUN_WIDE_CAUSES = ("shape_mismatch",)
 # A shape the engine cannot load follows from a LoRA rank the config resolves wrongly.
 _SHAPE_CAUSES = ("missing_tensor", "shape_mismatch", "lora_rank_mismatch")
 
@@ -149,16 +150,17 @@ def group_findings(findings: list[Finding]) -> list[FindingGroup]:
     A finding joins the finding that explains it (`_explain`, the precedence the hidden check attributes with:
     a LoRA delta or a module output under the tensor or setting that makes it differ; else a symptom under a
     lower-level finding of its cause, such as a run-wide setting; a file the engine cannot load under the LoRA
-    rank that makes its size wrong); findings left unexplained that share a check and a
-    cause (and a layer, for the weights audit) join the first of them. Every error finding is in exactly one
-    group; warnings and info are in none. The verdict does not depend on the grouping."""
+    rank that makes its size wrong; every finding under a workspace converted from another model); findings
+    left unexplained that share a check and a cause (and a layer, for the weights audit's values) join the first
+    of them. Every error finding is in exactly one group; warnings and info are in none. The verdict does not
+    depend on the grouping."""
     errors = [i for i, f in enumerate(findings) if f.severity == "error"]
     parent = {i: _explaining(i, findings, errors) for i in errors}
     first_of: dict[tuple, int] = {}
     for i in errors:
         if parent[i] is None:
             f = findings[i]
-            key = (f.check, f.cause, f.case, None if f.check in _RUN_WIDE else f.layer)
+            key = (f.check, f.cause, f.case, None if f.check in _RUN_WIDE or f.cause in _RUN_WIDE_CAUSES else f.layer)
             parent[i] = first_of.setdefault(key, i)
             if parent[i] == i:
                 parent[i] = None

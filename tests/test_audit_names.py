@@ -25,7 +25,7 @@ HF = "model.layers.2.feed_forward.w1.Plora_B.weight"
 
 @pytest.fixture(scope="module")
 def harness(fixture_models):
-    yield from catalogue_harness(fixture_models, ["xcomposer2-tiny"])
+    yield from catalogue_harness(fixture_models, ["xcomposer2-tiny", "qwen2-plora-tiny"])
 
 
 def test_every_workspace_tensor_has_its_file_and_checkpoint_name(harness):
@@ -65,3 +65,18 @@ def test_a_mismatch_is_named_both_ways_in_every_output(harness):
     print_summary(report, con)
     out = con.export_text()
     assert FILE in out and HF in out
+
+
+def test_qwen2_audit_names_the_originals_tensors(harness):
+    """A Qwen2 PLoRA model is converted through its disguise; the audit names the original's tensors."""
+    from parity.checkpoint import load_state
+
+    models, workspaces, _, _ = harness
+    ws = Workspace.open(workspaces["qwen2-plora-tiny"])
+    original = set(load_state(models["qwen2-plora-tiny"]))
+    for name in ws.names():
+        hf = tensor_names(name, ws.model.tp, qwen2=True)["hf_tensor"]
+        parts = [hf.replace("{q,k,v}", x) for x in "qkv"] if "{q,k,v}" in hf else [hf]
+        if hf.endswith("o_proj.bias"):  # Qwen2 has none: the disguise writes zeros TurboMind adds (disguise.writer)
+            continue
+        assert set(parts) <= original, (name, hf)

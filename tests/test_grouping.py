@@ -23,9 +23,11 @@ from parity.report.terminal import print_summary
 from parity.verdict import decide, group_findings
 
 # faults whose one cause shows as several error findings (weights + PLoRA + hidden, several linears or layers,
-# the files a wrong rank mis-sizes and the engine's refusal, a decode step and the token it changes)
+# the files a wrong rank or group size mis-sizes and the engine's refusal, a decode step and the token it
+# changes, the smoothing AWQ applied in every layer)
 MANY = ["plora_b_scaled", "linears_swapped", "lora_scale_all", "lora_rank_one_linear", "nonfinite_weight",
-        "ranges_shifted_by_one", "lora_policy_missing", "kv_int4_wrong_scale", "rope_base_past_prompt"]
+        "ranges_shifted_by_one", "lora_policy_missing", "kv_int4_wrong_scale", "rope_base_past_prompt",
+        "awq_group_size_wrong", "plora_smoothing_not_compensated", "lora_pattern_does_not_match", "hd_image_placement"]
 
 
 @pytest.fixture(scope="module")

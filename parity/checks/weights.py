@@ -12,7 +12,8 @@ from ..errors import ParityInputError
 from ..deploy.expected import fingerprint
 from ..deploy.layout import rank_file_name
 from ..records import Finding
-from ..names import hf_name_of_tm, tm_name_location
+from ..names import hf_name_of_tm, qwen2_names_of_tm, tm_name_location
+from ..reference.loader import model_family
 from .base import CheckContext, CheckOutput
 
 
@@ -42,10 +43,12 @@ def _faithful_copy(got: torch.Tensor, want: torch.Tensor) -> bool:
     return bool(nan.any()) and torch.equal(torch.isnan(got), nan) and torch.equal(got[~nan], want[~nan])
 
 
-def tensor_names(name: str, tp: int) -> dict[str, str]:
-    """The row's names: the merged TurboMind name, its workspace file(s) and the HF checkpoint's tensor."""
+def tensor_names(name: str, tp: int, qwen2: bool = False) -> dict[str, str]:
+    """The row's names: the merged TurboMind name, its workspace file(s) and the HF checkpoint's tensor (for a
+    Qwen2 PLoRA model, the original's tensors its disguise fused)."""
     files = dict.fromkeys(rank_file_name(name, r) for r in range(max(1, tp)))
-    return {"tensor": name, "file": ", ".join(files), "hf_tensor": hf_name_of_tm(name)}
+    hf = qwen2_names_of_tm(name) if qwen2 else hf_name_of_tm(name)
+    return {"tensor": name, "file": ", ".join(files), "hf_tensor": hf}
 
 
 def _says(names: dict[str, str]) -> str:
@@ -61,9 +64,10 @@ def run(ctx: CheckContext) -> CheckOutput:
         return out
     present = set(ws.names())
     tp = int(ws.model.tp)
+    qwen2 = model_family(ctx.hf_config) == "qwen2-plora"
     for name in sorted(set(hf) | present, key=_order):
         layer, module = tm_name_location(name)
-        names = tensor_names(name, tp)
+        names = tensor_names(name, tp, qwen2)
         want = hf.get(name)
         if want is None:
             out.table.append({**names, "hf_tensor": None, "status": "unexpected", "shape": None, "max_abs_diff": None})
