@@ -204,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--measure-floor", action="store_true",
                    help="measure the noise floor at every point even where no verdict depends on it (slower; "
                         "default: off, measured only when an error lies between the min and max thresholds)")
+    r.add_argument("--teacher-forced-everywhere", action="store_true",
+                   help="replay every layer teacher-forced too (slower; default: only from the first layer where "
+                        "the end-to-end run is farther than min_rel from the reference)")
     r.add_argument("--jobs", "-j", type=int, default=1, metavar="N",
                    help="run the cases in N worker processes (each loads its own reference model; clamped to the "
                         "number of cases; default 1)")
@@ -235,7 +238,8 @@ def _run(a: argparse.Namespace) -> int:
         inputs=a.inputs, numeric=a.numeric, serve_from=a.serve_from, trust_remote_code=a.trust_remote_code,
         thresholds=thresholds, cache_dir=a.cache_dir, keep_traces=a.keep_traces, layers=a.layers,
         low_memory=a.low_memory, device=a.device, resource_check=a.resource_check,
-        measure_floor=a.measure_floor, original=a.original, decode=a.decode,
+        measure_floor=a.measure_floor, teacher_forced_everywhere=a.teacher_forced_everywhere,
+        original=a.original, decode=a.decode,
         quant_policy=a.quant_policy,
         live={"session_len": a.session_len} if a.session_len else {},
     )

@@ -60,6 +60,7 @@ class RunOptions:
     live: dict[str, Any] = field(default_factory=dict)  # LiveTurboMind options (session_len, dtype, ...)
     device: str = "cpu"                              # cpu | cuda | cuda:N | auto (parity.device)
     measure_floor: bool = False                      # measure the noise floor even where no verdict needs it
+    teacher_forced_everywhere: bool = False          # replay teacher-forced at every layer (parity.compare.gate)
     original: Path | None = None                     # a quantized model's original: smoothing check, cost report
     decode: int = 0                                  # generated tokens to compare after the prefill (0: none)
     resource_check: bool = True                      # refuse a run that cannot fit (parity.resources)
@@ -288,7 +289,8 @@ def _run_stages(opts: RunOptions, faults: FaultHooks, session: ReferenceSession,
     engine = engine_class(opts.engine)(EngineSetup(
         model=opts.model, workspace=ws, semantics=semantics, numeric=opts.numeric, serve_from=opts.serve_from,
         options=options, layers=opts.layers, cache_dir=opts.cache_dir, thresholds=opts.thresholds,
-        session=session, device=session.placement.device, faults=faults))
+        session=session, device=session.placement.device, faults=faults,
+        teacher_forced_everywhere=opts.teacher_forced_everywhere))
     try:
         settings = engine.activate()
         _check_floor_device(session.placement, settings.floor_dtype)

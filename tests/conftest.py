@@ -80,3 +80,30 @@ def catalogue_harness(fixture_models: dict[str, Path], names: list[str]):
     finally:
         for s in sessions.values():
             s.close()
+
+
+def diagnosis_key(report):
+    """What two runs must agree on to give the same diagnosis: findings (check, severity, cause, layer, module,
+    positions, case), the first divergence, which points exceeded, the status."""
+    d = report.first_divergence
+    return ([(f.check, f.severity, f.cause, f.layer, f.module, f.positions, f.case) for f in report.findings],
+            (d.layer, d.module, d.positions, d.cause, d.case) if d else None,
+            [(p.case, p.layer, p.module, p.exceeded) for p in report.points], report.status)
+
+
+@pytest.fixture(scope="module")
+def broken_w2_ws(fixture_models, tmp_path_factory):
+    """Layer 1's feed_forward.w2 lora_b zeroed in a copy of the real converted workspace of xcomposer2-tiny."""
+    import shutil
+
+    from parity.deploy.convert import convert_cached
+    from parity.deploy.workspace import Workspace
+
+    src = convert_cached(fixture_models["xcomposer2-tiny"], REPO / ".cache" / "workspaces")
+    dst = tmp_path_factory.mktemp("broken") / "ws"
+    shutil.copytree(src, dst, symlinks=True)
+    path = Workspace.open(dst).file_path("layers.1.feed_forward.w2.lora_b.weight", 0)
+    size = path.stat().st_size
+    path.unlink()
+    path.write_bytes(bytes(size))
+    return dst

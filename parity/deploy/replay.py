@@ -252,6 +252,15 @@ class TraceStream:
     writer: TraceWriter
     teacher: Trace | None
     x: torch.Tensor | None = None  # the hidden state the stream's next layer starts from (end to end)
+    # teacher-forced on demand: called with (layer or None for the head, the end-to-end run's values there)
+    # until it says the stream is needed; until then the stream computes nothing and writes only the PLoRA parts
+    # of the end-to-end run (what its checks read), its points left to the end-to-end trace
+    start_when: Callable[[int | None, dict[str, torch.Tensor]], bool] | None = None
+    started_at: int | str | None = 0  # the layer it started at ("head"; None: never needed)
+
+    def __post_init__(self):
+        if self.start_when is not None:
+            self.started_at = None
 
 
 class LayerWeights:
@@ -289,6 +298,12 @@ class LayerWeights:
                 lin["A"], lin["B"] = self._up(point, lin["A"], dt), self._up(point, lin["B"], dt)
             self._ready[point] = lin
         return lin
+
+    def release(self) -> None:
+        """Every stream is done with the layer (a stream that did not run it included)."""
+        for point in list(self._owned):
+            self._uses[point] = self.users
+            self.done(point)
 
     def done(self, point: str) -> None:
         self._uses[point] = self._uses.get(point, 0) + 1
@@ -586,13 +601,17 @@ class ReplayEngine:
 
     @torch.no_grad()
     def run_pair(self, call: EngineCall, writer_e2e: TraceWriter, writer_local: TraceWriter,
-                 teacher: Trace) -> tuple[dict[str, Any], dict[str, Any]]:
+                 teacher: Trace, start_local=None) -> tuple[dict[str, Any], dict[str, Any]]:
         """`run(call, writer_e2e)` and `run(call, writer_local, teacher=teacher)` in one layer-major pass: each
         layer's weights are read and upcast once and both states advance through the layer. The traces are
-        bit-identical to the two separate runs'. Returns (info_e2e, info_local)."""
+        bit-identical to the two separate runs'. Returns (info_e2e, info_local).
+
+        `start_local(layer, values)`: teacher forcing on demand (`parity.compare.gate`): the teacher-forced run
+        starts at the first layer (or the head, layer None) where it returns True for the end-to-end values."""
         if teacher is None:
             raise ValueError("run_pair needs the teacher trace for its teacher-forced run.")
-        e2e, local = self._run(call, [TraceStream(writer_e2e, None), TraceStream(writer_local, teacher)])
+        e2e, local = self._run(call, [TraceStream(writer_e2e, None),
+                                      TraceStream(writer_local, teacher, start_when=start_local)])
         return e2e, local
 
     def _prepare(self, call: EngineCall) -> PreparedCall:
@@ -646,16 +665,32 @@ class ReplayEngine:
         for i in range(self.num_layers):
             lw = LayerWeights(self, i, notes, pool, users=len(streams))
             plora_meta[str(i)] = lw.meta
+            e2e_vals = None  # the end-to-end values of this layer, for a stream that starts on demand
             for s in streams:
+                if s.start_when is not None:  # not started yet (the end-to-end stream comes first)
+                    if not s.start_when(i, e2e_vals):
+                        parts = {k: v for k, v in e2e_vals.items() if ":" in k}  # plora_key: "linear:part"
+                        s.writer.layer(i, _fresh(parts, s.writer))
+                        continue
+                    s.start_when = None
+                    s.started_at = i
                 vals = self._layer(i, lw, prep, pool, s)
                 missing = [p for p in LAYER_POINTS if p not in vals]
                 assert not missing, missing
                 s.x = vals["layer"]
                 s.writer.layer(i, _fresh(vals, s.writer))
+                if s.teacher is None:
+                    e2e_vals = vals
                 del vals
-            del lw
+            lw.release()
+            del lw, e2e_vals
             progress.layer_done(i + 1, self.num_layers)
-        self._head(streams, prep, pool)
+        heads = self._head([s for s in streams if s.start_when is None], prep, pool)
+        waiting = [s for s in streams if s.start_when is not None]
+        if waiting and heads and waiting[0].start_when(None, heads[0]):
+            waiting[0].start_when = None
+            waiting[0].started_at = "head"
+            self._head(waiting, prep, pool)
         del pool
         return [self._finish(call, s, prep, notes, plora_meta) for s in streams]
 
@@ -713,15 +748,19 @@ class ReplayEngine:
         vals["layer"] = self.rnd(h + (tget(i, "feed_forward.w2") if forced else w2))
         return vals
 
-    def _head(self, streams: list[TraceStream], prep: PreparedCall, pool: BufferPool) -> None:
-        """Final RMSNorm and logits for every stream (the LM head upcast once, chunk by chunk)."""
+    def _head(self, streams: list[TraceStream], prep: PreparedCall, pool: BufferPool) -> list[dict[str, torch.Tensor]]:
+        """Final RMSNorm and logits for every stream (the LM head upcast once, chunk by chunk); returns each
+        stream's {"norm", "output"}."""
+        if not streams:
+            return []
         last = self.num_layers - 1
         norm_w = self._w("norm.weight")
-        heads = []
+        heads, norms = [], []
         for s in streams:
             norm_in = self._tget(s.teacher, last, "layer", prep.L) if s.teacher is not None else s.x
             norm = self._rmsnorm(norm_in, norm_w)
             s.writer.post("norm", norm)
+            norms.append(norm)
             heads.append(self._tget(s.teacher, None, "norm", prep.L) if s.teacher is not None else norm)
         out_w = self.ws.tensor("output.weight")
         if out_w.shape[-1] != self.hidden:
@@ -739,8 +778,12 @@ class ReplayEngine:
             if w32 is not w:
                 pool.give(w32)
         del out_w
-        for s, p in zip(streams, parts):
-            s.writer.post("output", p[0] if len(p) == 1 else torch.cat(p, dim=-1))
+        out = []
+        for s, p, n in zip(streams, parts, norms):
+            logits = p[0] if len(p) == 1 else torch.cat(p, dim=-1)
+            s.writer.post("output", logits)
+            out.append({"norm": n, "output": logits})
+        return out
 
     def _finish(self, call: EngineCall, s: TraceStream, prep: PreparedCall, notes: list[str],
                 plora_meta: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
@@ -761,6 +804,8 @@ class ReplayEngine:
             "rows": prep.L,
             "mode": "local" if teacher is not None else "e2e",
         }
+        if teacher is not None:  # where the teacher-forced run started (0: every layer; None: not needed)
+            info["teacher_forced_from"] = s.started_at
         meta = writer.meta
         meta.side = self.side
         meta.num_layers = self.num_layers
@@ -789,6 +834,7 @@ class ReplayEngine:
             "rope_theta": prep.rope_theta,
             "mode": info["mode"],
             "teacher": str(teacher.root) if teacher is not None else None,
+            "teacher_forced_from": info.get("teacher_forced_from"),
             "content_hash": call.content_hash,
             "notes": list(notes),
             "unemulated": list(UNEMULATED) if self.emulating else [],

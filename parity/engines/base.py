@@ -34,6 +34,7 @@ class EngineSetup:
     # where an engine that can choose computes (parity.device)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     faults: FaultHooks = field(default_factory=FaultHooks)  # the fault catalogue's injections (none: a plain run)
+    teacher_forced_everywhere: bool = False  # no teacher forcing on demand (parity.compare.gate)
 
 
 class Engine(Protocol):

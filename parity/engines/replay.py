@@ -8,6 +8,9 @@ from typing import Any, Iterator
 
 import torch
 
+from ..compare.align import row_classes
+from ..compare.gate import TeacherForcingGate, describe
+from ..compare.thresholds import Thresholds
 from ..deploy.replay import ReplayEngine
 from ..errors import ParityInputError
 from ..points import PLORA_PARTS, UNCHECKED_PARTS
@@ -27,6 +30,7 @@ class ReplayRunner:
         self.setup = setup
         self.engine: ReplayEngine | None = None
         self.settings: EngineSettings | None = None
+        self.teacher_forced_from: dict[str, str] = {}  # per case, where the teacher-forced run started
 
     def activate(self) -> EngineSettings:
         s = self.setup
@@ -51,8 +55,16 @@ class ReplayRunner:
         # delta on the engine's own input, so its teacher-forced run keeps ":input" too.
         if request.same_rows:  # both runs in one layer-major pass over the weights
             local_skip = {"base"} if self.settings.numeric == "emulate" else UNCHECKED_PARTS
+            # the teacher-forced run only from where the end-to-end run leaves min_rel (parity.compare.gate);
+            # everywhere when asked, or when every part is kept for someone to debug with
+            gate = None
+            if not (self.setup.teacher_forced_everywhere or request.keep_all_parts):
+                gate = TeacherForcingGate(request.reference, self.setup.thresholds or Thresholds(),
+                                          self.settings.numeric, row_classes(request.prepared)).needed
             info, local_info = self.engine.run_pair(request.call, writer("engine", PLORA_PARTS),
-                                                    writer("engine_local", local_skip), request.reference)
+                                                    writer("engine_local", local_skip), request.reference,
+                                                    start_local=gate)
+            self.teacher_forced_from[request.case] = describe(local_info["teacher_forced_from"], ws.model.num_layer)
         else:  # different rows (a BOS policy or range mismatch): only the engine's own run exists
             info = local_info = self.engine.run(request.call, writer("engine", UNCHECKED_PARTS))
         return EngineRun(
@@ -79,7 +91,8 @@ class ReplayRunner:
         return dict(self._decoder.info) if getattr(self, "_decoder", None) is not None else {}
 
     def deactivate(self) -> EngineSummary:
-        return EngineSummary()
+        return EngineSummary(report={"teacher_forced": dict(self.teacher_forced_from)} if self.teacher_forced_from
+                             else {})
 
     def close(self) -> None:
         self.engine = None

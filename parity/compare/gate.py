@@ -1,0 +1,70 @@
+"""Teacher forcing on demand: the engine's teacher-forced run starts at the first layer where its end-to-end
+run leaves what passes whatever the noise floor is.
+
+The verdict judges local (teacher-forced) errors against clamp(factor x floor, min_rel, max_rel), in total
+and per row class (image / text / bos). While every value the end-to-end run produced (the layer's points and
+PLoRA deltas) is within min_rel of the reference in total and in every class, the engine reproduces the
+reference through those layers end to end, and the comparison judges those layers on the end-to-end values
+(`compare_case` reads the end-to-end value where the teacher-forced trace has none; the PLoRA check reads the
+end-to-end deltas, written to the teacher-forced trace): each passes at min_rel, the verdict any floor gives.
+From the first layer where a value leaves min_rel (a fault's first layer, or where clean rounding has grown
+past it), every layer after it is run teacher-forced as before, so a fault is still localised by its own
+local error. The head (final norm, logits) is judged the same way when no layer started it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..trace import Trace
+from .rowstats import row_stats
+from .thresholds import Thresholds
+
+
+class TeacherForcingGate:
+    """`needed(layer, values)`: whether the engine's teacher-forced run must start at `layer` (None: the head),
+    given the end-to-end run's `values` there. Remembers where it started (`started_at`)."""
+
+    def __init__(self, reference: Trace, thresholds: Thresholds, numeric: str, classes: dict[str, torch.Tensor]):
+        self.reference = reference
+        self.min_rel = thresholds.bounds(numeric)[0]
+        self.classes = classes  # `align.row_classes` of the case: what the comparison judges per class
+        self.started_at: int | str | None = None  # a layer index, "head", or None (never needed)
+
+    def _reference(self, layer: int | None, keys) -> dict[str, torch.Tensor]:
+        if layer is not None:
+            return self.reference.layer(layer)
+        return {k: v for k in keys if (v := self.reference.get(None, k)) is not None}
+
+    def leaves(self, ref: torch.Tensor, value: torch.Tensor) -> bool:
+        """Whether `value` is farther than min_rel (relative L2) from the reference in total or in a row class,
+        or has a non-finite value on either side."""
+        st = row_stats(ref, value)
+        if bool((st.nf_ref > 0).any() or (st.nf_other > 0).any() or st.mismatch.any()):
+            return True
+        judged = [st.metrics()] + list(st.by_class(self.classes).values())
+        return not all(m["rel_l2"] <= self.min_rel for m in judged)
+
+    def needed(self, layer: int | None, values: dict[str, torch.Tensor]) -> bool:
+        refs = self._reference(layer, values.keys())
+        for key, value in values.items():
+            ref = refs.get(key)
+            if ref is None or not value.is_floating_point() or not ref.is_floating_point():
+                continue  # masks are compared by the mask check; parts the reference did not record
+            # not comparable here (let the teacher-forced run and the comparison say why), or off the reference
+            if ref.shape != value.shape or ref.dim() == 0 or self.leaves(ref, value):
+                self.started_at = "head" if layer is None else layer
+                return True
+        return False
+
+
+def describe(started_at: int | str | None, num_layers: int) -> str:
+    """The report's line on where the teacher-forced run started."""
+    if started_at is None:
+        return "not run: every end-to-end value is within min_rel of the reference (judged end to end)"
+    if started_at == "head":
+        return f"from the head (layers 0-{num_layers - 1} judged end to end, within min_rel)"
+    if started_at == 0:
+        return "from layer 0 (every layer)"
+    return f"from layer {started_at} (layers 0-{int(started_at) - 1} judged end to end, within min_rel)"
+
