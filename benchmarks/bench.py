@@ -9,8 +9,8 @@ measures in one run:
   capture overhead      reference forward streaming every capture point to disk / the same forward, no hooks
   replay / reference    ReplayEngine fp32 forward / reference fp32 forward (both without writing a trace)
   compare / memcpy      bytes of activations compare_case reads per second / memory-copy bandwidth
-  run / forwards        run_parity wall time / the forward passes it must do (fp32 reference, the fp64
-                        teacher-forced floor, replay e2e and teacher-forced), each timed alone
+  run / forwards        run_parity wall time / the two forwards a comparison cannot avoid (fp32 reference
+                        and the replay end to end), each timed alone
   memory 2L / L         (peak RSS - resident fp32 weights) of run_parity at 2L layers / at L layers
 
 Each measurement runs in a child process (a fresh peak RSS; a guard stops a child that would exhaust the
@@ -44,7 +44,7 @@ TARGETS = {
     "capture_overhead": ("<=", 1.10),
     "replay_vs_reference": ("<=", 1.0),
     "compare_vs_memcpy": (">=", 0.25),
-    "run_vs_forwards": ("<=", 1.3),
+    "run_vs_forwards": ("<=", 1.5),
     "memory_2L_vs_L": ("<=", 1.1),
 }
 ABORT_EXIT = 75
@@ -161,8 +161,8 @@ class NullWriter:
 
 
 def child_forwards(args, watch: Watch) -> dict:
-    """Each forward pass alone (fp32 and fp64 reference, replay end to end, teacher-forced and both in one
-    pass), and the reference capture as `run_parity` does it."""
+    """Each forward pass alone (fp32 reference, replay end to end, teacher-forced and both in one pass), and
+    the reference capture as `run_parity` does it."""
     import torch
 
     from parity.deploy.compat import installed_lmdeploy_version
@@ -251,8 +251,6 @@ def child_forwards(args, watch: Watch) -> dict:
             timed("replay_fp32_traced", replay_traced)
         out["trace_bytes_engine"] = dir_bytes(d)
         shutil.rmtree(d, ignore_errors=True)
-        # the float64 noise-floor forward (`precision.compute_dtype` casts one layer at a time)
-        timed("reference_fp64", lambda: plain(torch.float64))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -311,9 +309,9 @@ def child_parity(args, watch: Watch) -> dict:
     wrap(convert_mod, "convert_cached", lambda *a, **k: "convert_cached")
     real_pair = ReplayEngine.run_pair
 
-    def engine_pair(self, call, writer, writer_local, teacher):
+    def engine_pair(self, call, writer, writer_local, teacher, **kw):
         watch.cleanup.add(Path(writer.root).parent.parent)  # run_parity's parity-engine-* folder
-        return _staged(watch, account, "engine:pair", real_pair, self, call, writer, writer_local, teacher)
+        return _staged(watch, account, "engine:pair", real_pair, self, call, writer, writer_local, teacher, **kw)
 
     ReplayEngine.run_pair = engine_pair
     wrap(pipeline, "_hf_tm_tensors", lambda *a, **k: "hf_tm_tensors")
@@ -383,9 +381,9 @@ def child_parity(args, watch: Watch) -> dict:
     return out
 
 
-def _staged(watch, account, name, fn, *a):
+def _staged(watch, account, name, fn, *a, **kw):
     with watch.stage(name), Clock() as c:
-        r = fn(*a)
+        r = fn(*a, **kw)
     account(name, c)
     return r
 
@@ -508,19 +506,17 @@ def compute(results: dict, layers: int) -> dict:
                     "read_s": cmp.get("read_s"), "memcpy_bytes_per_s": bw, "points": cmp.get("points"),
                     "trace_bytes_on_disk": cmp.get("trace_bytes_on_disk")}}
 
-    # what run_parity must compute in replay mode: the fp32 reference, the float64 teacher-forced floor, and
-    # the engine end to end and teacher-forced
-    f64 = _min(s, "reference_fp64")
-    needed = plain + f64 + rep + loc if None not in (plain, f64, rep, loc) else None
+    # the two forwards no comparison can avoid: the fp32 reference and the replay end to end (the float64
+    # floor and the teacher-forced replay are measured only where a judgement needs them)
+    needed = plain + rep if None not in (plain, rep) else None
     needed_cpu = None
     if needed is not None:
-        needed_cpu = sum(_min(s, n, "cpu_s") for n in ("reference_fp32", "reference_fp64", "replay_fp32",
-                                                      "replay_local_fp32"))
+        needed_cpu = sum(_min(s, n, "cpu_s") for n in ("reference_fp32", "replay_fp32"))
     run_wall, run_cpu = pL.get("run", {}).get("wall_s"), pL.get("run", {}).get("cpu_s")
     ratios["run_vs_forwards"] = {
         "value": _ratio(run_wall, needed), "cpu_value": _ratio(run_cpu, needed_cpu),
         "numbers": {"run_parity_s": run_wall, "forwards_needed_s": needed,
-                    "reference_fp32_s": plain, "reference_fp64_s": f64, "replay_e2e_s": rep, "replay_local_s": loc,
+                    "reference_fp32_s": plain, "replay_e2e_s": rep, "replay_local_s": loc,
                     "stages": {k: round(v["wall_s"], 2) for k, v in pL.get("stages", {}).items()},
                     "status": pL.get("status")}}
 
@@ -616,8 +612,7 @@ def render(summary: dict) -> None:
     c = r["run_vs_forwards"]["numbers"]
     rows.append(("run_parity / forwards", r["run_vs_forwards"],
                  f"run {s_(c['run_parity_s'])} / forwards {s_(c['forwards_needed_s'])} (fp32 {s_(c['reference_fp32_s'])}"
-                 f" + fp64 {s_(c['reference_fp64_s'])} + replay {s_(c['replay_e2e_s'])} + local "
-                 f"{s_(c['replay_local_s'])})"))
+                 f" + replay {s_(c['replay_e2e_s'])}); teacher-forced replay alone {s_(c['replay_local_s'])}"))
     c = r["memory_2L_vs_L"]["numbers"]
     ex = c["extra_bytes"]
     rows.append((f"memory {c['layers'][1]}L / {c['layers'][0]}L", r["memory_2L_vs_L"],
@@ -677,6 +672,13 @@ def main(argv=None) -> int:
                     help="run_parity keeps the reference weights in the checkpoint dtype and upcasts one layer at a "
                          "time (what a 32-layer 7B model gets automatically on a 24 GiB machine)")
     ap.add_argument("--profile", action="store_true", help="cProfile one capture and one traced replay")
+    ap.add_argument("--image-size", type=int, default=490,
+                    help="the image's side in pixels, 14-px patches (default 490: 35 x 35 = 1,225 image rows)")
+    ap.add_argument("--full", action="store_true",
+                    help="the full-size run: one run_parity of a 32-layer (or --layers) 7B-shaped model at the real vocabulary "
+                         "(92,544), low-memory mode, every core; wall time and peak memory into --out; the model "
+                         "and workspace (~31 GiB) are removed afterwards (--keep-model keeps them)")
+    ap.add_argument("--keep-model", action="store_true", help="with --full: keep the model and workspace")
     ap.add_argument("--reuse", action="store_true",
                     help="reuse child results already under ROOT/results (delete one to re-measure it)")
     ap.add_argument("--root", default=str(REPO / ".cache" / "bench"), help="cache of models/workspaces/results")
@@ -695,8 +697,17 @@ def main(argv=None) -> int:
     if args.child:
         return run_child(args)
 
-    from benchmarks.models import bench_spec, ensure_model, spec_dict, weight_bytes
+    from benchmarks.models import REAL_VOCAB, bench_spec, ensure_model, spec_dict, weight_bytes
 
+    if args.full:  # an explicit --layers / --threads still wins (a dry run with fewer layers)
+        given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
+        args.vocab, args.low_memory, args.memory_only = REAL_VOCAB, True, True
+        if "--layers" not in given:
+            args.layers = 32
+        if "--threads" not in given:
+            args.threads = os.cpu_count() or 1
+        if args.out == ap.get_default("out"):
+            args.out = str(REPO / "reports" / "bench-full.json")
     if args.layers < 1 or args.repeat < 1:
         ap.error("--layers and --repeat must be >= 1")
     vocab = args.vocab
@@ -706,7 +717,7 @@ def main(argv=None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     L = args.layers
     depths = [L] if (args.no_memory or args.memory_only) else [L, 2 * L]
-    specs = {n: bench_spec(n, vocab, args.quick) for n in depths}
+    specs = {n: bench_spec(n, vocab, args.quick, image_size=args.image_size) for n in depths}
     args.image_rows_for_model = specs[L].image_tokens
     describe = (f"{'quick (tiny shapes)' if args.quick else '7B shapes'}: hidden {specs[L].hidden}, inter "
                 f"{specs[L].intermediate}, heads {specs[L].heads}/{specs[L].kv_heads}, head_dim {specs[L].head_dim}, "
@@ -733,6 +744,14 @@ def main(argv=None) -> int:
     res = summary["results"]
     if args.memory_only:
         res["parity_L"] = spawn(args, "parity", models[L], workspaces[L], f"parity-L{L}")
+        summary["machine"]["loadavg_end"] = os.getloadavg()
+        summary["machine"]["mem_available_end_bytes"] = memwatch.mem_available()
+        if args.full and not args.keep_model:  # ~31 GiB of checkpoint and workspace
+            for n in depths:
+                shutil.rmtree(models[n], ignore_errors=True)
+                (models[n].parent / f".{models[n].name}.stamp.json").unlink(missing_ok=True)
+                shutil.rmtree(workspaces[n], ignore_errors=True)
+            summary["removed"] = [str(models[n]) for n in depths] + [str(workspaces[n]) for n in depths]
         summary["memory_only"] = {k: {"peak_rss_bytes": v.get("memory", {}).get("peak_rss_bytes", v.get("peak_rss_bytes")),
                                       "aborted": v.get("aborted", False), "reason": v.get("reason"),
                                       "stage": v.get("stage"), "run": v.get("run"),

@@ -33,7 +33,7 @@ SEVEN_B = dict(heads=32, kv_heads=8, head_dim=128, intermediate=14336)
 IMAGE_490 = dict(image_size=490, patch_size=14)  # 35 x 35 = 1,225 image rows
 
 
-def bench_spec(layers: int, vocab: int = REAL_VOCAB, quick: bool = False) -> FixtureSpec:
+def bench_spec(layers: int, vocab: int = REAL_VOCAB, quick: bool = False, image_size: int = 490) -> FixtureSpec:
     """The quick spec keeps head_dim 128: lmdeploy 0.7.1's xcomposer2 reader hard-codes it (another head_dim
     converts to a wrong wqkv layout, which parity reports as a weight mismatch)."""
     if quick:
@@ -43,9 +43,11 @@ def bench_spec(layers: int, vocab: int = REAL_VOCAB, quick: bool = False) -> Fix
             image_size=56, patch_size=14, vision_hidden=32,
             vision_layers=1, seed=7,
         )
+    image = dict(IMAGE_490, image_size=image_size)
+    suffix = "" if image_size == IMAGE_490["image_size"] else f"-i{image_size}"
     return FixtureSpec(
-        name=f"bench-7b-L{layers}-v{vocab}", variant="7b", layers=layers, vocab=vocab, vision_hidden=64,
-        vision_layers=2, seed=7, max_position_embeddings=32768, **SEVEN_B, **IMAGE_490,
+        name=f"bench-7b-L{layers}-v{vocab}{suffix}", variant="7b", layers=layers, vocab=vocab, vision_hidden=64,
+        vision_layers=2, seed=7, max_position_embeddings=32768, **SEVEN_B, **image,
     )
 
 

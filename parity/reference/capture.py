@@ -1,7 +1,11 @@
 """Capture the HF reference at canonical points with forward hooks, streaming one layer at a time.
 
-Every recorded value is copied once at capture time (an in-place op later in the forward must not change
-what was recorded); that copy is handed to the trace writer, which owns it from then on. For each PLoRA
+A recorded value must be the value at that point, whatever the forward does afterwards. Into its own trace
+writer the capture hands the model's own output tensors (a view, no copy) and proves afterwards that nothing
+changed them: each tensor's version counter (bumped by every in-place op) is read when recorded and again once
+its file is written; a change means the file may hold a later value, and the capture is run again copying
+every value when recorded (as it always does for a writer it is given). Tensors without a version counter
+(inference mode) are copied. For each PLoRA
 linear the hook records its output and, as `parts` asks (`parity.points.PLORA_PARTS`): its input, the base
 output `x @ W.T (+ b)` (taken from the linear's own `F.linear` call), the LoRA delta exactly as the model
 added it (`Plora_B`'s output times the scaling, placed on the rows of the mask it received) and that mask.
@@ -16,6 +20,7 @@ conversion writes them).
 
 from __future__ import annotations
 
+import shutil
 from contextlib import ExitStack
 from typing import Any, Iterable
 
@@ -89,8 +94,11 @@ class _Recorder:
     """Holds the current layer's values until the layer finishes, then hands them to the writer."""
 
     def __init__(self, ref: ReferenceModel, writer, store_dtype: torch.dtype, teacher: Trace | None,
-                 parts: Iterable[str] = DEFAULT_PARTS):
+                 parts: Iterable[str] = DEFAULT_PARTS, views: bool = False):
         self.ref = ref
+        self.views = views  # record the model's tensors themselves, checked by version (module docstring)
+        self.watched: list[tuple[torch.Tensor, int]] = []   # values of the layer being recorded
+        self.in_flight: list[tuple[torch.Tensor, int]] = []  # values of the layer being written
         self.writer = writer
         self.store = store_dtype
         self.teacher = teacher
@@ -101,9 +109,28 @@ class _Recorder:
         self.plora: dict[str, dict[str, dict[str, float]]] = {}
         self.pending: dict[tuple[int, str], dict[str, tuple]] = {}  # fused linears: part -> recorded values
 
+    def take(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`_take`, but with `views` the model's own tensor (as [rows, features]) when no copy is needed,
+        watched by its version counter."""
+        t = t.detach()
+        r = t.reshape(-1, t.shape[-1])
+        if not self.views or (dtype is not None and r.dtype != dtype) or \
+                r.untyped_storage().data_ptr() != t.untyped_storage().data_ptr():
+            return _take(t, dtype)
+        version = _version(t)
+        if version is None:
+            return _take(t, dtype)
+        self.watched.append((t, version))
+        return r
+
+    def verify(self, watched: list[tuple[torch.Tensor, int]]) -> None:
+        """Raise `_ChangedInPlace` if a recorded tensor was modified after it was recorded."""
+        if any(_version(t) != v for t, v in watched):
+            raise _ChangedInPlace()
+
     def put(self, key: str, value: torch.Tensor) -> None:
-        """Record a value the model still owns (copied)."""
-        self.current[key] = _take(value, self.store)
+        """Record a value the model still owns (a watched view, or a copy)."""
+        self.current[key] = self.take(value, self.store)
 
     def own(self, key: str, value: torch.Tensor) -> None:
         """Record a value this recorder made (no copy unless the stored dtype differs)."""
@@ -135,8 +162,8 @@ class _Recorder:
                         after(lin.module.Plora_B, self._b_output(i, point))
                     after(lin.module, self._linear(i, point, lin), with_kwargs=True)
                 self.plora.setdefault(str(i), {})[point] = {"rank": lin.rank, "scale": lin.scale}
-        after(a.final_norm, lambda m, i, o: self.writer.post("norm", _take(o, self.store)))
-        after(a.lm_head, lambda m, i, o: self.writer.post("output", _take(o, self.store)))
+        after(a.final_norm, lambda m, i, o: self.writer.post("norm", self.take(o, self.store)))
+        after(a.lm_head, lambda m, i, o: self.writer.post("output", self.take(o, self.store)))
 
     def _plain(self, point: str):
         def hook(module, args, output):
@@ -180,8 +207,8 @@ class _Recorder:
         not recorded are None. Every tensor returned is the recorder's own, in the compute dtype."""
         x = args[0]
         mask = args[1] if len(args) > 1 else kwargs.get("im_mask")
-        out = _take(output)
-        rows = _take(x) if "input" in self.parts else None
+        out = self.take(output)
+        rows = self.take(x) if "input" in self.parts else None
         base = None
         if "base" in self.parts:
             tapped = self.tap.pop(module.weight) if self.tap is not None else None
@@ -254,9 +281,15 @@ class _Recorder:
         def hook(module, args, output):
             self.put("layer", _first(output))
             values, self.current = self.current, {}
-            self.writer.layer(index, values)
+            self.writer.layer(index, values)  # returns once the previous layer's file is written
+            self.verify(self.in_flight)
+            self.in_flight, self.watched = self.watched, []
             progress.layer_done(index + 1, len(self.ref.anatomy.layers))
         return hook
+
+
+class _ChangedInPlace(Exception):
+    """A recorded tensor changed after it was recorded: record again with copies."""
 
 
 @torch.no_grad()
@@ -285,25 +318,43 @@ def capture_reference(
     unknown = [p for p in parts if p not in PLORA_PARTS]
     if unknown:
         raise ValueError(f"Unknown PLoRA part(s) {unknown}; choose from {PLORA_PARTS}.")
+    if writer is not None:
+        return _capture(ref, call, writer, case, side, teacher, store_dtype, parts, views=False)
+    try:  # its own writer: the model's tensors, proven unchanged (module docstring)
+        return _capture(ref, call, writer_root, case, side, teacher, store_dtype, parts, views=True)
+    except _ChangedInPlace:
+        shutil.rmtree(writer_root, ignore_errors=True)
+        return _capture(ref, call, writer_root, case, side, teacher, store_dtype, parts, views=False)
+
+
+def _capture(ref: ReferenceModel, call: HFCall, writer, case: str, side: str, teacher: Trace | None,
+             store_dtype: torch.dtype | None, parts: tuple[str, ...], views: bool):
+    """One capture; `writer` is a writer, or the root of a TraceWriter made here."""
     store = store_dtype or (torch.float64 if ref.dtype == torch.float64 else torch.float32)
-    if writer is None:
+    if not hasattr(writer, "layer"):
         meta = TraceMeta(side=side, case=case, num_layers=ref.anatomy.num_layers,
                          dtype=str(ref.dtype).replace("torch.", ""))
-        writer = TraceWriter(writer_root, meta)
+        writer = TraceWriter(writer, meta)
     meta = writer.meta
     device = ref.device  # the reference's placement (parity.device); the writers copy to host memory
     embeds = call.inputs_embeds.to(device, ref.dtype)
     im_mask = call.im_mask.to(device) if isinstance(call.im_mask, torch.Tensor) else call.im_mask
     writer.pre("embeddings", _take(embeds, store))
-    rec = _Recorder(ref, writer, store, teacher, parts)
-    with ExitStack() as stack:
-        rec.install(stack)
-        stack.enter_context(compute_dtype(ref.model, ref.anatomy.layers, ref.dtype, outside="run",
-                                          via=ref.weights_dtype))
-        stack.enter_context(widened_float32(ref.dtype))  # the float64 floor keeps nothing at float32
-        if "base" in rec.parts:
-            rec.tap = stack.enter_context(_BaseTap(m.weight for m in ref.model.modules() if hasattr(m, "Plora_A")))
-        ref.model(inputs_embeds=embeds, im_mask=im_mask, use_cache=False)
+    rec = _Recorder(ref, writer, store, teacher, parts, views=views)
+    try:
+        with ExitStack() as stack:
+            rec.install(stack)
+            stack.enter_context(compute_dtype(ref.model, ref.anatomy.layers, ref.dtype, outside="run",
+                                              via=ref.weights_dtype))
+            stack.enter_context(widened_float32(ref.dtype))  # the float64 floor keeps nothing at float32
+            if "base" in rec.parts:
+                rec.tap = stack.enter_context(_BaseTap(m.weight for m in ref.model.modules() if hasattr(m, "Plora_A")))
+            ref.model(inputs_embeds=embeds, im_mask=im_mask, use_cache=False)
+    except _ChangedInPlace:
+        writer.close()  # no write may still be in flight when the folder is removed
+        raise
     meta.plora = rec.plora
     meta.extras = {"content_hash": call.content_hash, "teacher": str(teacher.root) if teacher else None}
-    return writer.close()
+    trace = writer.close()  # waits for the last layer's file, then writes the head's values
+    rec.verify(rec.in_flight + rec.watched)
+    return trace
