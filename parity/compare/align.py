@@ -37,7 +37,7 @@ class CaseTraces:
     reference: Trace
     floor_e2e: Trace | None
     floor_local: Trace | StatsTrace | FloorOnDemand | None
-    engine: Trace
+    engine: Trace | StatsTrace  # the end-to-end run: values, or its statistics against the reference
     engine_local: Trace
     run: EngineRun | None = None  # what the engine reported about this case (ranges, masks, settings)
     # What the engine call asked for (rows via the reference's table, image mask from its ranges)
@@ -138,16 +138,25 @@ def compare_case(ct: CaseTraces, thresholds: Thresholds, numeric: str) -> list[P
     rows = int(ct.prepared.image_rows.numel())
     floor_values = isinstance(ct.floor_local, Trace)  # values (live path) rather than statistics
     measured: list[tuple[int | None, str, torch.Tensor, dict[str, RowStats | None], dict, dict]] = []
+    e2e_stats = isinstance(ct.engine, StatsTrace)  # the end-to-end run compared as it ran (its statistics)
     for layer, point in execution_order(ct.reference.num_layers):
         ref = ct.reference.get(layer, point)
-        eng = ct.engine.get(layer, point)
-        if ref is None or eng is None:
+        if ref is None:
             continue
-        eng = undo_layout(ct.engine, point, eng)
-        if ref.shape != eng.shape or ref.shape[0] != rows:
-            continue  # the input check reports row-count mismatches; nothing here is comparable
         # every value compared with the reference at this point, in one pass over the reference
-        others: dict[str, torch.Tensor] = {"e2e": eng}
+        others: dict[str, torch.Tensor] = {}
+        if e2e_stats:
+            done = ct.engine.stats(layer, point)  # kept only where the shapes matched
+            if done is None or ref.shape[0] != rows:
+                continue
+        else:
+            eng = ct.engine.get(layer, point)
+            if eng is None:
+                continue
+            eng = undo_layout(ct.engine, point, eng)
+            if ref.shape != eng.shape or ref.shape[0] != rows:
+                continue  # the input check reports row-count mismatches; nothing here is comparable
+            others["e2e"] = eng
         if ct.engine_local is not ct.engine:
             loc = ct.engine_local.get(layer, point)
             if loc is not None:
@@ -161,6 +170,8 @@ def compare_case(ct: CaseTraces, thresholds: Thresholds, numeric: str) -> list[P
             if fe is not None:
                 others["floor_e2e"] = fe
         st: dict[str, RowStats | None] = dict(zip(others, row_stats_multi(ref, list(others.values()))))
+        if e2e_stats:
+            st["e2e"] = done
         e2e = class_metrics(st["e2e"], classes)
         local = class_metrics(st.get("local", st["e2e"]), classes)  # no teacher-forced value: local = e2e
         measured.append((layer, point, ref, st, e2e, local))

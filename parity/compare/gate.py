@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..trace import Trace
-from .rowstats import row_stats
+from .rowstats import RowStats, row_stats
 from .thresholds import Thresholds
 
 
@@ -25,8 +25,12 @@ class TeacherForcingGate:
     """`needed(layer, values)`: whether the engine's teacher-forced run must start at `layer` (None: the head),
     given the end-to-end run's `values` there. Remembers where it started (`started_at`)."""
 
-    def __init__(self, reference: Trace, thresholds: Thresholds, numeric: str, classes: dict[str, torch.Tensor]):
+    def __init__(self, reference: Trace, thresholds: Thresholds, numeric: str, classes: dict[str, torch.Tensor],
+                 computed=None):
+        """`computed`: a `StatsWriter` against `reference` that the end-to-end values went through first; its
+        statistics are used instead of computing them again."""
         self.reference = reference
+        self.computed = computed
         self.min_rel = thresholds.bounds(numeric)[0]
         self.classes = classes  # `align.row_classes` of the case: what the comparison judges per class
         self.started_at: int | str | None = None  # a layer index, "head", or None (never needed)
@@ -39,7 +43,9 @@ class TeacherForcingGate:
     def leaves(self, ref: torch.Tensor, value: torch.Tensor) -> bool:
         """Whether `value` is farther than min_rel (relative L2) from the reference in total or in a row class,
         or has a non-finite value on either side."""
-        st = row_stats(ref, value)
+        return self._leaves(row_stats(ref, value))
+
+    def _leaves(self, st: RowStats) -> bool:
         if bool((st.nf_ref > 0).any() or (st.nf_other > 0).any() or st.mismatch.any()):
             return True
         judged = [st.metrics()] + list(st.by_class(self.classes).values())
@@ -47,12 +53,14 @@ class TeacherForcingGate:
 
     def needed(self, layer: int | None, values: dict[str, torch.Tensor]) -> bool:
         refs = self._reference(layer, values.keys())
+        done = self.computed.last if self.computed is not None else {}
         for key, value in values.items():
             ref = refs.get(key)
             if ref is None or not value.is_floating_point() or not ref.is_floating_point():
                 continue  # masks are compared by the mask check; parts the reference did not record
             # not comparable here (let the teacher-forced run and the comparison say why), or off the reference
-            if ref.shape != value.shape or ref.dim() == 0 or self.leaves(ref, value):
+            if ref.shape != value.shape or ref.dim() == 0 or \
+                    (self._leaves(done[key]) if key in done else self.leaves(ref, value)):
                 self.started_at = "head" if layer is None else layer
                 return True
         return False

@@ -47,6 +47,7 @@ class StatsWriter:
         self.skip_parts = frozenset(skip_parts)
         self._pre: dict[str, torch.Tensor] = {}
         self._post: dict[str, torch.Tensor] = {}
+        self.last: dict[str, RowStats] = {}  # the statistics of the last layer (and of pre/post) written
 
     def _stats(self, layer: int | None, key: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
         if is_skipped_part(key, self.skip_parts):
@@ -58,7 +59,9 @@ class StatsWriter:
         if ref is None or tuple(ref.shape) != tuple(value.shape) or ref.dim() == 0:
             return {}
         # on the device the value was computed on (the trace on disk is host memory)
-        return row_stats(ref.to(value.device), value).to_tensors(key)
+        st = row_stats(ref.to(value.device), value)
+        self.last[key] = st
+        return st.to_tensors(key)
 
     def pre(self, name: str, value: torch.Tensor) -> None:
         self._pre.update(self._stats(None, name, value))
@@ -67,6 +70,7 @@ class StatsWriter:
         self._post.update(self._stats(None, name, value))
 
     def layer(self, index: int, values: dict[str, torch.Tensor]) -> None:
+        self.last = {}
         out: dict[str, torch.Tensor] = {}
         for key, value in values.items():
             out.update(self._stats(index, key, value))

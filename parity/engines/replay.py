@@ -10,11 +10,13 @@ import torch
 
 from ..compare.align import row_classes
 from ..compare.gate import TeacherForcingGate, describe
+from ..compare.stream import StatsWriter
 from ..compare.thresholds import Thresholds
 from ..deploy.replay import ReplayEngine
 from ..errors import ParityInputError
 from ..points import PLORA_PARTS, UNCHECKED_PARTS
 from ..records import DecodeStep, EngineRequest, EngineRun, EngineSettings, EngineSummary
+from ..trace import TraceMeta
 from .base import EngineSetup, ranges_from_info, trace_writer
 
 
@@ -55,15 +57,20 @@ class ReplayRunner:
         # delta on the engine's own input, so its teacher-forced run keeps ":input" too.
         if request.same_rows:  # both runs in one layer-major pass over the weights
             local_skip = {"base"} if self.settings.numeric == "emulate" else UNCHECKED_PARTS
-            # the teacher-forced run only from where the end-to-end run leaves min_rel (parity.compare.gate);
-            # everywhere when asked, or when every part is kept for someone to debug with
+            if request.keep_all_parts:  # every value kept for someone to debug with
+                e2e = writer("engine", PLORA_PARTS)
+            else:  # only the comparison reads the end-to-end run: kept as its statistics against the reference
+                meta = TraceMeta(side=self.kind, case=request.case, num_layers=ws.model.num_layer, dtype=str(ws.dtype))
+                e2e = StatsWriter(request.trace_dir / "engine", meta, against=request.reference,
+                                  skip_parts=UNCHECKED_PARTS)
+            # the teacher-forced run only from where the end-to-end run leaves min_rel (parity.compare.gate),
+            # everywhere when asked or when every part is kept
             gate = None
             if not (self.setup.teacher_forced_everywhere or request.keep_all_parts):
                 gate = TeacherForcingGate(request.reference, self.setup.thresholds or Thresholds(),
-                                          self.settings.numeric, row_classes(request.prepared)).needed
-            info, local_info = self.engine.run_pair(request.call, writer("engine", PLORA_PARTS),
-                                                    writer("engine_local", local_skip), request.reference,
-                                                    start_local=gate)
+                                          self.settings.numeric, row_classes(request.prepared), computed=e2e).needed
+            info, local_info = self.engine.run_pair(request.call, e2e, writer("engine_local", local_skip),
+                                                    request.reference, start_local=gate)
             self.teacher_forced_from[request.case] = describe(local_info["teacher_forced_from"], ws.model.num_layer)
         else:  # different rows (a BOS policy or range mismatch): only the engine's own run exists
             info = local_info = self.engine.run(request.call, writer("engine", UNCHECKED_PARTS))
