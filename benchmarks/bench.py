@@ -315,10 +315,18 @@ def child_parity(args, watch: Watch) -> dict:
 
     ReplayEngine.run_pair = engine_pair
     wrap(pipeline, "_hf_tm_tensors", lambda *a, **k: "hf_tm_tensors")
-    for name in ("inputs", "config", "weights", "mask", "plora", "nonfinite", "hidden"):
-        mod = sys.modules.get(f"parity.checks.{name}")
-        if mod is not None and hasattr(mod, "run"):
-            wrap(mod, "run", lambda *a, _n=name, **k: f"check:{_n}")
+    from parity.checks import hidden, registry
+
+    def timed_check(name, fn):
+        def run(*a, **k):
+            with watch.stage(f"check:{name}"), Clock() as c:
+                r = fn(*a, **k)
+            account(f"check:{name}", c)
+            return r
+        return run
+
+    registry.CHECKS = tuple((name, timed_check(name, fn)) for name, fn in registry.CHECKS)  # held by value
+    wrap(hidden, "run", lambda *a, **k: "check:hidden")
 
     real_compare = pipeline.compare_case
     compare_info = out.setdefault("compare", {"bytes": 0, "wall_s": 0.0, "cpu_s": 0.0, "points": 0})
@@ -377,6 +385,8 @@ def child_parity(args, watch: Watch) -> dict:
     out["first_divergence"] = str(report.first_divergence) if report.first_divergence else None
     out["findings"] = [f"{f.severity}:{f.cause}:{f.check}" for f in report.findings][:20]
     out["report_timings"] = report.timings
+    out["teacher_forced"] = (report.engine or {}).get("teacher_forced")
+    out["floor_measured"] = any(p.floor is not None for p in report.points)
     out["rows"] = report.cases[0].rows if report.cases else None
     return out
 
@@ -679,6 +689,8 @@ def main(argv=None) -> int:
                          "(92,544), low-memory mode, every core; wall time and peak memory into --out; the model "
                          "and workspace (~31 GiB) are removed afterwards (--keep-model keeps them)")
     ap.add_argument("--keep-model", action="store_true", help="with --full: keep the model and workspace")
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="build and convert the models, then stop (so the measured run starts from a cached model)")
     ap.add_argument("--reuse", action="store_true",
                     help="reuse child results already under ROOT/results (delete one to re-measure it)")
     ap.add_argument("--root", default=str(REPO / ".cache" / "bench"), help="cache of models/workspaces/results")
@@ -742,6 +754,10 @@ def main(argv=None) -> int:
         workspaces[n] = Path(conv["workspace"])
 
     res = summary["results"]
+    if args.prepare_only:
+        write_json(Path(args.out).with_name(Path(args.out).stem + "-prepare.json"), summary)
+        log(f"[bench] prepared: {', '.join(str(m) for m in models.values())}")
+        return 0
     if args.memory_only:
         res["parity_L"] = spawn(args, "parity", models[L], workspaces[L], f"parity-L{L}")
         summary["machine"]["loadavg_end"] = os.getloadavg()
