@@ -27,10 +27,11 @@ def test_32k_row_prompt_on_a_7b_model_is_refused_on_a_24_gib_machine(tmp_path):
 
 
 def test_a_1300_row_7b_case_fits_the_measured_budget(tmp_path):
-    """benchmarks/README.md: 4.0 GiB extra and 1.38 GiB of traces per layer measured at 1,304 rows."""
+    """benchmarks/README.md: 4.0 GiB extra, and a reference trace of 0.537 GiB per layer at 1,304 rows (the
+    teacher-forced engine trace at most as much again; the end-to-end run and the floor kept as statistics)."""
     (est,) = check_resources(SEVEN_B, [("one-image", 1304)], scratch=tmp_path, memory=24 * GIB, disk=100 * GIB)
     assert 2 * GIB < est.memory_bytes < 6 * GIB
-    assert est.disk_bytes == pytest.approx(32 * 1.38 * GIB, rel=0.01)
+    assert est.disk_bytes == pytest.approx(32 * 2 * 0.537 * GIB, rel=0.01)
 
 
 def test_longer_than_max_position_embeddings_is_refused(tmp_path):
