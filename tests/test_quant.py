@@ -200,3 +200,29 @@ def test_quantize_twice_in_one_process_with_fewer_layers(tmp_path):
         assert {k.split(".")[2] for k in load_state(rec.out) if k.startswith("model.layers.")} == {
             str(i) for i in range(layers)}
     assert GlobalAvailMixin.__dict__["_instances"] is before
+
+
+def test_a_quantized_disguise_keeps_its_lora_config(tmp_path, capsys):
+    """A Qwen2 PLoRA model deploys through its XComposer2 disguise, whose parity_lora_config.json (ranks, scales,
+    q/k/v biases) its conversion needs; lmdeploy's save does not copy it, and the AWQ folder was converted with
+    rank 256 and no biases (lora_rank_mismatch, shape_mismatch, bias_dropped). `parity quantize` carries it over.
+    The Qwen2 original itself is refused as --original (exit 2, naming the disguise)."""
+    from parity.deploy.folder_config import LORA_CONFIG_FILE, read_lora_config
+    from parity.disguise import disguise
+    from parity.fixtures import Qwen2FixtureSpec, write_qwen2_model
+    from parity.quant.quantize import quantize
+
+    spec = Qwen2FixtureSpec(name="q2", layers=1, heads=2, kv_heads=1, intermediate=128, vision_hidden=16,
+                            vision_layers=1, seed=5)
+    src = write_qwen2_model(spec, tmp_path / "qwen2")
+    dis = tmp_path / "disguise"
+    disguise(src, dis, trust_remote_code=True, quiet=True)
+    awq = Path(quantize(dis, tmp_path / "awq", trust_remote_code=True, calib_samples=2, calib_seqlen=64).out)
+    assert read_lora_config(awq) == read_lora_config(dis) is not None
+    ws = Workspace.open(convert_cached(awq, tmp_path / "ws"))
+    assert ws.model.weight_type == "int4" and ws.model.attn_bias == 1
+    assert ws.lora.to_dict() == read_lora_config(dis)
+    assert main(["run", str(awq), "--trust-remote-code", "--original", str(src), "--out", str(tmp_path / "r")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "is a Qwen2 PLoRA model" in err and "disguise" in err and "Traceback" not in err
+    assert (awq / LORA_CONFIG_FILE).is_file()

@@ -40,7 +40,7 @@ from parity.records import CanonicalInput, Segment
 
 pytestmark = pytest.mark.slow
 
-EXAMPLES = int(os.environ.get("PARITY_QUANT_EXAMPLES", "3"))  # per family; the first is the simplest draw
+EXAMPLES = int(os.environ.get("PARITY_QUANT_EXAMPLES", "4"))  # per family; the first is the simplest draw
 W_BITS = (4,)          # lmdeploy 0.7.1: the AWQ layout packs 4-bit weights only
 GROUP_SIZES = (128,)   # lmdeploy 0.7.1's TurboMind converter: awq group size 128 only
 WIDTHS = tuple(g * k for g in GROUP_SIZES for k in (1, 2, 3))  # FFN widths holding whole groups
@@ -121,21 +121,23 @@ def _key(obj) -> str:
 
 
 def original_model(spec, root: Path) -> tuple[Path, dict | None]:
-    """(the XComposer2 folder that is quantized, the lora_config TurboMind must resolve its ranks with).
-    A Qwen2 PLoRA model is first disguised (`parity disguise`), as a user must before lmdeploy quantizes it; the
-    genuine-shaped model's hub CLIP is served from its own offline folder (what `--hub-model ID=PATH` does)."""
+    """(the XComposer2 folder that is quantized, the lora_config TurboMind must resolve its drawn ranks with, or
+    None when the folder carries its own). A Qwen2 PLoRA model is first disguised (`parity disguise`), as a user
+    must before lmdeploy quantizes it: its parity_lora_config.json must reach the AWQ folder, so its run converts
+    exactly as `parity run AWQ` does. The genuine-shaped model's hub CLIP is served from its own offline folder
+    (what `--hub-model ID=PATH` does)."""
     from test_no_false_alarms import matching_lora_config
 
     folder = root / "models" / f"{spec.name}-{_key(spec)}"  # hyphenated, like real checkpoint folders
     if isinstance(spec, Qwen2FixtureSpec):
-        from parity.disguise import disguise, read_lora_config
+        from parity.disguise import disguise
 
         src = root / "qwen2" / f"{spec.name}-{_key(spec)}"
         if not (src / "model.safetensors").is_file():
             write_qwen2_model(spec, src)
         if not (folder / "config.json").is_file():
             disguise(src, folder, trust_remote_code=True, overwrite=True, quiet=True)
-        return folder, read_lora_config(folder)
+        return folder, None
     if not (folder / "config.json").is_file():
         write_model(spec, folder)
     if spec.vision_tower:
@@ -153,7 +155,7 @@ def run_draw(d: QuantDraw, root: Path):
     if not (awq / "config.json").is_file():
         quantize(original, awq, w_bits=d.w_bits, group_size=d.group_size, compensate_plora=d.compensate_plora,
                  trust_remote_code=True, overwrite=True)
-    ws = convert_cached(awq, root / "workspaces", lora_config=lora)
+    ws = convert_cached(awq, root / "workspaces", lora_config=lora) if lora else None  # None: as the CLI converts
     return run_parity(RunOptions(model=awq, workspace=ws, cases=[d.case], numeric=d.numeric, trust_remote_code=True,
                                  original=original, quant_policy=d.quant_policy, decode=d.decode,
                                  cache_dir=root))

@@ -260,6 +260,7 @@ def quantize(model: Path | str, out: Path | str, *, w_bits: int = 4, group_size:
                                 calib=str(calib) if calib else "built-in text", calib_samples=calib_samples,
                                 calib_seqlen=calib_seqlen, seconds=round(time.perf_counter() - t0, 2),
                                 compensated=done, warnings=warnings + [f"applied: {a}" for a in applied])
+        _carry_disguise_files(model, tmp)
         (tmp / RECORD_NAME).write_text(json.dumps(asdict(record), indent=1) + "\n")
         (tmp / LOG_NAME).write_text("\n".join(log) + "\n")
         if out.exists():
@@ -269,6 +270,18 @@ def quantize(model: Path | str, out: Path | str, *, w_bits: int = 4, group_size:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _carry_disguise_files(model: Path, out: Path) -> None:
+    """A parity disguise (a Qwen2 PLoRA model as XComposer2) is converted with its parity_lora_config.json (its
+    ranks, scales and q/k/v biases); lmdeploy's save does not copy it, so the AWQ folder was converted with
+    lmdeploy's hard-coded rank 256 and without biases. AWQ changes neither, so the files are carried over."""
+    from ..deploy.folder_config import LORA_CONFIG_FILE
+    from ..disguise.writer import DISGUISE_RECORD
+
+    for name in (LORA_CONFIG_FILE, DISGUISE_RECORD):
+        if (model / name).is_file():
+            shutil.copy2(model / name, out / name)
 
 
 @contextlib.contextmanager

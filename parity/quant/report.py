@@ -20,6 +20,12 @@ def check_original(model: Path, original: Path) -> None:
                                "quantized from.")
     awq_config(model)
     cfg = read_hf_config(original, "the original (unquantized) model folder")
+    from ..reference.qwen2 import is_qwen2_plora
+
+    if is_qwen2_plora(cfg):
+        raise ParityInputError(f"--original {original} is a Qwen2 PLoRA model; lmdeploy quantizes its XComposer2 "
+                               "disguise, so pass the disguise that was quantized (`parity disguise` output) as "
+                               "--original.")
     if is_awq_folder(original):
         raise ParityInputError(f"--original {original} is itself an AWQ folder; pass the floating-point model that "
                                "was quantized.")
