@@ -34,7 +34,7 @@ def _check_option_names(options: dict[str, Any]) -> None:
     import difflib
     from dataclasses import fields
 
-    from .pipeline import RunOptions
+    from .options import RunOptions
 
     valid = sorted({f.name for f in fields(RunOptions) if f.name != "model"} | {"out", "jobs", "faults"})
     unknown = [k for k in options if k not in valid]
@@ -58,7 +58,7 @@ def run(model: str | Path, *, out: str | Path | None = None, jobs: int = 1, faul
     import contextlib
 
     from .parallel import run_parallel
-    from .pipeline import RunOptions
+    from .options import RunOptions
     from .report import write_reports
 
     _check_option_names(options)

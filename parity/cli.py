@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(a: argparse.Namespace) -> int:
     from .compare.thresholds import THRESHOLD_FLAGS, load_thresholds
     from .parallel import run_parallel
-    from .pipeline import RunOptions
+    from .options import RunOptions
     from .report import write_reports
     from .report.terminal import print_summary
 

@@ -179,3 +179,10 @@ def module_device(module: nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def check_floor_device(placement: Placement, floor_dtype: torch.dtype) -> None:
+    """The fp32 mode's noise floor runs in float64; a device without it cannot judge float32 (exit 2)."""
+    if floor_dtype == torch.float64 and not supports_float64(placement.device):
+        raise ParityInputError(f"--device {placement.spec}: {placement.device.type} has no float64, which the "
+                               "fp32 mode's noise floor needs; use --device cpu or a CUDA GPU.")

@@ -407,7 +407,8 @@ class FaultResult:
 def run_fault(fault: Fault, models: dict[str, Path], workspaces: dict[str, Path], sessions: dict, cache: Path,
               numeric: str = "fp32") -> FaultResult:
     from .fixtures import IMAGES_DIR
-    from .pipeline import RunOptions, run_parity
+    from .options import RunOptions
+    from .pipeline import run_parity
 
     t = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f"parity-fault-{fault.name}-"))
@@ -462,7 +463,7 @@ def fault_workspace(model: Path, cache: Path) -> Path:
     disguise, with its lora_config and biases), as `parity run` makes it."""
     from .hfconfig import read_hf_config
     from .reference.loader import model_family
-    from .pipeline import RunOptions, workspace_path
+    from .options import RunOptions, workspace_path
 
     family = model_family(read_hf_config(model, "a fixture model folder"))
     return workspace_path(RunOptions(model=model, cache_dir=cache), family)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 from .errors import ParityInputError
 
 if TYPE_CHECKING:  # keep this module cheap to import: spawned workers import it before anything else
-    from .pipeline import RunOptions
+    from .options import RunOptions
     from .records import FaultHooks, Finding, Report
 
 T = TypeVar("T")
@@ -77,7 +77,7 @@ def run_parallel(opts: "RunOptions", jobs: int = 1, faults: "FaultHooks | None" 
     if opts.session is not None:
         raise ParityInputError("jobs > 1 cannot share a ReferenceSession across processes; pass session=None or "
                                "jobs=1.")
-    from .pipeline import run_cases, runtime_semantics
+    from .options import run_cases, runtime_semantics
 
     runtime_semantics(opts)  # what run_parity refuses before loading anything, refused before spawning
 
@@ -106,7 +106,7 @@ def _convert_first(opts: "RunOptions") -> Path | None:
     from .hfconfig import read_hf_config
     from .reference.loader import model_family
 
-    from .pipeline import workspace_path
+    from .options import workspace_path
 
     cfg = read_hf_config(opts.model)
     family = model_family(cfg)

@@ -13,7 +13,7 @@ import logging
 import time
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Iterator
+from typing import Iterator, MutableMapping
 
 log = logging.getLogger("parity.progress")
 _current: ContextVar[str | None] = ContextVar("parity_progress_stage", default=None)
@@ -89,3 +89,14 @@ class StageProgress(logging.Handler):
     def close(self) -> None:
         self.bars.stop()
         super().close()
+
+
+@contextmanager
+def timed(timings: MutableMapping[str, float], name: str, detail: str = "") -> Iterator[None]:
+    """A stage shown as `stage` shows it, its seconds added to `timings[name]` (the report's timings)."""
+    t = time.perf_counter()
+    try:
+        with stage(name, detail):
+            yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t

@@ -327,6 +327,12 @@ class CaseSummary:
     # Row masks as 0/1 lists: what HF received, what the engine derived from its ranges, the canonical one.
     masks: dict[str, list[int]] = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, p: PreparedInput, hashes: dict[str, str], masks: dict[str, list[int]]) -> "CaseSummary":
+        return cls(name=p.name, rows=len(p.token_ids), bos_policy=p.bos_policy,
+                   image_spans=[tuple(r) for r in p.ranges], bos_rows=[i for i, b in enumerate(p.bos_rows.tolist()) if b],
+                   row_labels=p.row_labels, hashes=hashes, masks=masks)
+
 
 # ---------------------------------------------------------------- decode (issue 18)
 

@@ -32,3 +32,11 @@ class CheckOutput:
     findings: list[Finding] = field(default_factory=list)
     table: list[dict[str, Any]] = field(default_factory=list)
 
+
+def hf_plora_of(linears: dict[int, dict[str, Any]]) -> dict[int, dict[str, dict[str, Any]]]:
+    """`CheckContext.hf_plora` from the reference anatomy's PLoRA linears (layer -> canonical linear -> linear)."""
+    return {
+        i: {p: {"rank": lin.rank, "scale": lin.scale, "has_bias": lin.module.bias is not None}
+            for p, lin in lins.items()}
+        for i, lins in linears.items()
+    }

@@ -35,3 +35,9 @@ def run_checks(ctx: CheckContext, prior: list[Finding]) -> tuple[dict[str, Check
 def warning_findings(warnings: Iterable[EngineWarning]) -> list[Finding]:
     """What the deployment side noticed about itself (conversion, loading), as warnings of the report."""
     return [Finding(check=w.check, severity="warning", cause=w.cause, message=w.message) for w in warnings]
+
+
+def refused_finding(e: Exception, case: str) -> Finding:
+    """The engine refused the workspace at load time (`errors.EngineRefused`): an error of that case."""
+    return Finding(check="engine", severity="error", cause="shape_mismatch", case=case,
+                   message=f"The engine refused to load the workspace, as TurboMind would at start-up: {e}")

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
+from typing import Any
 
 import torch
 
+from ..hfconfig import head_dim_of, kv_heads_of
 from .layout import hf_to_tm
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -25,6 +28,22 @@ def fingerprint(t: torch.Tensor) -> tuple:
 
 class ExpectedTensors(Mapping):
     """Mapping TurboMind tensor name -> expected tensor (merged, tp=1 layout), computed layer by layer."""
+
+    @classmethod
+    def from_hf_config(cls, config: Mapping[str, Any], state: Mapping[str, torch.Tensor],
+                       workspace_shape) -> "ExpectedTensors":
+        """The HF weights as a faithful conversion would write them, shaped by the HF config (the truth) over
+        the workspace's config.yaml model shape, so a wrong head count in config.yaml shows up as a difference
+        instead of a crash."""
+        c = config
+        shape = replace(
+            workspace_shape, head_num=int(c["num_attention_heads"]), kv_head_num=kv_heads_of(c),
+            size_per_head=head_dim_of(c), hidden_units=int(c["hidden_size"]), num_layer=int(c["num_hidden_layers"]),
+            vocab_size=int(c["vocab_size"]),
+            inter_size=workspace_shape.inter_size if len(workspace_shape.inter_size) == int(c["num_hidden_layers"])
+            else [int(c["intermediate_size"])] * int(c["num_hidden_layers"]),  # a workspace of another depth
+        )
+        return cls(state, shape)
 
     def __init__(self, state: Mapping[str, torch.Tensor], shape) -> None:
         self._state = state

@@ -29,7 +29,7 @@ import logging
 import os
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -38,7 +38,8 @@ import torch
 
 from ..checkpoint import load_state
 from ..errors import ParityInputError
-from ..records import Chat, Finding, PreparedInput, Segment
+from ..inputs import prepare
+from ..records import CanonicalInput, Chat, Finding, PreparedInput, Segment
 
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -486,3 +487,43 @@ def compare_images(case: str, hf: PreparedInput, lm: Sequence[LmdeployImage], al
                      "per image to lmdeploy to match the HF chat."),
         ))
     return findings, table
+
+
+class ImagePath:
+    """Both sides' image rows for each case. For the 4KHD / 2.5 sub-types (either side's), the engine's come
+    from lmdeploy's own image path (`LmdeployVision`) and are compared with the HF side's; the
+    engine is then given the HF features wherever an image's row count agrees, so the layer checks judge
+    the layers, and the input findings the image path."""
+
+    def __init__(self, model: Path, ref, ws, allowance: float, vision_fault: "VisionFault | None" = None):
+        """`ref`: the reference model (`reference.loader.ReferenceModel`), `ws` the workspace, `allowance` the
+        relative feature difference allowed (`Thresholds.image_feature_rel`)."""
+        self.ref, self.allowance = ref, allowance
+        self.hf_sub = hf_sub_type(model) if ref.family == "xcomposer2" else "7b"
+        record = ws.conversion_record()
+        hd = ("4khd", "2.5")
+        self.vision = (LmdeployVision(model, vision_fault)
+                       if ref.family == "xcomposer2" and (self.hf_sub in hd or (record and record.sub_type in hd))
+                       else None)
+        self.section: dict[str, Any] = {}
+
+    def prepare(self, case: CanonicalInput) -> tuple[PreparedInput, PreparedInput, list[Finding]]:
+        ref = self.ref
+        hf_case = replace(case, segments=hf_chat_segments(case.chat, self.hf_sub)) if case.chat else case
+        prepared = prepare(hf_case, ref.tokenize, ref.embed_tokens, ref.encode_image, ref.bos_id, ref.decode)
+        if self.vision is None:
+            return prepared, prepared, []
+        try:
+            eng_case = replace(case, segments=self.vision.chat_segments(case.chat)) if case.chat else hf_case
+            paths = [s.image for s in eng_case.segments if s.kind == "image"]
+            lm = [self.vision.encode(p, len(paths)) for p in paths]
+        except VisionFailed as e:
+            return prepared, prepared, [vision_failed(case.name, self.hf_sub, self.vision.sub_type, e)]
+        # the HF features where the row counts agree (compare_images judges the difference), else lmdeploy's
+        feats = iter([hf if hf.shape[0] == img.features.shape[0] else img.features
+                      for hf, img in zip(prepared.image_features, lm)])
+        eng = prepare(eng_case, ref.tokenize, ref.embed_tokens, lambda _: next(feats), ref.bos_id, ref.decode)
+        found, table = compare_images(case.name, prepared, lm, self.allowance, self.hf_sub)
+        self.section = {"sub_type_hf": self.hf_sub, "sub_type_lmdeploy": self.vision.sub_type,
+                        "applied": list(self.vision.applied), "images": self.section.get("images", []) + table}
+        return prepared, eng, found

@@ -117,6 +117,14 @@ class ReferenceModel:
             return xcomposer2_state_dict(self.model)
         return self.model.state_dict()
 
+    def weights_note(self, workspace_weight_type: str) -> str:
+        """How the reference held its weights for this run (report.json engine.reference_weights)."""
+        if self.weights_dtype is None:
+            return f"as stored in the checkpoint (the workspace's {workspace_weight_type} weights hold the same values)"
+        return (f"rounded to {str(self.weights_dtype).replace('torch.', '')}, the dtype the workspace stores them in "
+                "(the checkpoint holds other dtypes; lmdeploy 0.7.1 writes no float32 weights); the weights check "
+                "compares the workspace with the checkpoint the same way")
+
     def with_dtype(self, dtype: torch.dtype) -> "ReferenceModel":
         """The same model computing in another dtype (for the noise floor). No copy: the capture casts one
         decoder layer at a time (parity.reference.precision)."""
