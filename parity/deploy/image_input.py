@@ -92,7 +92,7 @@ def _modeling_module(model_dir: str) -> Any:
 
 
 @contextlib.contextmanager
-def _raw_folder_alias(model_dir: str, applied: list[str]) -> Iterator[None]:
+def raw_folder_alias(model_dir: str, applied: list[str]) -> Iterator[None]:
     """Register the 2.5 modeling module under the raw folder name lmdeploy looks up (see module doc)."""
     from transformers.utils import TRANSFORMERS_DYNAMIC_MODULE_NAME
 
@@ -171,7 +171,7 @@ def build_vision_shell(model_dir: str) -> tuple[Any, list[str]]:
     applied: list[str] = []
     with contextlib.ExitStack() as stack:
         if shell.model_type == ModelType.XCOMPOSER2D5:
-            stack.enter_context(_raw_folder_alias(model_dir, applied))
+            stack.enter_context(raw_folder_alias(model_dir, applied))
         stack.enter_context(warnings.catch_warnings())
         warnings.simplefilter("ignore")
         stack.enter_context(init_empty_vit_contained(model_dir))
