@@ -145,7 +145,7 @@ def _vision_loader_fixes(model: Path, applied: list[str]) -> Iterator[None]:
     transformers' sanitised module names. The same in-process fix as `parity run`'s image path, recorded."""
     from lmdeploy.vl.model.xcomposer2 import ModelType, get_xcomposer_type
 
-    from ..deploy.image_input import raw_folder_alias, init_empty_vit_contained  # the one home of these
+    from ..deploy.image_input import init_empty_vit_contained, raw_folder_alias  # the one home of these
 
     if get_xcomposer_type(str(model))[0] != ModelType.XCOMPOSER2D5:
         yield
