@@ -236,5 +236,17 @@ def merge_reports(reports: Sequence["Report"], cases: Sequence[str], num_layers:
         cases=[c for r in reports for c in r.cases],
         plora_table=[row for r in reports for row in r.plora_table],
         decode=[d for r in reports for d in r.decode],
+        engine=_merge_engine([r.engine for r in reports], names),
         timings=timings,
     )
+
+
+def _merge_engine(sections: Sequence[dict], cases: Sequence[str]) -> dict:
+    """The engine section of the first report, with every per-case entry (a dict keyed by case names, e.g.
+    `teacher_forced`) holding all the workers' cases in input order."""
+    merged = dict(sections[0])
+    for key, value in sections[0].items():
+        if isinstance(value, dict) and value and set(value) <= set(cases):
+            union = {c: v for s in sections for c, v in (s.get(key) or {}).items()}
+            merged[key] = {c: union[c] for c in cases if c in union}
+    return merged

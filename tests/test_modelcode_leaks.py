@@ -181,10 +181,10 @@ def test_init_empty_vit_on_a_2d5_checkpoint_leaves_its_get_font(fixture_models):
 
     from lmdeploy.vl.model.xcomposer2 import init_empty_vit
 
-    from parity.deploy.image_input import _raw_folder_alias, get_font_holders, init_empty_vit_contained
+    from parity.deploy.image_input import raw_folder_alias, get_font_holders, init_empty_vit_contained
 
     model = str(fixture_models["xcomposer2d5-tiny"].resolve())
-    with _raw_folder_alias(model, []):
+    with raw_folder_alias(model, []):
         holders = get_font_holders(model)
         original = vars(holders[0][0])[holders[0][1]]
         assert len({id(m) for m, _ in holders}) >= 2  # the defining module and the modeling module

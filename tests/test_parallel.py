@@ -136,8 +136,8 @@ def test_jobs2_report_equals_jobs1(fixture_models, tmp_path, monkeypatch):
     real = parallel._run_workers
 
     def spy(work, threads):
-        chunks.append([[c.name for c in w.cases] for w in work])
-        assert all(w.workspace == work[0].workspace is not None for w in work)  # converted once, by the parent
+        chunks.append([[c.name for c in w.cases] for w, _faults in work])
+        assert all(w.workspace == work[0][0].workspace is not None for w, _faults in work)  # converted once, by the parent
         return real(work, threads)
 
     monkeypatch.setattr(parallel, "_run_workers", spy)
