@@ -136,6 +136,29 @@ def test_reference_chooses_tokens_with_its_kv_cache_and_captures_the_same_points
         assert all(torch.equal(la[k], lb[k]) for k in la), i
 
 
+def test_reference_without_a_cache_recomputes_every_token(tmp_path):
+    """Model code that returns no cache (the Qwen2 PLoRA fixture's): each token from a forward over the whole
+    sequence so far, the same tokens either way."""
+    from parity.fixtures import ensure
+    from parity.inputs import hf_call, prepare
+    from parity.reference.decode import greedy
+    from parity.reference.loader import load_reference
+
+    model = ensure(CACHE / "fixtures", ("qwen2-plora-tiny",))["qwen2-plora-tiny"]
+    ref = load_reference(model, trust_remote_code=True)
+    case = CanonicalInput("t", (Segment("text", text="Hello there. What is it?"),))
+    call = hf_call(prepare(case, ref.tokenize, ref.embed_tokens, ref.encode_image, ref.bos_id, ref.decode))
+    P = call.inputs_embeds.shape[1]
+    rows: list[int] = []
+    hook = ref.anatomy.layers[0].register_forward_hook(lambda m, args, out: rows.append(args[0].shape[1]))
+    try:
+        gen = greedy(ref, call, 4)
+    finally:
+        hook.remove()
+    assert not gen.cached and rows == [P, P + 1, P + 2, P + 3]
+    assert gen.tokens == greedy(ref, call, 4, use_cache=False).tokens and gen.call.inputs_embeds.shape[1] == P + 3
+
+
 # ------------------------------------------------------------------------------------------ clean runs
 
 
