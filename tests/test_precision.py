@@ -129,3 +129,51 @@ def test_float64_run_widens_what_the_code_pins_to_float32(ref):
     exact = torch.cat([ang, ang], -1).cos()
     assert (wide - exact).abs().max() < 1e-12
     assert (plain - exact)[-100:].abs().max() > 1e-5  # the float32 angles the float64 run used to share
+
+
+class _CachedRotaryForTest(torch.nn.Module):
+    """Test double of upstream XComposer2's rotary embedding: inv_freq and the cos table built once, at
+    construction, as non-persistent buffers (float32 angles; the table in the default dtype)."""
+
+    def __init__(self, dim, max_pos, base):
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim)), persistent=False)
+        t = torch.arange(max_pos, dtype=self.inv_freq.dtype)
+        emb = torch.cat([torch.outer(t, self.inv_freq)] * 2, -1)
+        self.register_buffer("cos_cached", emb.cos().to(torch.get_default_dtype()), persistent=False)
+
+
+class _LayerForTest(torch.nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+        self.rotary = _CachedRotaryForTest(config.dim, config.max_pos, config.base)
+        self.seen = None
+
+    def forward(self, x):
+        self.seen = self.rotary.cos_cached  # what the forward computes with
+        return self.proj(x)
+
+
+def test_float64_run_rebuilds_tables_the_layer_builds_at_construction():
+    """A decoder layer's construction-time tables (non-persistent buffers) are rebuilt by its own code in float64
+    for a float64 run, not cast from the float32 ones (which are ~1e-4 off at position 4,000); a bfloat16 run
+    casts; the originals are back afterwards."""
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(dim=64, max_pos=4096, base=1e6)
+    layer = _LayerForTest(config)
+    model = torch.nn.Module()
+    model.config, model.layers = config, torch.nn.ModuleList([layer])
+    original = layer.rotary.cos_cached
+    inv = 1.0 / (config.base ** (torch.arange(0, config.dim, 2, dtype=torch.float64) / config.dim))
+    ang = torch.arange(config.max_pos, dtype=torch.float64)[:, None] * inv[None, :]
+    exact = torch.cat([ang, ang], -1).cos()
+    assert (original.double() - exact)[-100:].abs().max() > 1e-5
+    with compute_dtype(model, [layer], torch.float64):
+        layer(torch.zeros(1, 4, dtype=torch.float64))
+    assert layer.seen.dtype == torch.float64 and (layer.seen - exact).abs().max() < 1e-12
+    assert layer.rotary.cos_cached is original
+    with compute_dtype(model, [layer], torch.bfloat16):
+        layer(torch.zeros(1, 4, dtype=torch.bfloat16))
+    assert torch.equal(layer.seen, original.to(torch.bfloat16))

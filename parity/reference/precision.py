@@ -24,7 +24,10 @@ Casting the weights is not all of it: remote code pins some computations to floa
 `dtype=torch.float32`): XComposer2's rotary angles and cos/sin, its softmax, its RMSNorm. A "float64" run
 that kept those pins would share their float32 rounding with the float32 reference and so never measure it
 (at position 3,800 a float32 rotary angle is off by ~2e-4 rad). `widened_float32` lifts every such pin to
-float64 for the float64 runs, so the float64 reference is float64 throughout.
+float64 for the float64 runs, so the float64 reference is float64 throughout. Tables a decoder layer's code
+builds once at construction (upstream XComposer2's rotary `cos_cached`/`sin_cached` and `inv_freq`) are
+rebuilt the same way: a float64 run builds a fresh layer of the same class (weights on meta, widened) and
+uses its non-persistent buffers instead of casting the float32 ones.
 """
 
 from __future__ import annotations
@@ -45,19 +48,53 @@ def _rounds(p: torch.Tensor, dtype: torch.dtype, via: torch.dtype | None) -> boo
     return p.is_floating_point() and (p.dtype != dtype or (via is not None and p.dtype != via))
 
 
-def _swap(module: nn.Module, dtype: torch.dtype, recurse: bool = True, via: torch.dtype | None = None) -> _Saved:
+def _swap(module: nn.Module, dtype: torch.dtype, recurse: bool = True, via: torch.dtype | None = None,
+          derived: dict[tuple[str, str], torch.Tensor] | None = None) -> _Saved:
+    """Cast `module` to `dtype`; a buffer named in `derived` ((module path, buffer name) -> tensor) is replaced
+    by that tensor instead of cast."""
     saved = []
     for p in module.parameters(recurse=recurse):
         if _rounds(p, dtype, via):
             saved.append((p, "data", p.data))
             p.data = (p.data.to(via) if via is not None else p.data).to(dtype)
-    mods = module.modules() if recurse else [module]
-    for m in mods:
+    mods = module.named_modules() if recurse else [("", module)]
+    for path, m in mods:
         for name, b in list(m._buffers.items()):
             if b is not None and b.is_floating_point() and b.dtype != dtype:
                 saved.append((m, name, b))
-                m._buffers[name] = b.to(dtype)
+                m._buffers[name] = derived[(path, name)] if derived and (path, name) in derived else b.to(dtype)
     return saved
+
+
+def _derived_buffers(layer: nn.Module, index: int, config) -> dict[tuple[str, str], torch.Tensor]:
+    """Decoder layer `index`'s non-persistent floating buffers (tables its code derives at construction, such as
+    a rotary cos/sin cache) as that code builds them in a float64 run: a fresh layer of the same class from
+    `config`, weights on the meta device, default dtype float64 and every float32 widened. {} when the layer
+    has none, or its class cannot be built from the config (the buffers are then only cast)."""
+    wanted = {(path, name): b for path, m in layer.named_modules() for name, b in m._buffers.items()
+              if b is not None and b.is_floating_point() and name in m._non_persistent_buffers_set}
+    if not wanted or config is None:
+        return {}
+    from accelerate import init_empty_weights
+
+    fresh = None
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with init_empty_weights(), widened_float32(torch.float64):
+            for args in ((config,), (config, index)):
+                try:
+                    fresh = type(layer)(*args)
+                    break
+                except Exception:  # noqa: BLE001 - the model's code: another signature, or not buildable alone
+                    continue
+    finally:
+        torch.set_default_dtype(previous)
+    if fresh is None:
+        return {}
+    built = {(path, name): b for path, m in fresh.named_modules() for name, b in m._buffers.items() if b is not None}
+    return {key: built[key].to(old.device) for key, old in wanted.items()
+            if key in built and built[key].dtype == torch.float64 and built[key].shape == old.shape}
 
 
 def _restore(saved: _Saved) -> None:
@@ -114,9 +151,13 @@ def compute_dtype(model: nn.Module, layers: list[nn.Module], dtype: torch.dtype,
     rest: _Saved = []
     pending: dict[int, list[_Saved]] = {}
 
+    config = getattr(model, "config", None)
+
     def before(key, module: nn.Module, recurse: bool):
         def hook(mod, args, kwargs):
-            pending.setdefault(key, []).append(_swap(module, dtype, recurse, via))
+            # a float64 run rebuilds a layer's construction-time tables in float64 (`widened_float32`)
+            derived = _derived_buffers(module, key, config) if dtype == torch.float64 and isinstance(key, int) else None
+            pending.setdefault(key, []).append(_swap(module, dtype, recurse, via, derived))
         return hook
 
     def after(key):
