@@ -6,6 +6,13 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# Every property test is deterministic in CI (a failure found once is found every time, and a clean run stays
+# clean); HYPOTHESIS_PROFILE=explore draws fresh examples for a local hunt.
+settings.register_profile("parity", derandomize=True, database=None, deadline=None)
+settings.register_profile("explore", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "parity"))
 
 pytest_plugins = ["pytester"]  # the parity plugin is tested like a user's suite uses it
 

@@ -64,10 +64,11 @@ def quantize_kv(x: torch.Tensor, bits: int, dtype: torch.dtype = torch.float16,
     hi = t.amax(dim=-1, keepdim=True)
     inv_q_max = np.float32(1.0) / np.float32(2**bits - 1)
     scale = ((hi.float() - lo.float()) * float(inv_q_max)).to(dtype)
-    inv = (1.0 / scale.float()).to(dtype)           # inf where scale == 0: (x - zero) is 0 there -> NaN guarded
+    inv = (1.0 / scale.float()).to(dtype)           # inf where scale == 0 or 1/scale overflows the half range
     diff = (t.float() - lo.float()).to(dtype)       # exact in float32, one rounding to T
     v = (diff.float() * inv.float()).to(dtype)      # product of two T values: exact in float32, one rounding
-    v = torch.nan_to_num(v.float(), nan=0.0, posinf=0.0)  # a constant row (scale 0): 0 * inf
+    # cvt.rni.sat.u8: NaN (0 * inf: a row's minimum when inv is inf) -> 0, +inf saturates to 255
+    v = torch.nan_to_num(v.float(), nan=0.0, posinf=255.0)
     q = torch.round(v).clamp(0, 255).clamp(max=2**bits - 1).to(torch.uint8)  # cvt.rni.sat.u8, then min
     if scale_factor != 1.0:  # the codes were made with the right scale; the cache stores (and reads) another
         scale = (scale.float() * scale_factor).to(dtype)
