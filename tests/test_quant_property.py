@@ -163,7 +163,7 @@ def run_draw(d: QuantDraw, root: Path):
 
 def assert_clean_quantized(d: QuantDraw, report) -> None:
     errors = report.errors()
-    other = [f for f in errors if f.cause != "lora_smoothing_mismatch"]
+    other = [f for f in errors if (f.check, f.cause) != ("quant", "lora_smoothing_mismatch")]  # the structural one
     detail = "; ".join(f"[{f.check}/{f.cause} layer {f.layer} {f.module} {f.case}] {f.message}" for f in other[:5])
     assert not other, f"false alarm: {len(other)} error finding(s) for {d}: {detail}"
     assert not any(p.exceeded for p in report.points), f"a point over its threshold for {d}"
@@ -201,3 +201,31 @@ def test_clean_quantized_runs_raise_no_alarm(family, root, monkeypatch):
 
     check()
     assert len(seen) == EXAMPLES
+
+
+# ----------------------------------------------------------------------------- found, open
+
+
+# Found by this property with 6 draws per family (draw 6 of 4KHD): uncompensated smoothing, u4 KV cache, fp32 mode,
+# 3 generated tokens, one image (3,817 rows). Beside the 4 structural findings, a decode finding: step 2, layer 0,
+# attention, teacher-forced error 2.35e-4 over the fp32 cap 1e-4 while its own noise floor is 6.2e-3 (u4 codes near
+# a rounding boundary flip between the reference's and the replay's fp32 K/V; the cap cannot be lifted by any
+# floor), and the verdict then names the prefill's lora_smoothing_mismatch as its cause, which cannot move a
+# replay-vs-reference error. The same draw with --compensate-plora passes with zero error findings.
+OPEN_U4_DECODE = QuantDraw(
+    spec=FixtureSpec(name="q4khd", variant="4khd", layers=1, heads=2, kv_heads=1, head_dim=128, intermediate=128,
+                     vocab=128, lora={"attention.wqkv": (2, 1.0), "attention.wo": (64, 0.5),
+                                      "feed_forward.w1": (1, 16.0), "feed_forward.w3": (64, 16.0),
+                                      "feed_forward.w2": (64, 1.0)},
+                     seed=1304, image_size=336, patch_size=14, vision_hidden=32, vision_layers=1, dtype="float16"),
+    w_bits=4, group_size=128, compensate_plora=False, quant_policy=4, numeric="fp32", decode=3,
+    case=CanonicalInput(name="c", bos_policy="first", segments=(
+        Segment("image", image=Path(IMAGES_DIR) / "gradient.png"), Segment("text", text="Hi "))))
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "OPEN (decode check / KV cache, parity/checks/decode.py): a u4 KV cache's code flips between reference and "
+    "replay exceed the fp32 cap in a teacher-forced decode step, and the finding inherits the prefill's "
+    "lora_smoothing_mismatch as its cause"))
+def test_open_u4_decode_step_over_the_fp32_cap(root):
+    assert_clean_quantized(OPEN_U4_DECODE, run_draw(OPEN_U4_DECODE, root))
