@@ -691,6 +691,9 @@ def main(argv=None) -> int:
                          "(92,544), low-memory mode, every core; wall time and peak memory into --out; the model "
                          "and workspace (~31 GiB) are removed afterwards (--keep-model keeps them)")
     ap.add_argument("--keep-model", action="store_true", help="with --full: keep the model and workspace")
+    ap.add_argument("--reuse-stale-model", action="store_true",
+                    help="use a complete cached model even if parity's fixture code changed since it was built "
+                         "(recorded in the JSON)")
     ap.add_argument("--prepare-only", action="store_true",
                     help="build and convert the models, then stop (so the measured run starts from a cached model)")
     ap.add_argument("--reuse", action="store_true",
@@ -745,7 +748,9 @@ def main(argv=None) -> int:
     models, workspaces = {}, {}
     for n, spec in specs.items():
         with Clock() as c:
-            models[n] = ensure_model(spec, root)
+            models[n] = ensure_model(spec, root, reuse_stale=args.reuse_stale_model)
+        if args.reuse_stale_model:
+            summary["model_stamp"] = json.loads((models[n].parent / f".{models[n].name}.stamp.json").read_text())
         summary["timing"][f"model_L{n}"] = c.result()
         conv = spawn(args, "convert", models[n], None, f"convert-L{n}")
         summary["results"][f"convert_L{n}"] = conv

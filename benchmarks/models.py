@@ -101,8 +101,10 @@ def _small_files(spec: FixtureSpec) -> dict[str, bytes]:
     return files
 
 
-def ensure_model(spec: FixtureSpec, root: Path) -> Path:
-    """root/models/<spec.name>, generated only when missing or stale (same stamp rule as the fixtures)."""
+def ensure_model(spec: FixtureSpec, root: Path, reuse_stale: bool = False) -> Path:
+    """root/models/<spec.name>, generated only when missing or stale (same stamp rule as the fixtures).
+    `reuse_stale`: keep a complete model whose stamp differs (e.g. the remote code changed since it was built;
+    a 32-layer model is 16 GB and its workspace as much again)."""
     models = Path(root) / "models"
     models.mkdir(parents=True, exist_ok=True)
     dest = models / spec.name
@@ -110,7 +112,7 @@ def ensure_model(spec: FixtureSpec, root: Path) -> Path:
     stamp = json.loads(gen._dump_json(gen._stamp(spec)))
     if (dest / "model.safetensors").is_file() and stamp_path.is_file():
         try:
-            if json.loads(stamp_path.read_text()) == stamp:
+            if json.loads(stamp_path.read_text()) == stamp or reuse_stale:
                 return dest
         except ValueError:
             pass
