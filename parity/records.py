@@ -288,6 +288,9 @@ CAUSES: tuple[str, ...] = (
     "session_truncated",
     "rope_mismatch",
 )
+# Causes about the checked model against its original (what quantization did to it), not the deployment against
+# the checked model: they explain no difference between the engine and the reference.
+ORIGINAL_MODEL_CAUSES: tuple[str, ...] = ("lora_smoothing_mismatch",)
 
 
 @dataclass

@@ -287,6 +287,23 @@ def test_near_tie_is_a_warning_and_clear_flip_an_error():
     assert clear.severity == "error" and "clear flip" in clear.message and clear.cause == "numeric_drift"
 
 
+def test_a_structural_prefill_finding_is_not_a_decode_steps_cause():
+    """A quantized model's smoothing finding (the AWQ model against its original) is the run's first divergence,
+    but it cannot move the engine against the reference: a decode step beyond its floor is numeric drift, while an
+    engine-side prefill divergence is still inherited."""
+    from parity.checks import decode as decode_check
+    from parity.records import DecodeSection, Divergence
+
+    point = {"step": 2, "layer": 0, "module": "attention", "rel_l2": 2e-3, "threshold": 1e-4, "floor": 1e-5,
+             "exceeded": True, "positions": None}
+    sec = DecodeSection(case="c", requested=3, prompt_rows=3, steps_run=3, matched_prefix=3,
+                        first_divergent_step=None, tokens=[], points=[point], engine={}, logprob_noise=0.01)
+    smoothing = Divergence(layer=0, module="attention.wqkv", positions=None, cause="lora_smoothing_mismatch")
+    engine_side = Divergence(layer=0, module="attention.wqkv", positions=None, cause="lora_scale_mismatch")
+    assert decode_check._cause(sec, point, None, smoothing)[0] == "numeric_drift"
+    assert decode_check._cause(sec, point, None, engine_side)[0] == "lora_scale_mismatch"
+
+
 def test_decode_steps_stream_to_kept_traces_and_terminal_says_decode(fixture_models, tmp_path):
     from rich.console import Console
     from safetensors import safe_open

@@ -10,9 +10,15 @@ else `numeric_drift`.
 
 from __future__ import annotations
 
-from ..records import DecodeSection, Divergence, Finding
+from ..records import ORIGINAL_MODEL_CAUSES, DecodeSection, Divergence, Finding
 from .base import CheckOutput
 from ..compare.metrics import fmt_metric
+
+
+def _engine_divergence(prefill: Divergence | None) -> bool:
+    """Whether the prefill's first divergence is one of the engine against the reference (a structural finding
+    about the checked model against its original, e.g. AWQ smoothing, cannot move a decode step's error)."""
+    return prefill is not None and prefill.cause not in ORIGINAL_MODEL_CAUSES
 
 
 def _cause(sec: DecodeSection, point: dict, step: dict | None, prefill: Divergence | None) -> tuple[str, str]:
@@ -32,7 +38,7 @@ def _cause(sec: DecodeSection, point: dict, step: dict | None, prefill: Divergen
     if eng.get("kv_storage") != eng.get("kv_expected"):
         return "kv_cache_precision", (f"the KV cache is stored as {eng.get('kv_storage')}; the workspace (and "
                                       f"quant policy) says {eng.get('kv_expected')}.")
-    if prefill is not None:
+    if _engine_divergence(prefill):
         return prefill.cause, f"the prefill already diverged ({prefill.cause})."
     return "numeric_drift", "no decode or conversion finding explains it: numeric drift beyond the noise floor."
 
@@ -84,7 +90,7 @@ def run(sections: list[DecodeSection], prefill: Divergence | None, floor_factor:
             near = t["near_tie"]
             earlier = [f for f in out.findings if f.case == sec.case and f.check == "decode" and f.step is not None
                        and f.step <= k and f.cause != "session_truncated"]
-            cause = earlier[0].cause if earlier else (prefill.cause if prefill is not None else "numeric_drift")
+            cause = earlier[0].cause if earlier else (prefill.cause if _engine_divergence(prefill) else "numeric_drift")
             out.findings.append(Finding(
                 check="decode-tokens", severity="warning" if near else "error", cause=cause, module="output",
                 positions="generated", case=sec.case, step=k,
