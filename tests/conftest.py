@@ -98,7 +98,7 @@ def diagnosis_key(report):
             [(p.case, p.layer, p.module, p.exceeded) for p in report.points], report.status)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def broken_w2_ws(fixture_models, tmp_path_factory):
     """Layer 1's feed_forward.w2 lora_b zeroed in a copy of the real converted workspace of xcomposer2-tiny."""
     import shutil
@@ -114,3 +114,20 @@ def broken_w2_ws(fixture_models, tmp_path_factory):
     path.unlink()
     path.write_bytes(bytes(size))
     return dst
+
+
+@pytest.fixture(scope="session")
+def default_xc2_run(fixture_models, broken_w2_ws):
+    """`default_xc2_run(numeric, broken)`: the plain `parity.run` of xcomposer2-tiny (on `broken_w2_ws` when
+    broken), run once per session. The baseline the "same diagnosis as <option>" tests compare an option with."""
+    from parity.api import run
+
+    runs: dict[tuple[str, bool], object] = {}
+
+    def get(numeric: str, broken: bool):
+        if (numeric, broken) not in runs:
+            runs[numeric, broken] = run(fixture_models["xcomposer2-tiny"], trust_remote_code=True, numeric=numeric,
+                                        cache_dir=REPO / ".cache", workspace=broken_w2_ws if broken else None)
+        return runs[numeric, broken]
+
+    return get

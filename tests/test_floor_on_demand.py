@@ -40,10 +40,10 @@ def test_on_demand_measures_once():
 
 @pytest.mark.parametrize("numeric", ["fp32", "emulate"])
 @pytest.mark.parametrize("broken", [False, True])
-def test_same_diagnosis_as_measuring_everywhere(fixture_models, broken_w2_ws, numeric, broken):
+def test_same_diagnosis_as_measuring_everywhere(fixture_models, broken_w2_ws, default_xc2_run, numeric, broken):
     model = fixture_models["xcomposer2-tiny"]
     ws = broken_w2_ws if broken else None
-    lazy = run(model, trust_remote_code=True, numeric=numeric, cache_dir=CACHE, workspace=ws)
+    lazy = default_xc2_run(numeric, broken)
     full = run(model, trust_remote_code=True, numeric=numeric, cache_dir=CACHE, workspace=ws, measure_floor=True)
     assert diagnosis_key(lazy) == diagnosis_key(full)
     assert all(p.floor is not None for p in full.points)

@@ -66,10 +66,11 @@ def test_the_gate_catches_each_kind_of_departure():
 
 @pytest.mark.parametrize("numeric", ["fp32", "emulate"])
 @pytest.mark.parametrize("broken", [False, True])
-def test_same_diagnosis_as_teacher_forcing_everywhere(fixture_models, broken_w2_ws, numeric, broken):
+def test_same_diagnosis_as_teacher_forcing_everywhere(fixture_models, broken_w2_ws, default_xc2_run, numeric,
+                                                     broken):
     model = fixture_models["xcomposer2-tiny"]
     ws = broken_w2_ws if broken else None
-    gated = run(model, trust_remote_code=True, numeric=numeric, cache_dir=CACHE, workspace=ws)
+    gated = default_xc2_run(numeric, broken)
     full = run(model, trust_remote_code=True, numeric=numeric, cache_dir=CACHE, workspace=ws,
                teacher_forced_everywhere=True)
     assert diagnosis_key(gated) == diagnosis_key(full)
