@@ -137,3 +137,29 @@ def test_quantized_storage_round_trips_like_the_cache():
     st.write(block, 1, x)
     assert torch.equal(st.read(block, 4)[:, 1:], kv_roundtrip(x, 8).float())
     assert st.nbytes(block) == 2 * 4 * 16 + 2 * (2 * 4) * 2
+
+
+@given(point=st.sampled_from(("embeddings", "attention_norm", "attention.wqkv", "attention", "attention.wo",
+                              "ffn_norm", "feed_forward.w2", "layer", "norm", "output")),
+       numeric=st.sampled_from(("fp32", "emulate")), bits=st.sampled_from((0, 4, 8)))
+def test_only_kv_cache_readers_of_a_quantized_cache_leave_the_mode_bounds(point, numeric, bits):
+    """A point computed from u8/u4 codes is judged at the cache's precision; every other point at the mode's."""
+    from parity.compare.thresholds import KV_CACHE_READERS, Thresholds, judged_numeric
+
+    t = Thresholds()
+    got = t.bounds(judged_numeric(numeric, point, bits))
+    reads_codes = bits != 0 and point in KV_CACHE_READERS
+    assert got == ((t.lowp_min_rel, t.lowp_max_rel) if reads_codes else t.bounds(numeric))
+
+
+def test_fp32_run_judges_the_u4_cache_readers_at_the_cache_precision(fixture_models):
+    from parity.pipeline import RunOptions, run_parity
+
+    report = run_parity(RunOptions(model=fixture_models["xcomposer2-tiny"], trust_remote_code=True, quant_policy=4,
+                                   numeric="fp32"))
+    assert report.status == "pass", [f.message for f in report.errors()]
+    by_module = {}
+    for p in report.points:
+        by_module.setdefault(p.module, []).append(p.threshold)
+    assert min(by_module["attention"]) >= 2e-3          # the low-precision bounds
+    assert max(max(v) for m, v in by_module.items() if m != "attention") <= 1e-4  # the fp32 cap everywhere else
