@@ -17,7 +17,6 @@ never sits in memory at once.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,6 +27,7 @@ from typing import Any, Iterator
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .atomic import replaced_file, write_file
 from .errors import ParityInputError
 
 
@@ -92,12 +92,6 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path | str) -> int
     return 8 + len(head) + offset
 
 
-def atomic_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def trace_file(root: Path, layer: int | None, point: str) -> Path:
     """The file of a trace-layout folder that holds `point` of `layer` (None: the pre/post points)."""
     if layer is not None:
@@ -107,7 +101,7 @@ def trace_file(root: Path, layer: int | None, point: str) -> Path:
 
 def write_meta(root: Path, meta: TraceMeta) -> None:
     """Written last: its presence says the folder is complete."""
-    atomic_text(json.dumps(meta.__dict__, indent=1, default=str), root / "meta.json")
+    write_file(root / "meta.json", json.dumps(meta.__dict__, indent=1, default=str))
 
 
 def read_meta(root: Path, what: str = "Trace folder") -> TraceMeta:
@@ -121,13 +115,9 @@ def read_meta(root: Path, what: str = "Trace folder") -> TraceMeta:
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    # no fsync: a trace is rebuilt by the next run, and flushing gigabytes per layer would stall the capture
+    with replaced_file(path, fsync=False) as tmp:
         write_safetensors(tensors, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 class TraceWriter:

@@ -24,9 +24,9 @@ from typing import Collection
 import torch
 from safetensors import safe_open
 
+from ..atomic import write_file
 from ..errors import ParityInputError
-from ..trace import (Trace, TraceMeta, atomic_save, atomic_text, is_skipped_part, read_meta, stored_form,
-                     trace_file, write_meta)
+from ..trace import Trace, TraceMeta, atomic_save, is_skipped_part, read_meta, stored_form, trace_file, write_meta
 from .rowstats import RowStats, row_stats
 
 FORMAT = "rowstats-1"
@@ -81,7 +81,7 @@ class StatsWriter:
             atomic_save(self._pre, self.root / "pre.safetensors")
         if self._post:
             atomic_save(self._post, self.root / "post.safetensors")
-        atomic_text(json.dumps({"format": FORMAT, "against": str(self.against.root)}), self.root / "stats.json")
+        write_file(self.root / "stats.json", json.dumps({"format": FORMAT, "against": str(self.against.root)}))
         write_meta(self.root, self.meta)
         return StatsTrace(self.root)
 

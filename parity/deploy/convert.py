@@ -39,7 +39,6 @@ import os
 import re
 import shutil
 import time
-import uuid
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -47,6 +46,7 @@ from typing import Any, Iterator
 
 import yaml
 
+from ..atomic import replaced_folder
 from ..errors import ParityInputError, followable
 from ..hfconfig import kv_heads_of
 from ..patching import patched
@@ -383,10 +383,8 @@ def convert(model_dir: str | Path, out_dir: str | Path, tp: int = 1, lora_config
     warn: list[str] = []
     seen: list[Any] = []
     _make_parent(out_dir)
-    tag = f"{os.getpid()}.{uuid.uuid4().hex[:12]}"
-    tmp = out_dir.parent / f".{out_dir.name}.converting.{tag}"
     t0 = time.perf_counter()
-    try:
+    with replaced_folder(out_dir, "converting") as tmp:
         with cpu_converter_patches():
             cfg, arch = validate_model_dir(model_dir)
             from lmdeploy.turbomind.deploy.converter import main
@@ -484,11 +482,7 @@ def convert(model_dir: str | Path, out_dir: str | Path, tp: int = 1, lora_config
         header = [f"# lmdeploy {version} converter: {elapsed:.2f} s (conversion only; {time.perf_counter() - t0:.2f} s "
                   f"with imports and checks), tp={tp}, model {model_dir}"]
         (tmp / LOG_NAME).write_text("\n".join(header + log) + "\n")
-        _install(tmp, out_dir)
         return record
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _make_parent(out_dir: Path) -> None:
@@ -513,21 +507,6 @@ def _registered(arch: str) -> str:
     from lmdeploy.turbomind.supported_models import SUPPORTED_ARCHS
 
     return SUPPORTED_ARCHS.get(arch, "?")
-
-
-def _install(tmp: Path, dest: Path) -> None:
-    """Move the finished temp workspace to `dest`, replacing an existing one without a half state."""
-    if dest.exists() or dest.is_symlink():
-        old = dest.parent / f".{dest.name}.old.{uuid.uuid4().hex[:12]}"
-        os.rename(dest, old)
-        try:
-            os.rename(tmp, dest)
-        except OSError:
-            os.rename(old, dest)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, dest)
 
 
 # ------------------------------------------------------------------------------------------ cache

@@ -30,13 +30,13 @@ import json
 import os
 import re
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
 import torch
 
+from ..atomic import replaced_folder
 from ..errors import ParityInputError
 from ..hfconfig import read_hf_config
 from .folder_config import LORA_CONFIG_FILE, read_lora_file
@@ -307,20 +307,10 @@ class TruncatedModels:
         dest = self.path_for(k, variant)
         if not (dest / MARKER_NAME).is_file():
             self.cache_root.mkdir(parents=True, exist_ok=True)
-            tmp = self.cache_root / f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-            try:
+            # a concurrent writer that finished first wins (a reader may already use its folder); a half
+            # folder without the marker is replaced
+            with replaced_folder(dest, keep=lambda d: (d / MARKER_NAME).is_file()) as tmp:
                 write_truncated(self.source, tmp, k, variant)
-                if dest.exists():  # a half folder without marker, or a concurrent writer finished first
-                    if (dest / MARKER_NAME).is_file():
-                        shutil.rmtree(tmp, ignore_errors=True)
-                    else:
-                        shutil.rmtree(dest, ignore_errors=True)
-                        os.rename(tmp, dest)
-                else:
-                    os.rename(tmp, dest)
-            finally:
-                if tmp.exists():
-                    shutil.rmtree(tmp, ignore_errors=True)
             self.created.append(dest)
         if dest not in self.used:
             self.used.append(dest)

@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
+from ..atomic import replaced_folder
 from ..checkpoint import indexed_shards, load_weight_file
 from ..errors import ParityInputError
 from ..hfconfig import AttnShape, read_hf_config
@@ -439,18 +438,7 @@ def _write(src: Path, dst: Path, cfg: dict, state: dict[str, torch.Tensor], reco
     record.files = sorted(files) + [DISGUISE_RECORD]
     files[DISGUISE_RECORD] = _dump(record.to_dict())
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.disguise.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-    try:
+    with replaced_folder(dst, "disguise") as tmp:
         tmp.mkdir()
         for name, data in files.items():
             (tmp / name).write_bytes(data)
-        if dst.exists():
-            old = dst.parent / f".{dst.name}.old.{uuid.uuid4().hex[:8]}"
-            os.rename(dst, old)
-            os.rename(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

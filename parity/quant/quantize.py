@@ -22,16 +22,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
+from ..atomic import replaced_folder
 from ..errors import ParityInputError
 from ..hfconfig import read_hf_config
 from ..patching import patched
@@ -232,12 +231,11 @@ def quantize(model: Path | str, out: Path | str, *, w_bits: int = 4, group_size:
         warnings.append(f"group size {group_size}: lmdeploy 0.7.1's TurboMind converter accepts group size 128 "
                         "only, so this folder can be compared in HF but not converted.")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.quantizing.{os.getpid()}.{uuid.uuid4().hex[:8]}"
     log: list[str] = []
     done: list[str] = []
     applied: list[str] = []
     t0 = time.perf_counter()
-    try:
+    with replaced_folder(out, "quantizing") as tmp:
         with lite_patches(text, calib_samples, calib_seqlen):
             from lmdeploy.lite.apis.auto_awq import auto_awq
 
@@ -263,13 +261,7 @@ def quantize(model: Path | str, out: Path | str, *, w_bits: int = 4, group_size:
         _carry_disguise_files(model, tmp)
         (tmp / RECORD_NAME).write_text(json.dumps(asdict(record), indent=1) + "\n")
         (tmp / LOG_NAME).write_text("\n".join(log) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
         return record
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _carry_disguise_files(model: Path, out: Path) -> None:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
+from parity.atomic import write_file
 from parity.errors import ParityInputError
 
 # ---------------------------------------------------------------- numbers
@@ -171,35 +171,13 @@ def ensure_dir(folder: str | os.PathLike) -> Path:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` (UTF-8) to `path` atomically: a temporary file in the same folder, fsync, os.replace.
-
-    Readers see either the old file or the complete new one, never a half-written file; on failure the
-    temporary file is removed. Raises ParityInputError naming the folder when it cannot be written.
-    """
+    """Write `text` to `path` atomically (`parity.atomic.write_file`: temp file beside it, fsync, os.replace);
+    an unwritable folder raises ParityInputError naming it."""
     path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    tmp_name: str | None = None
     try:
-        fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        # mkstemp creates 0600; give the report the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_name, 0o666 & ~umask)
-        os.replace(tmp_name, path)
-        tmp_name = None
+        return write_file(path, text)
     except OSError as exc:
-        raise _unwritable(folder, exc) from exc
-    finally:
-        if tmp_name is not None:
-            try:
-                os.unlink(tmp_name)
-            except OSError:
-                pass
-    return path
+        raise _unwritable(path.parent, exc) from exc
 
 
 # ---------------------------------------------------------------- words
