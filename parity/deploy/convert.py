@@ -48,7 +48,7 @@ import yaml
 
 from ..atomic import replaced_folder
 from ..errors import ParityInputError, followable
-from ..hfconfig import kv_heads_of
+from ..hfconfig import kv_heads_of, read_hf_config
 from ..patching import patched
 from ..records import ConversionRecord
 from .compat import cpu_converter_patches, installed_lmdeploy_version
@@ -68,22 +68,6 @@ CONVERT_PROCEDURE_VERSION = "2"  # 2: disguise folders bring their lora_config a
 
 
 # ------------------------------------------------------------------------------------------ validation
-
-
-def _load_config_json(model_dir: Path) -> dict:
-    cfg_path = model_dir / "config.json"
-    if not cfg_path.is_file():
-        raise ParityInputError(
-            f"{cfg_path} is missing; expected a Hugging Face model folder (config.json, the model's remote "
-            "code, tokenizer files and *.safetensors / pytorch_model*.bin weights)."
-        )
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as e:
-        raise ParityInputError(f"{cfg_path} is not valid JSON ({e}); expected the model's Hugging Face config.") from None
-    if not isinstance(cfg, dict):
-        raise ParityInputError(f"{cfg_path} must hold a JSON object, got {type(cfg).__name__}.")
-    return cfg
 
 
 def _arch_from_config(cfg: dict, cfg_path: Path) -> str:
@@ -110,7 +94,7 @@ def validate_model_dir(model_dir: Path) -> tuple[dict, str]:
         raise ParityInputError(f"Model folder {model_dir} does not exist; expected a local Hugging Face model folder.")
     if not model_dir.is_dir():
         raise ParityInputError(f"Model path {model_dir} is a file; expected the Hugging Face model folder containing config.json.")
-    cfg = _load_config_json(model_dir)
+    cfg = read_hf_config(model_dir, "a Hugging Face model folder")
     arch = _arch_from_config(cfg, model_dir / "config.json")
     from lmdeploy.turbomind.supported_models import SUPPORTED_ARCHS
 

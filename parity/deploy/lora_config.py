@@ -72,25 +72,25 @@ _FLOAT_PREFIX = re.compile(
 
 
 def _stoi(text: str, *, field: str, item: str) -> int:
-    m = _INT_PREFIX.match(text)
-    if not m:
-        raise ParityInputError(
-            f"lora_config.{field} item {item!r} has no integer after its last ':' ({text!r}); TurboMind's "
-            "std::stoi would throw. Expected 'regex:RANK' items separated by commas, e.g. "
-            "'attention.w_qkv:8,attention.wo:256'."
-        )
-    return int(m.group(1))
+    return int(_number_prefix(text, field, item, integer=True))
 
 
 def _stof(text: str, *, field: str, item: str) -> float:
-    m = _FLOAT_PREFIX.match(text)
+    return f32(float(_number_prefix(text, field, item, integer=False)))
+
+
+def _number_prefix(text: str, field: str, item: str, integer: bool) -> str:
+    """The number TurboMind's std::stoi / std::stof reads at the start of `text` (they ignore what follows)."""
+    pattern, kind, parser, value, example = (
+        (_INT_PREFIX, "integer", "stoi", "RANK", "'attention.w_qkv:8,attention.wo:256'") if integer else
+        (_FLOAT_PREFIX, "number", "stof", "SCALE", "'attention.w_qkv:2.0,attention.wo:1.0'"))
+    m = pattern.match(text)
     if not m:
         raise ParityInputError(
-            f"lora_config.{field} item {item!r} has no number after its last ':' ({text!r}); TurboMind's "
-            "std::stof would throw. Expected 'regex:SCALE' items separated by commas, e.g. "
-            "'attention.w_qkv:2.0,attention.wo:1.0'."
+            f"lora_config.{field} item {item!r} has no {kind} after its last ':' ({text!r}); TurboMind's "
+            f"std::{parser} would throw. Expected 'regex:{value}' items separated by commas, e.g. {example}."
         )
-    return f32(float(m.group(1)))
+    return m.group(1)
 
 
 @lru_cache(maxsize=256)

@@ -319,20 +319,16 @@ def _judge(audit: DeploymentAudit, cfg: dict, lm: dict, mv: dict, path: Path) ->
             k0 = keys[0]
             row({"item": f"lora {linear}", "lmdeploy": engine[k0], "model": mv["linears"][k0],
                  "ok": not bad_r and not bad_s, "note": f"layers {len(keys)}"})
-            if bad_r:
-                k = (bad_r[0], linear)
-                _finding(audit, "error", "lora_rank_mismatch", layer=bad_r[0], module=linear, positions="image",
-                         metrics={"layers": bad_r, "model": mv["linears"][k][0], "engine": engine[k][0]},
-                         message=(f"TurboMind would resolve LoRA rank {engine[k][0]} for {TM_LINEAR_OF[linear]}, "
-                                  f"but the model's is {mv['linears'][k][0]} (layers {bad_r}): TurboMind fails at load "
-                                  "(byte-size check)." + registered_note))
-            if bad_s:
-                k = (bad_s[0], linear)
-                _finding(audit, "error", "lora_scale_mismatch", layer=bad_s[0], module=linear, positions="image",
-                         metrics={"layers": bad_s, "model": mv["linears"][k][1], "engine": engine[k][1]},
-                         message=(f"TurboMind would resolve LoRA scale {engine[k][1]:g} for {TM_LINEAR_OF[linear]}, "
-                                  f"but the model's is {mv['linears'][k][1]:g} (layers {bad_s}): accepted silently, "
-                                  "the image rows' LoRA is scaled wrongly." + registered_note))
+            for bad, i, what, effect in (
+                    (bad_r, 0, "rank", "TurboMind fails at load (byte-size check)."),
+                    (bad_s, 1, "scale", "accepted silently, the image rows' LoRA is scaled wrongly.")):
+                if bad:
+                    k = (bad[0], linear)
+                    got, want = engine[k][i], mv["linears"][k][i]
+                    _finding(audit, "error", f"lora_{what}_mismatch", layer=bad[0], module=linear, positions="image",
+                             metrics={"layers": bad, "model": want, "engine": got},
+                             message=(f"TurboMind would resolve LoRA {what} {got:g} for {TM_LINEAR_OF[linear]}, but "
+                                      f"the model's is {want:g} (layers {bad}): {effect}" + registered_note))
 
     # what the xcomposer2 reader cannot carry
     if audit.reader in ("xcomposer2", "internlm2"):

@@ -43,13 +43,11 @@ def fmt_num(x: Any, digits: int = 3) -> str:
     if isinstance(x, str):
         low = x.strip().lower()
         if low in ("nan", "inf", "-inf", "+inf", "infinity", "-infinity"):
-            return {"nan": "NaN"}.get(low, "-inf" if low.startswith("-") else "inf")
+            return fmt_num(float(low))
         return x
     if isinstance(x, float):
-        if math.isnan(x):
-            return "NaN"
-        if math.isinf(x):
-            return "inf" if x > 0 else "-inf"
+        if not math.isfinite(x):
+            return "NaN" if math.isnan(x) else nonfinite_name(x)
         if x == 0:
             return "0"
         a = abs(x)
@@ -74,6 +72,11 @@ def fmt_value(v: Any) -> str:
     if isinstance(v, Path):
         return str(v)
     return str(v)
+
+
+def nonfinite_name(x: float) -> str:
+    """A non-finite float's JSON spelling: "nan", "inf" or "-inf" (the keys of NONFINITE_STRINGS)."""
+    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
 
 
 def is_finite_number(x: Any) -> bool:
@@ -108,11 +111,7 @@ def json_safe(obj: Any) -> Any:
     if isinstance(obj, int):
         return obj
     if isinstance(obj, float):
-        if math.isnan(obj):
-            return "nan"
-        if math.isinf(obj):
-            return "inf" if obj > 0 else "-inf"
-        return obj
+        return obj if math.isfinite(obj) else nonfinite_name(obj)
     if isinstance(obj, dict):
         return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple, set, frozenset)):
