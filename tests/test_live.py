@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import inspect
 import io
@@ -491,17 +492,65 @@ def test_live_turbomind_refuses_here(deep_model):
 
 
 class FakeInstance:
-    """TEST DOUBLE of lmdeploy 0.7.1's TurboMindInstance (same `async_stream_infer` signature).
+    """TEST DOUBLE of lmdeploy 0.7.1's TurboMindInstance (same `async_stream_infer` / `async_end` signatures).
 
     The embeddings go through lmdeploy's real `prepare_embeddings` (weight-dtype cast, concatenation into one
     int8 buffer, IntTensor ranges) and come back out of that buffer as the C++ engine reads it; a range list
     the C++ check rejects (`replay.validate_ranges` mirrors it) is logged on file descriptor 2 as TurboMind's
     logger does, and the run goes on without embeddings. `output_logits=None` returns no logits.
-    `FakeTurboMind.request_error` makes a request raise a RuntimeError, as a failing C++ call does."""
+    `FakeTurboMind.request_error` makes a request raise a RuntimeError, as a failing C++ call does.
+
+    Sessions follow `LlamaBatch::ProcessInferRequests` (v0.7.1): `sequence_start` creates one, a later request
+    continues it at `step` (the session's tokens cut back to it, a negative or too large step meaning its end),
+    a request past `session_len` is refused, the sequence is limited to session_len - 1 tokens, `sequence_end`
+    (or `async_end`) erases it; a request generates `max_new_tokens` greedy tokens, appended to the session's
+    tokens (the last one predicted, never fed). The C++ engine's values are the replay's, recomputed over the
+    session's whole sequence each time (attention is causal, so a row's values are what a KV cache gives).
+    Output buffers are sized as `ModelRequest::Forward` sizes them and sliced as lmdeploy's Python slices them
+    ('all': `[:seq_len - 1]`; 'generation': `[:seq_len - input_len]`, rows from the last input row on; rows a
+    buffer holds beyond what the engine wrote are stale: NaN here).
+
+    Faults (class attributes of FakeTurboMind): `flip_step` (the logits row predicting that generated token
+    puts its least likely token first: a flipped token), `lora_on_generated` (a LoRA mask of 1 on every row
+    after the prompt: PLoRA applied to generated tokens)."""
 
     def __init__(self, tm: "FakeTurboMind"):
         self.tm = tm
         self.tm_model = tm  # prepare_embeddings reads self.tm_model.config.weight_type
+        self.sessions: dict[int, dict] = {}
+
+    def _forward(self, seq: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(final hidden [rows, hidden], logits [rows, vocab]) of the session's whole sequence, float32."""
+        from parity.deploy.replay import MaskedRows
+        from parity.records import EngineCall
+
+        call = EngineCall(list(seq["tokens"]), list(seq["embs"]), list(seq["ranges"]), "fake")
+        engine, P = self.tm.engine, seq["prompt"]
+        prepare = engine._prepare
+        if FakeTurboMind.lora_on_generated and engine.plora_policy:
+            def prepare_with_lora(c):  # the fault: generated rows get a LoRA mask of 1
+                prep = prepare(c)
+                mask = prep.rows.mask.clone()
+                mask[P:] = 1
+                return dataclasses.replace(prep, rows=MaskedRows.of(mask))
+            engine._prepare = prepare_with_lora
+        try:
+            with tempfile.TemporaryDirectory() as d:
+                w = TraceWriter(Path(d), TraceMeta(side="fake", case="fake", num_layers=0, dtype="bf16"))
+                engine.run(call, w)
+                tr = w.close()
+                hidden, logits = tr.get(None, "norm").float().clone(), tr.get(None, "output").float().clone()
+        finally:
+            engine._prepare = prepare
+        k = FakeTurboMind.flip_step
+        if k is not None and 0 <= P - 1 + k < logits.shape[0]:  # the row predicting generated token k
+            row = logits[P - 1 + k]
+            row[int(row.argmin())] = float(row.max()) + 5.0
+        return hidden, logits
+
+    async def async_end(self, session_id):
+        self.tm.requests.append(dict(session_id=session_id, end=True))
+        self.sessions.pop(session_id, None)
 
     async def async_stream_infer(self, session_id, input_ids, input_embeddings=None, input_embedding_ranges=None,
                                  sequence_start: bool = True, sequence_end: bool = False, step=0,
@@ -510,11 +559,11 @@ class FakeInstance:
         from lmdeploy.turbomind.turbomind import TurboMindInstance
 
         from parity.deploy.replay import WEIGHT_DTYPES, validate_ranges
-        from parity.records import EngineCall
 
         self.tm.requests.append(dict(session_id=session_id, sequence_start=sequence_start,
-                                     sequence_end=sequence_end, gen_config=gen_config))
-        assert isinstance(input_ids, list) and gen_config.max_new_tokens == 1
+                                     sequence_end=sequence_end, step=step, input_ids=list(input_ids),
+                                     gen_config=gen_config))
+        assert isinstance(input_ids, list) and gen_config.max_new_tokens >= 1
         if FakeTurboMind.request_error:
             raise RuntimeError(FakeTurboMind.request_error)
         embs: list[torch.Tensor] = []
@@ -527,21 +576,59 @@ class FakeInstance:
             ranges = [tuple(r) for r in range_buf[0].tolist()]
             if not validate_ranges(len(input_ids), embs, ranges, hidden, dtype)["valid"]:
                 os.write(2, b"[TM][WARNING] [ImageFeature] Skip invalid input embeddings, id = %d\n" % session_id)
-        call = EngineCall(list(input_ids), embs, ranges, "fake")
-        with tempfile.TemporaryDirectory() as d:
-            w = TraceWriter(Path(d), TraceMeta(side="fake", case="fake", num_layers=0, dtype="bf16"))
-            self.tm.engine.run(call, w)
-            tr = w.close()
-            hidden, logits = tr.get(None, "norm").clone(), tr.get(None, "output").clone()
+                embs, ranges = [], []
+        session_len = int(self.tm.config.session_len)
         await asyncio.sleep(0)
+        if sequence_start:
+            self.sessions[session_id] = {"tokens": [], "embs": [], "ranges": [], "prompt": None}
+        seq = self.sessions.get(session_id)
         n = len(input_ids)
-        # output buffers hold one more row (the generated token's step); 'all' slices [:seq_len - 1]
-        hb = torch.cat([hidden, torch.full_like(hidden[:1], float("nan"))]).to(torch.bfloat16)
-        lb = torch.cat([logits, torch.full_like(logits[:1], float("nan"))])
-        seq_len = step + n + 1
-        yield EngineOutput(ResponseType.FINISH, [int(logits[-1].argmax())], 1,
-                           logits=lb[:seq_len - 1] if gen_config.output_logits else None,
-                           last_hidden_state=hb[:seq_len - 1])
+        if seq is None or n > session_len:  # kInvalid / kTooLong: an error status
+            yield EngineOutput(ResponseType.INTERNAL_ENGINE_ERROR, [], 0)
+            return
+        s = len(seq["tokens"]) if step < 0 or step > len(seq["tokens"]) else step
+        if s + n > session_len:
+            yield EngineOutput(ResponseType.INTERNAL_ENGINE_ERROR, [], 0)
+            return
+        seq["tokens"] = seq["tokens"][:s]  # seq.tokens.resize(step); embeddings past it dropped
+        keep = [i for i, (b, e) in enumerate(seq["ranges"]) if e <= s]
+        seq["embs"], seq["ranges"] = [seq["embs"][i] for i in keep], [seq["ranges"][i] for i in keep]
+        seq["embs"] += embs
+        seq["ranges"] += [(b + s, e + s) for b, e in ranges]
+        seq["tokens"] += [int(t) for t in input_ids]
+        if seq["prompt"] is None:
+            seq["prompt"] = len(seq["tokens"])
+        ctx = len(seq["tokens"])
+        new = min(gen_config.max_new_tokens, session_len - 1 - ctx)  # seq_len_limit truncated to session_len - 1
+        generated: list[int] = []
+        hidden, logits = self._forward(seq)
+        for j in range(max(new, 0)):
+            if j:  # the token generated last is fed: one more row
+                seq["tokens"].append(generated[-1])
+                hidden, logits = self._forward(seq)
+            generated.append(int(logits[-1].argmax()))  # top_k=1
+        fed = len(seq["tokens"])  # rows computed: the input and every generated token but the last
+        if generated:
+            seq["tokens"].append(generated[-1])
+        seq_len = len(seq["tokens"])
+        if sequence_end:
+            self.sessions.pop(session_id, None)
+
+        def out(values: torch.Tensor, kind: str | None, dtype: torch.dtype) -> torch.Tensor | None:
+            if not kind:
+                return None
+            if kind == "all":  # rows from the first input row (cache_len == step here), then every fed token
+                rows, size, cut = values[s:fed], min(n + gen_config.max_new_tokens, session_len) + 1, seq_len - 1
+            else:  # 'generation': the last input row, then every fed generated token
+                rows = values[ctx - 1:fed]
+                size, cut = min(gen_config.max_new_tokens, session_len) + 1, seq_len - n
+            buf = torch.full((size, values.shape[1]), float("nan"))
+            buf[:rows.shape[0]] = rows[:size]
+            return buf[:cut].to(dtype)
+
+        yield EngineOutput(ResponseType.FINISH, generated, len(generated),
+                           logits=out(logits, gen_config.output_logits, torch.float32),
+                           last_hidden_state=out(hidden, gen_config.output_last_hidden_state, torch.bfloat16))
 
 
 class FakeTurboMind:
@@ -557,6 +644,8 @@ class FakeTurboMind:
     request_error: str | None = None
     close_error: str | None = None
     leak = False
+    flip_step: int | None = None
+    lora_on_generated = False
     held = 0
     GPU_TOTAL = 80 << 30
     GPU_BYTES_PER_ENGINE = 15 << 30
@@ -630,6 +719,7 @@ def fake_turbomind(monkeypatch):
     for name in ("from_pretrained", "create_instance"):
         assert sig(getattr(FakeTurboMind, name)) == sig(getattr(real.TurboMind, name))
     assert sig(FakeInstance.async_stream_infer) == sig(real.TurboMindInstance.async_stream_infer)
+    assert sig(FakeInstance.async_end) == sig(real.TurboMindInstance.async_end)
     monkeypatch.setattr(lt, "TurboMind", FakeTurboMind)
     monkeypatch.setattr(live, "available", lambda: (True, "fake TurboMind (tests)"))
     monkeypatch.setattr(live, "_free_gpu_bytes", FakeTurboMind.free_gpu_bytes)
@@ -637,6 +727,7 @@ def fake_turbomind(monkeypatch):
     FakeTurboMind.load_error = FakeTurboMind.request_error = FakeTurboMind.close_error = None
     FakeTurboMind.leak = False
     FakeTurboMind.held = 0
+    FakeTurboMind.flip_step, FakeTurboMind.lora_on_generated = None, False
     return FakeTurboMind
 
 
@@ -888,3 +979,79 @@ def test_pipeline_drives_live_engine_through_engine_interface(fake_turbomind, de
     assert {p.module for p in report.points} == {"norm", "output"}  # the live engine exposes nothing per layer
     assert all("floor_e2e" in p.local for p in report.points)  # judged against the end-to-end floor
     assert not any(c.masks.get("engine") for c in report.cases)  # the live engine does not report its masks
+
+
+# ------------------------------------------------------------------------------------------- live decode
+
+
+DECODE_N = 8
+
+
+def _live_decode(session, deep_model):
+    from parity.pipeline import RunOptions, run_parity
+
+    return run_parity(RunOptions(model=deep_model, engine="turbomind", trust_remote_code=True, session=session,
+                                 cache_dir=CACHE, decode=DECODE_N, live={"session_len": 512}))
+
+
+def test_live_decode_clean_passes(fake_turbomind, deep_model, session):
+    """`--engine turbomind --decode N` (fake 0.7.1 engine in bf16): free-running in one request, and fed the
+    reference's tokens through the same session's KV cache (`step` = prompt rows + k - 1); each step's final
+    hidden state and logits judged end to end; a clean engine passes with zero error findings."""
+    report = _live_decode(session, deep_model)
+    assert report.status == "pass" and not report.errors(), [f.message for f in report.errors()]
+    (sec,) = report.decode
+    P = sec.prompt_rows
+    assert sec.steps_run == DECODE_N and sec.matched_prefix == DECODE_N and sec.first_divergent_step is None
+    assert {p["module"] for p in sec.points} == {"norm", "output"} and {p["layer"] for p in sec.points} == {None}
+    assert {p["step"] for p in sec.points} == set(range(1, DECODE_N))  # step 0 is the prefill's last row
+    assert all(p["judged"] == "e2e" and p["floor"] > 0 and not p["exceeded"] for p in sec.points)
+    assert [t["position"] for t in sec.tokens[1:]] == [P + k - 1 for k in range(1, DECODE_N)]
+    free = sec.engine["free_running"]
+    assert free["first_divergent_step"] is None and free["agrees_with_forced"]
+    assert free["compared_steps"] == DECODE_N and free["max_abs_logits_diff"] < 1e-3
+    assert sec.engine["truncated_at"] is None and sec.engine["session_len"] == 512
+    # the requests TurboMind received: the prefill of the end-to-end run, one free-running request of N tokens,
+    # then the prompt and N - 1 continuations of one session, the last one ending it
+    reqs = [r for r in fake_turbomind.built[-1].requests if "gen_config" in r]
+    free_req = next(r for r in reqs if r["gen_config"].max_new_tokens == DECODE_N)
+    g = free_req["gen_config"]
+    assert (g.top_k, g.output_logits, g.output_last_hidden_state) == (1, "generation", "generation")
+    sid = reqs[-1]["session_id"]
+    forced = [r for r in reqs if r["session_id"] == sid]
+    assert [r["step"] for r in forced] == [0] + [P + k - 1 for k in range(1, DECODE_N)]
+    assert [r["sequence_start"] for r in forced] == [True] + [False] * (DECODE_N - 1)
+    assert [r["sequence_end"] for r in forced] == [False] * (DECODE_N - 1) + [True]
+    assert [r["input_ids"] for r in forced[1:]] == [[t["ref"]["id"]] for t in sec.tokens[:-1]]
+    assert all(r["gen_config"].max_new_tokens == 1 for r in forced)
+
+
+def test_live_decode_names_a_flipped_token(fake_turbomind, deep_model, session):
+    """A (fake) engine whose logits put another token first at step 3: the free-running comparison diverges
+    there (a clear flip: error) and the step's logits are named end to end."""
+    fake_turbomind.flip_step = 3
+    report = _live_decode(session, deep_model)
+    (sec,) = report.decode
+    assert sec.first_divergent_step == 3 and sec.matched_prefix == 3
+    assert sec.engine["free_running"]["first_divergent_step"] == 3
+    errors = report.errors()
+    tok = next(f for f in errors if f.check == "decode-tokens")
+    assert tok.step == 3 and tok.severity == "error" and tok.cause == "numeric_drift"
+    (step,) = [f for f in errors if f.check == "decode"]
+    assert (step.step, step.module, step.layer, step.cause) == (3, "output", None, "numeric_drift")
+    assert step.positions == "generated" and "end-to-end error" in step.message
+    assert report.first_divergence is not None and report.first_divergence.step == 3
+
+
+def test_live_decode_names_plora_on_generated_rows(fake_turbomind, deep_model, session):
+    """A (fake) engine applying PLoRA on generated rows: its final hidden state moves from the first fed token
+    on; the live engine shows it at step 1 (the final norm, end to end: nothing per layer to locate it further)."""
+    fake_turbomind.lora_on_generated = True
+    report = _live_decode(session, deep_model)
+    decode = [f for f in report.errors() if f.check == "decode"]
+    assert decode, [f.message for f in report.findings]
+    first = min(decode, key=lambda f: f.step)
+    assert first.step == 1 and first.module == "norm" and first.layer is None and first.positions == "generated"
+    assert first.cause == "numeric_drift"
+    assert not [f for f in report.errors() if f.check != "decode" and f.check != "decode-tokens"]  # prefill clean
+

@@ -70,10 +70,12 @@ def run(sections: list[DecodeSection], prefill: Divergence | None, floor_factor:
                 grouped[key].metrics["steps"].append(p["step"])
                 continue
             where = f"layer {p['layer']}, {p['module']}" if p["layer"] is not None else p["module"]
+            # a live engine's step is judged end to end (fed the reference's tokens; nothing per layer to force)
+            judged = "end-to-end" if p.get("judged") == "e2e" else "teacher-forced"
             grouped[key] = Finding(
                 check="decode", severity="error", cause=cause, layer=p["layer"], module=p["module"],
                 positions="generated", case=sec.case, step=p["step"],
-                message=(f"decode step {p['step']}, {where}: teacher-forced error {fmt_metric(p['local'])} exceeds "
+                message=(f"decode step {p['step']}, {where}: {judged} error {fmt_metric(p['local'])} exceeds "
                          f"{fmt_metric(p['threshold'])} (noise floor {fmt_metric(p['floor'])}); end-to-end {fmt_metric(p['e2e'])}. "
                          f"Cause: {why}"),
                 metrics={**{k: p[k] for k in ("local", "e2e", "floor", "threshold", "max_abs")},

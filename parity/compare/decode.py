@@ -13,6 +13,8 @@ Two views, as vLLM's model tests and the lmdeploy threads on HF-vs-engine answer
   layer and module is judged like a prefill point: the teacher-forced (local) error of the row against
   `Thresholds.threshold(floor)`, the floor being the reference against itself at the engine's precision on the
   same generated rows. A LoRA delta on a generated row must be exactly zero (no PLoRA on generated tokens).
+  A step that brings no teacher-forced values (the live engine: fed the reference's tokens, but only its final
+  hidden state and logits can be read) is judged end to end against the end-to-end floor, at the points it has.
 """
 
 from __future__ import annotations
@@ -82,6 +84,26 @@ class DecodeComparator:
         st, agg = got
         return max(_row_rel(float(st.sd2[row]), float(st.sr2[row])), agg)
 
+    def _floor_e2e(self, layer: int | None, point: str, row: int) -> float:
+        """The same rule for a step judged end to end: max(this row's, every generated row's) error of the
+        reference at the engine's precision, end to end, against the reference."""
+        key = ("e2e", layer, point)
+        if key not in self._floors:
+            self._floors[key] = None
+            n = self._decode_rows.numel()
+            if self.floor_rows is not None and n > self.P:
+                ref = self.rows.at(self.P, n).get(layer, point)
+                fl = self.floor_rows.at(self.P, n).get(layer, point)
+                if ref is not None and fl is not None:
+                    (st,) = row_stats_multi(ref.float(), [fl.float().reshape(ref.shape)])
+                    self._floors[key] = (st, st.metrics()["rel_l2"])
+        got = self._floors[key]
+        if got is None:
+            return 0.0
+        st, agg = got
+        i = row - self.P
+        return max(_row_rel(float(st.sd2[i]), float(st.sr2[i])), agg) if 0 <= i < st.rows else agg
+
     # ---------------------------------------------------------------- steps
 
     def add(self, step: DecodeStep) -> None:
@@ -90,16 +112,20 @@ class DecodeComparator:
         ref_logits = view.get(None, "output")
         eng_logits = step.e2e[(None, "output")]
         self._token(step, row, ref_logits, eng_logits)
-        if step.step == 0 or not step.local:
+        if step.step == 0:  # the prompt's last row: judged with the prefill
             return
+        # a step without teacher-forced values (the live engine: only its final hidden state and logits, fed the
+        # reference's tokens) is judged end to end, against the end-to-end floor, like the live prefill
+        forced = bool(step.local)
+        judged = step.local if forced else step.e2e
         for layer, point in step_points(self.num_layers):
             ref = view.get(layer, point)
-            loc, e2e = step.local.get((layer, point)), step.e2e.get((layer, point))
+            loc, e2e = judged.get((layer, point)), step.e2e.get((layer, point))
             if ref is None or loc is None or e2e is None:
                 continue
             s_e2e, s_loc = row_stats_multi(ref.float(), [e2e.float().reshape(ref.shape), loc.float().reshape(ref.shape)])
             m_e2e, m_loc = s_e2e.metrics(), s_loc.metrics()
-            floor = self._floor(layer, point, row)
+            floor = self._floor(layer, point, row) if forced else self._floor_e2e(layer, point, row)
             threshold = self.thresholds.threshold(floor, judged_numeric(self.numeric, point, self.kv_bits))
             local = m_loc["rel_l2"]
             exceeded = not math.isfinite(local) or local > threshold
@@ -107,6 +133,7 @@ class DecodeComparator:
                 "step": step.step, "layer": layer, "module": point, "local": local, "e2e": m_e2e["rel_l2"],
                 "floor": floor, "threshold": threshold, "exceeded": bool(exceeded), "max_abs": m_loc["max_abs"],
                 "nonfinite_eng": m_loc["nonfinite_eng"], "nonfinite_ref": m_loc["nonfinite_ref"],
+                "judged": "local" if forced else "e2e",
             })
             if layer is not None and point in PLORA_LINEARS:
                 delta = step.local.get((layer, plora_key(point, "delta")))

@@ -48,6 +48,14 @@ class DecodeDeviations:
     kv_lower_precision: bool = False         # the cache stored one precision step below the workspace's
 
 
+def generated_limit(session_len: int, prompt_rows: int) -> int:
+    """Tokens TurboMind 0.7.1 generates at most after a prompt of `prompt_rows` rows (<= 0: none):
+    `LlamaBatch::ProcessInferRequests` refuses a prompt longer than session_len (kTooLong) and otherwise limits
+    the sequence to session_len - 1 tokens (max_new_tokens truncated, with a warning). The replay's decoder and
+    the live engine stop there alike."""
+    return session_len - 1 - prompt_rows
+
+
 def lower_precision(dtype: torch.dtype, device: torch.device | str = "cpu") -> KVStorage:
     """A storage one step below `dtype` (float32 -> bfloat16, 16-bit -> float8 e5m2): the precision fault."""
     return DtypeStorage(torch.bfloat16 if dtype == torch.float32 else torch.float8_e5m2, torch.device(device))
@@ -144,9 +152,7 @@ class ReplayDecoder:
         self.info = {"session_len": self.session_len, "kv_storage": self.storage.name,
                      "kv_expected": self.faithful.name, "block_len": self.block_len, "prompt_rows": P,
                      "truncated_at": None, "requested": len(tokens)}
-        # LlamaBatch::ProcessInferRequests: a prompt longer than session_len is refused (kTooLong); otherwise the
-        # sequence is limited to session_len - 1 tokens (max_new_tokens truncated, with a warning)
-        max_new = self.session_len - 1 - P
+        max_new = generated_limit(self.session_len, P)
         if max_new <= 0:
             self.info["truncated_at"] = 0
             return

@@ -4,8 +4,9 @@
 folder, which converts in memory and fills the LoRA buffers), sends an `EngineCall` (`input_ids`,
 `input_embeddings`, `input_embedding_ranges`) through the engine's own async API and reads back, for every
 prompt row, `last_hidden_state` (after the final RMSNorm) and `logits` (`max_new_tokens=1`,
-`output_logits='all'`, `output_last_hidden_state='all'`). lmdeploy 0.7.x has no synchronous `stream_infer`
-(lmdeploy issue #3084): the async generator is driven with asyncio.
+`output_logits='all'`, `output_last_hidden_state='all'`); `decode` generates with the same instance
+(free-running, and fed the reference's tokens through the session's KV cache). lmdeploy 0.7.x has no
+synchronous `stream_infer` (lmdeploy issue #3084): the async generator is driven with asyncio.
 
 Every lmdeploy call here follows lmdeploy 0.7.1's source (site-packages/lmdeploy, line numbers of 0.7.1):
   turbomind/turbomind.py:254   TurboMind.from_pretrained(path, tokenizer, engine_config=...)
@@ -20,6 +21,13 @@ Every lmdeploy call here follows lmdeploy 0.7.1's source (site-packages/lmdeploy
                                each is cast to the weight dtype
   turbomind/turbomind.py:308   _get_logits / :317 _get_last_hidden_state: output rows [:seq_len - 1] with
                                'all' (all prompt rows once one token is generated)
+                               and [:seq_len - input_len] with 'generation' (offset input_len - 1; `step`
+                               not subtracted: a continuation's output holds its row and stale ones)
+  turbomind/turbomind.py:509   TurboMindInstance.async_end(session_id) (a decode stopped early)
+  src/turbomind/models/llama/LlamaBatch.cc (C++, tag v0.7.1)  ProcessInferRequests: `step` cuts the session's
+                               tokens and cache back (`seq.tokens.resize(step)`, `cache_len = min(cache_len,
+                               step)`), the sequence is limited to session_len - 1; OutputLogits /
+                               OutputLastHiddenState: 'generation' rows start at the last input row
   turbomind/turbomind.py:221   logger.warning('... uninitialized params ...') after the in-memory export
                                (kept as a warning: e.g. LoRA buffers allocated but never filled)
   turbomind/deploy/config.py:111/159  TurbomindModelConfig (TurboMind.config): .weight_type, .session_len,
@@ -51,12 +59,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 from ..errors import EngineUnavailable, ParityInputError
-from ..records import EngineCall, Finding
+from ..records import DecodeStep, EngineCall, Finding
 from ..trace import Trace, TraceWriter
 from .compat import STUB_MODULE_NAME, installed_lmdeploy_version, lmdeploy_lib, stub_active
 from .versions import WORKSPACE_TRAP
@@ -413,26 +421,30 @@ class LiveTurboMind:
         except ValueError as e:  # lmdeploy's prepare_embeddings asserts it: the request would fail
             raise LiveEngineError(f"The engine call cannot be sent to TurboMind: {e}") from None
 
-    async def _infer(self, call: EngineCall, session_id: int, logits: bool = True) -> LiveOutput:
+    @staticmethod
+    def _embedding_kwargs(call: EngineCall) -> dict[str, Any]:
+        if not call.input_embeddings:
+            return {}
+        # one sequence: a flat list of [n_i, hidden] tensors (prepare_embeddings casts to the weight dtype)
+        return {"input_embeddings": [e.detach().float().cpu().reshape(-1, e.shape[-1]) for e in call.input_embeddings],
+                "input_embedding_ranges": [[int(b), int(e)] for b, e in call.input_embedding_ranges]}
+
+    async def _request(self, session_id: int, ids: list[int], gen_config, *, start: bool = True, end: bool = True,
+                       step: int = 0, **kwargs: Any) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None]:
+        """One `async_stream_infer` request: (generated token ids, last_hidden_state, logits) of its last output,
+        float32 on the CPU; an error status or a C++ RuntimeError is a LiveEngineError."""
         from lmdeploy.messages import ResponseType
 
-        ids = [int(t) for t in call.input_ids]
-        kwargs: dict[str, Any] = {}
-        if call.input_embeddings:
-            # one sequence: a flat list of [n_i, hidden] tensors (prepare_embeddings casts to the weight dtype)
-            kwargs["input_embeddings"] = [e.detach().float().cpu().reshape(-1, e.shape[-1])
-                                          for e in call.input_embeddings]
-            kwargs["input_embedding_ranges"] = [[int(b), int(e)] for b, e in call.input_embedding_ranges]
-        t0 = time.perf_counter()
         hidden = out_logits = None
         token_ids: list[int] = []
         try:
             async for out in self.instance.async_stream_infer(
-                    session_id, ids, sequence_start=True, sequence_end=True, step=0,
-                    gen_config=self._gen_config(logits), stream_output=False, **kwargs):
+                    session_id, ids, sequence_start=start, sequence_end=end, step=step,
+                    gen_config=gen_config, stream_output=False, **kwargs):
                 if out.status not in (ResponseType.SUCCESS, ResponseType.FINISH):
                     raise LiveEngineError(f"TurboMind answered session {session_id} with {out.status} "
-                                          f"({len(ids)} input rows, session_len {self.config.session_len}).")
+                                          f"({len(ids)} input rows at step {step}, session_len "
+                                          f"{self.config.session_len}).")
                 token_ids = list(out.token_ids or [])
                 if out.last_hidden_state is not None:
                     hidden = out.last_hidden_state.detach().float().cpu().clone()
@@ -440,8 +452,15 @@ class LiveTurboMind:
                     out_logits = out.logits.detach().float().cpu().clone()
         except RuntimeError as e:  # raised by the C++ engine (CUDA out of memory, a failed kernel, ...)
             msg = str(e).strip().replace("\n", " ") or type(e).__name__
-            raise LiveEngineError(f"TurboMind failed on a request of {len(ids)} rows (session_len "
+            raise LiveEngineError(f"TurboMind failed on a request of {len(ids)} rows at step {step} (session_len "
                                   f"{self.config.session_len}) for {self.model_dir}: {msg[:600]}.") from None
+        return token_ids, hidden, out_logits
+
+    async def _infer(self, call: EngineCall, session_id: int, logits: bool = True) -> LiveOutput:
+        ids = [int(t) for t in call.input_ids]
+        t0 = time.perf_counter()
+        token_ids, hidden, out_logits = await self._request(session_id, ids, self._gen_config(logits),
+                                                            **self._embedding_kwargs(call))
         if hidden is None or (logits and out_logits is None):
             raise LiveEngineError("TurboMind returned no last_hidden_state/logits although the request asked "
                                   "for them with 'all' (lmdeploy >= 0.7.0 is needed).")
@@ -491,6 +510,99 @@ class LiveTurboMind:
                 "ranges_valid": rc["valid"], "reason": rc["reason"],
                 "accepted_ranges": [list(r) for r in rc["ranges"]], "row_count_mismatch": rc["row_count_mismatch"],
                 "engine_stderr": self.engine_log[log_start:]}
+
+    # ---------------------------------------------------------------- decode
+
+    def _decode_config(self, n: int):
+        """Greedy (top_k=1), exactly `n` tokens (no stop ids, EOS ignored), with the generated rows' logits and
+        final hidden states ('generation': one row per generated token, the first from the last input row)."""
+        from lmdeploy.messages import GenerationConfig
+
+        return GenerationConfig(max_new_tokens=n, top_k=1, ignore_eos=True, output_logits="generation",
+                                output_last_hidden_state="generation")
+
+    def _send(self, session_id: int, ids: list[int], gen_config, **kwargs: Any):
+        lines: list[str] = []
+        try:
+            with _engine_stderr(lines):
+                return _run_coroutine(self._request(session_id, ids, gen_config, **kwargs))
+        finally:
+            self.engine_log += lines
+
+    def decode(self, call: EngineCall, tokens: list[int]) -> Iterator[DecodeStep]:
+        """`--decode N` on the live engine: what TurboMind 0.7.1 shows of generated tokens, its final hidden
+        state and logits (`DecodeStep.e2e` (None, "norm") and (None, "output"); nothing per layer).
+
+        * free-running: one request of `len(tokens)` greedy tokens (`output_logits='generation'`); kept in
+          `decode_info["free_running"]` (the engine's own tokens, where they leave the reference's, and whether
+          the steps below agree with it wherever both had the same history);
+        * teacher-forced by tokens, through the same session's KV cache: the prompt (sequence_start, no
+          sequence_end, one token), then one request per reference token `tokens[k - 1]` with `step = prompt
+          rows + k - 1`. `step` is the KV offset: `LlamaBatch::ProcessInferRequests` cuts the session's tokens
+          back to it (`seq.tokens.resize(step)`, `cache_len = min(cache_len, step)`), which drops the engine's
+          own last token, whose keys and values were never computed (it is predicted, not fed), so the cache
+          holds exactly the prompt and the reference's tokens before step k, and the new token is decoded at
+          that position (one input row: the decode kernels, as in free-running generation). The module-level
+          teacher forcing of the replay is impossible here: the engine exposes no per-layer values.
+
+        Yields step 0 (the prompt's prediction) and one `DecodeStep` per fed token; stops where TurboMind
+        would stop (`parity.deploy.decode.generated_limit`; `decode_info["truncated_at"]`)."""
+        from .decode import generated_limit
+
+        P, n = len(call.input_ids), len(tokens)
+        session_len = int(self.config.session_len)
+        limit = generated_limit(session_len, P)
+        runs = min(n, max(limit, 0))
+        self.decode_info: dict[str, Any] = {
+            "session_len": session_len, "prompt_rows": P, "requested": n, "truncated_at": None,
+            "kv_storage": "turbomind", "kv_expected": "turbomind", "teacher_forcing": "tokens",
+            "points": ["norm", "output"]}
+        if runs < n:
+            self.decode_info["truncated_at"] = runs
+        if runs <= 0:
+            return
+        self.last_ranges = self.check_ranges(call)
+        free_ids, _, free_logits = self._send(_next_session_id(), [int(t) for t in call.input_ids],
+                                              self._decode_config(runs), **self._embedding_kwargs(call))
+        if free_logits is None or free_logits.shape[0] < len(free_ids):
+            raise LiveEngineError(f"TurboMind returned {None if free_logits is None else free_logits.shape[0]} "
+                                  f"logit rows for {len(free_ids)} generated tokens with output_logits='generation' "
+                                  "(lmdeploy >= 0.7.0 is needed).")
+        free_first = next((k for k, (a, b) in enumerate(zip(free_ids, tokens)) if int(a) != int(b)), None)
+        free = {"tokens": [int(t) for t in free_ids], "first_divergent_step": free_first,
+                "agrees_with_forced": True, "max_abs_logits_diff": 0.0, "compared_steps": 0}
+        self.decode_info["free_running"] = free
+        sid, ended = _next_session_id(), False
+        try:
+            for k in range(runs):
+                last = k == runs - 1
+                if k == 0:
+                    ids, step, kw = [int(t) for t in call.input_ids], 0, self._embedding_kwargs(call)
+                else:
+                    ids, step, kw = [int(tokens[k - 1])], P + k - 1, {}
+                _, hidden, logits = self._send(sid, ids, self._decode_config(1), start=k == 0, end=last, step=step,
+                                               **kw)
+                ended = last
+                if hidden is None or logits is None or hidden.shape[0] < 1 or logits.shape[0] < 1:
+                    raise LiveEngineError(f"TurboMind returned no generated row at decode step {k} (step {step}) "
+                                          "although the request asked for output_logits='generation'.")
+                # lmdeploy 0.7.1 slices 'generation' outputs as [:seq_len - input_len] of a (max_new_tokens + 1)-row
+                # buffer: with step > 0 the slice holds stale rows after the first; row 0 is this step's
+                hidden, logits = hidden[:1], logits[:1]
+                if k < len(free_ids) and free_ids[:k] == [int(t) for t in tokens[:k]]:  # the same history
+                    free["compared_steps"] += 1
+                    d = float((free_logits[k] - logits[0]).abs().max())
+                    free["max_abs_logits_diff"] = max(free["max_abs_logits_diff"], d) if d == d else float("nan")
+                    if int(free_ids[k]) != int(torch.argmax(logits[0])):
+                        free["agrees_with_forced"] = False
+                yield DecodeStep(step=k, token=None if k == 0 else int(tokens[k - 1]),
+                                 position=None if k == 0 else step, expected_position=None if k == 0 else P + k - 1,
+                                 rope_theta=None, expected_rope_theta=None,
+                                 e2e={(None, "norm"): hidden, (None, "output"): logits})
+        finally:
+            if not ended and self.instance is not None:  # a run stopped early: end the session on the engine
+                with contextlib.suppress(Exception):
+                    _run_coroutine(self.instance.async_end(sid))
 
     # ---------------------------------------------------------------- report
 

@@ -1,17 +1,20 @@
 """The live TurboMind behind the `Engine` interface. It computes in its weight dtype, so it is judged at that
-precision (the floor is the reference in that dtype, end to end); it cannot be teacher-forced. With
-`layers`, after the cases it deploys truncated copies of the model (parity.layerwise) for per-layer values."""
+precision (the floor is the reference in that dtype, end to end); it cannot be teacher-forced module by
+module. It decodes (`--decode N`) free-running and fed the reference's tokens through its own KV cache,
+showing each step's final hidden state and logits. With `layers`, after the cases it deploys truncated copies
+of the model (parity.layerwise) for per-layer values."""
 
 from __future__ import annotations
 
 import time
+from typing import Any, Iterator
 
 import torch
 
 from ..deploy import live
 from ..errors import ParityInputError
 from ..points import UNCHECKED_PARTS
-from ..records import EngineRequest, EngineRun, EngineSettings, EngineSummary, EngineWarning
+from ..records import DecodeStep, EngineRequest, EngineRun, EngineSettings, EngineSummary, EngineWarning
 from .base import EngineSetup, ranges_from_info, trace_writer
 
 _FLOOR_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -60,6 +63,14 @@ class LiveRunner:
             self._layer_cases.append(PipelineCase(request.prepared, request.hf_call, request.call, request.reference,
                                                   request.floor_e2e, trace.get(None, "norm")))
         return EngineRun(trace=trace, local=trace, settings=self.settings, ranges=ranges_from_info(info))
+
+    def decode(self, request: EngineRequest, tokens: list[int], teacher) -> Iterator[DecodeStep]:
+        """Greedy decode on TurboMind (`LiveTurboMind.decode`): each step's final hidden state and logits, fed the
+        reference's tokens through the session's KV cache. `teacher` is unused: nothing per layer to force."""
+        return self.engine.decode(request.call, tokens)
+
+    def decode_info(self) -> dict[str, Any]:
+        return dict(getattr(self.engine, "decode_info", None) or {}) if self.engine is not None else {}
 
     def deactivate(self) -> EngineSummary:
         s = self.setup
