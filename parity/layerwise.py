@@ -50,11 +50,28 @@ NOT_APPLIED_RATIO = 0.1
 # ------------------------------------------------------------------------------------------- reference side
 
 
-def _norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    w = next(iter(module.parameters()), None)
-    dtype = w.dtype if w is not None else x.dtype
-    with torch.no_grad():
-        return module(x.to(dtype)).to(torch.float64)
+@dataclass(frozen=True)
+class FinalNorm:
+    """A reference model's final RMSNorm applied as that model's capture applies it (parity.reference.capture):
+    computing in the model's dtype, its weight first rounded to the dtype the deployment stores it in
+    (`ReferenceModel.weights_dtype`: a float32 checkpoint's workspace holds float16 weights), and in a float64
+    run with the code's float32 pins widened. So norm(hidden_L) is the trace's own "norm" point, bit for bit."""
+
+    module: nn.Module
+    dtype: torch.dtype
+    weights_dtype: torch.dtype | None = None
+
+    @classmethod
+    def of(cls, model) -> "FinalNorm":
+        """The final norm of a `parity.reference.loader.ReferenceModel` (a session's `ref` or `floor_model`)."""
+        return cls(model.anatomy.final_norm, model.dtype, model.weights_dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from .reference.precision import compute_dtype, widened_float32
+
+        with torch.no_grad(), compute_dtype(self.module, [], self.dtype, via=self.weights_dtype), \
+                widened_float32(self.dtype):
+            return self.module(x.to(self.dtype)).to(torch.float64)
 
 
 @dataclass
@@ -63,18 +80,18 @@ class LayerTarget:
 
     `reference` is the reference trace (fp32), `floor` the same input at the engine's precision (the
     end-to-end floor trace: the engine's truncated model runs from its own embeddings, not teacher-forced).
-    `final_norm` is the reference model's final RMSNorm module, `floor_norm` the floor model's (None: use
-    `final_norm`). `numeric` picks the threshold bounds ("fp32", or anything else for low precision).
+    `final_norm` is the reference model's final RMSNorm as it applies it (`FinalNorm.of(session.ref)`),
+    `floor_norm` the floor model's (None: use `final_norm`). `numeric` picks the threshold bounds ("fp32", or anything else for low precision).
     """
 
     case: str
     reference: Trace
     floor: Trace
-    final_norm: nn.Module
+    final_norm: FinalNorm
     classes: dict[str, torch.Tensor]
     numeric: str = "fp32"
     thresholds: Thresholds = field(default_factory=Thresholds)
-    floor_norm: nn.Module | None = None
+    floor_norm: FinalNorm | None = None
 
     @property
     def num_layers(self) -> int:
@@ -92,10 +109,10 @@ class LayerTarget:
 
     def expected(self, k: int) -> torch.Tensor:
         """norm(hidden_k): the reference's final norm applied to layer k-1's output (float64)."""
-        return _norm(self.final_norm, self._hidden(self.reference, k))
+        return self.final_norm(self._hidden(self.reference, k))
 
     def floor_value(self, k: int) -> torch.Tensor:
-        return _norm(self.floor_norm or self.final_norm, self._hidden(self.floor, k))
+        return (self.floor_norm or self.final_norm)(self._hidden(self.floor, k))
 
     @classmethod
     def from_session(cls, session, hcall: HFCall, prepared: PreparedInput, numeric: str = "fp32",
@@ -109,8 +126,8 @@ class LayerTarget:
         floor_dtype = floor_dtype or (torch.float64 if numeric == "fp32" else torch.bfloat16)
         ref = session.reference(hcall, prepared.name)
         floor_e2e = session.floor_e2e(hcall, prepared.name, floor_dtype)
-        return cls(case=prepared.name, reference=ref, floor=floor_e2e, final_norm=session.ref.anatomy.final_norm,
-                   floor_norm=session.floor_model(floor_dtype).anatomy.final_norm, classes=row_classes(prepared),
+        return cls(case=prepared.name, reference=ref, floor=floor_e2e, final_norm=FinalNorm.of(session.ref),
+                   floor_norm=FinalNorm.of(session.floor_model(floor_dtype)), classes=row_classes(prepared),
                    numeric=numeric, thresholds=thresholds or Thresholds())
 
 
@@ -379,8 +396,8 @@ class PloraTarget:
     @classmethod
     def from_traces(cls, target: LayerTarget, reference_nolora: Trace, floor_nolora: Trace) -> "PloraTarget":
         L = target.num_layers
-        no = _norm(target.final_norm, target._hidden(reference_nolora, L))
-        fno = _norm(target.floor_norm or target.final_norm, target._hidden(floor_nolora, L))
+        no = target.final_norm(target._hidden(reference_nolora, L))
+        fno = (target.floor_norm or target.final_norm)(target._hidden(floor_nolora, L))
         return cls(case=target.case, effect=target.expected(L) - no, floor_effect=target.floor_value(L) - fno,
                    classes=target.classes, numeric=target.numeric, thresholds=target.thresholds)
 
@@ -561,8 +578,8 @@ def run_layers(mode: str, model: Path, cache_dir: Path, session, cases: Sequence
     if mode not in ("every", "bisect"):
         raise ValueError(f"mode must be 'every' or 'bisect', got {mode!r}")
     t0 = time.perf_counter()
-    final_norm = session.ref.anatomy.final_norm
-    floor_norm = session.floor_model(floor_dtype).anatomy.final_norm
+    final_norm = FinalNorm.of(session.ref)
+    floor_norm = FinalNorm.of(session.floor_model(floor_dtype))
     lcases = []
     for c in cases:
         target = LayerTarget(case=c.prepared.name, reference=c.reference, floor=c.floor_e2e, final_norm=final_norm,

@@ -329,6 +329,31 @@ def test_truncation_matches_full_model_layer(session, deep_model, case, target, 
     torch.testing.assert_close(target.expected(LAYERS), target.reference.get(None, "norm").double(), rtol=0, atol=0)
 
 
+def test_layer_target_norm_holds_the_deployed_weights():
+    """Issue 15: lmdeploy 0.7.1 writes no float32 weights, so a float32 checkpoint's workspace holds float16 ones
+    and the reference holds them that way (`ReferenceSession.hold_weights_as`). The final norm the layer-wise
+    target applies to layer k-1's output must too (and compute as the floor model computes): with k = L it is
+    the reference's and the floor's own "norm" point, bit for bit, in both numeric modes."""
+    from parity.fixtures import IMAGES_DIR, FixtureSpec, write_model
+
+    spec = FixtureSpec(name="xcomposer2-fp32-norm", layers=2, heads=2, kv_heads=1, intermediate=256, vision_layers=1,
+                       vision_hidden=16, seed=5, dtype="float32")
+    model = _cached_dir("xcomposer2-fp32-norm", lambda d: write_model(spec, d))
+    with ReferenceSession(model, trust_remote_code=True) as s:
+        s.hold_weights_as(torch.float16)
+        assert s.weights_dtype == torch.float16
+        w = s.ref.anatomy.final_norm.weight
+        assert not torch.equal(w.to(torch.float16).to(w.dtype), w)  # the rounding is visible in the norm
+        ref = s.ref
+        c = default_cases(sorted(Path(IMAGES_DIR).glob("*.png"))[0])[0]
+        p = prepare(c, ref.tokenize, ref.embed_tokens, ref.encode_image, ref.bos_id, ref.decode)
+        hc = hf_call(p)
+        for numeric, floor_dtype in (("fp32", torch.float64), ("emulate", torch.float16)):
+            t = LayerTarget.from_session(s, hc, p, numeric=numeric, floor_dtype=floor_dtype)
+            torch.testing.assert_close(t.expected(2), t.reference.get(None, "norm").double(), rtol=0, atol=0)
+            torch.testing.assert_close(t.floor_value(2), t.floor.get(None, "norm").double(), rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------------- every / bisect
 
 
