@@ -27,11 +27,18 @@ def indexed_shards(index: Path) -> list[Path] | None:
     return [index.parent / n for n in names]
 
 
+def safetensors_files(folder: Path) -> list[Path]:
+    """The folder's safetensors weights: the shards its index names, else every *.safetensors (maybe none)."""
+    shards = indexed_shards(folder / "model.safetensors.index.json")
+    return shards if shards is not None else sorted(folder.glob("*.safetensors"))
+
+
 def weight_files(folder: Path) -> list[Path]:
+    """The folder's weights in either format: pytorch_model*.bin (an AWQ folder), else safetensors."""
     shards = indexed_shards(folder / "pytorch_model.bin.index.json")
     if shards is not None:
         return shards
-    files = sorted(folder.glob("pytorch_model*.bin")) or sorted(folder.glob("*.safetensors"))
+    files = sorted(folder.glob("pytorch_model*.bin")) or safetensors_files(folder)
     if not files:
         raise ParityInputError(f"Model folder {folder} has no pytorch_model*.bin or *.safetensors weights; expected "
                                "what `lmdeploy lite auto_awq` saves (pytorch_model.bin).")
@@ -60,11 +67,11 @@ def load_weight_file(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_state(folder: Path | str) -> dict[str, torch.Tensor]:
-    """Every tensor of a model folder as stored (an AWQ folder: packed qweight/qzeros, fp16 scales)."""
-    folder = Path(folder)
+def load_state(folder: Path | str, files: list[Path] | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a model folder as stored (an AWQ folder: packed qweight/qzeros, fp16 scales), from
+    `files` when given (default: `weight_files`)."""
     state: dict[str, torch.Tensor] = {}
-    for f in weight_files(folder):
+    for f in weight_files(Path(folder)) if files is None else files:
         state.update(load_weight_file(f))
     return state
 
@@ -74,11 +81,9 @@ def safetensors_headers(path: Path) -> tuple[dict[str, dict[str, Any]], list[str
     what could not be read."""
     problems: list[str] = []
     try:
-        files = indexed_shards(path / "model.safetensors.index.json")
+        files = safetensors_files(path)
     except ParityInputError as e:
         return {}, [str(e)]
-    if files is None:
-        files = sorted(path.glob("*.safetensors"))
     out: dict[str, dict[str, Any]] = {}
     for f in files:
         try:

@@ -86,13 +86,17 @@ def _shape(s: FaultSetup):
     return s.ws().model
 
 
+def _qkv_widths(m) -> list[int]:
+    """The q, k and v widths of a fused w_qkv (TurboMind's [q | k | v] order)."""
+    return [m.head_num * m.size_per_head] + [m.kv_head_num * m.size_per_head] * 2
+
+
 def _qkv_rotary(s: FaultSetup, layer: int, fn) -> None:
     """Re-apply or undo the rotary permutation on the q/k columns of a fused w_qkv weight."""
     m = _shape(s)
-    q, k = m.head_num * m.size_per_head, m.kv_head_num * m.size_per_head
 
     def edit(w):
-        wq, wk, wv = torch.split(w, [q, k, k], dim=-1)
+        wq, wk, wv = torch.split(w, _qkv_widths(m), dim=-1)
         return torch.cat([fn(wq, m.size_per_head), fn(wk, m.size_per_head), wv], dim=-1)
 
     s.edit(_w(layer, "attention.w_qkv"), edit)
@@ -101,10 +105,9 @@ def _qkv_rotary(s: FaultSetup, layer: int, fn) -> None:
 def _qkv_bias(s: FaultSetup, layer: int, fn) -> None:
     """Edit the q, k and v parts of a fused w_qkv bias (TurboMind's [q | k | v] order): fn(q, k, v, D)."""
     m = _shape(s)
-    q, k = m.head_num * m.size_per_head, m.kv_head_num * m.size_per_head
 
     def edit(b):
-        return torch.cat(fn(*torch.split(b, [q, k, k], dim=-1), m.size_per_head), dim=-1)
+        return torch.cat(fn(*torch.split(b, _qkv_widths(m), dim=-1), m.size_per_head), dim=-1)
 
     s.edit(_w(layer, "attention.w_qkv", "bias"), edit)
 

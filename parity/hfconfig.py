@@ -4,6 +4,7 @@ the one reading of its attention shape (the head_dim rule lives here, once)."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -26,6 +27,23 @@ def read_hf_config(folder: Path | str, what: str = "an HF model folder") -> dict
     if not isinstance(cfg, dict):
         raise ParityInputError(f"{path} must hold a JSON object, got {type(cfg).__name__}.")
     return cfg
+
+
+def require_trusted_code(folder: Path | str, trust_remote_code: bool, runs: str) -> None:
+    """Refuse (exit 2) to run a model folder's own code unless the user trusts it: trust_remote_code is opt-in.
+    `runs` says who runs that code and when."""
+    if not trust_remote_code:
+        raise ParityInputError(
+            f"Model {folder} ships its own modeling code, which {runs}. Pass --trust-remote-code "
+            "(trust_remote_code=True in Python) if you trust it."
+        )
+
+
+def hub_offline() -> None:
+    """parity never downloads: transformers and huggingface_hub read only local files and caches (a user's
+    explicit HF_HUB_OFFLINE=0 / TRANSFORMERS_OFFLINE=0 wins)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def kv_heads_of(cfg: Mapping[str, Any]) -> int:

@@ -15,7 +15,6 @@ into the same folder is refused at once (exit 2) naming the other run's pid.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import shutil
 import signal
@@ -25,21 +24,11 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import ParityInputError
+from .locks import try_lock
 
 ROOT_PREFIX = "parity-run-"
 LOCK_NAME = ".lock"
 _active: list[Path] = []  # the temp root of the run in progress in this process (nested runs reuse it)
-
-
-def _try_lock(path: Path) -> int | None:
-    """An fd holding an exclusive flock on `path` (created if absent), or None when another process holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
 
 
 def remove_stale_roots(parent: Path | str | None = None) -> list[Path]:
@@ -53,7 +42,7 @@ def remove_stale_roots(parent: Path | str | None = None) -> list[Path]:
         if not lock.is_file():
             # a root whose lock was never written: created in the instant before; leave it to its run
             continue
-        fd = _try_lock(lock)
+        fd = try_lock(lock)
         if fd is None:
             continue  # its run is alive
         try:
@@ -74,7 +63,7 @@ def run_scratch() -> Iterator[Path]:
     remove_stale_roots(base)
     root = base / f"{ROOT_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     root.mkdir(mode=0o700)
-    fd = _try_lock(root / LOCK_NAME)
+    fd = try_lock(root / LOCK_NAME)
     saved_tempdir, saved_env = tempfile.tempdir, os.environ.get("TMPDIR")
     tempfile.tempdir = str(root)
     os.environ["TMPDIR"] = str(root)
@@ -128,7 +117,7 @@ def out_lock(out: Path | str) -> Iterator[Path]:
     parent.mkdir(parents=True, exist_ok=True)
     path = parent / f".{out.resolve().name}.parity-lock"
     while True:
-        fd = _try_lock(path)
+        fd = try_lock(path)
         if fd is None:
             try:
                 holder = path.read_text().strip() or "unknown"

@@ -213,12 +213,13 @@ def stored_form(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-class Trace:
-    """Read side of a trace folder; values are loaded lazily, per file, as memory-mapped views."""
+class TraceFolder:
+    """A finished trace-layout folder (meta.json and safetensors files per layer), for its readers: the
+    file each point lives in, damage-checked reads, and the meta's per-linear LoRA values."""
 
-    def __init__(self, root: Path | str):
+    def __init__(self, root: Path | str, what: str = "Trace folder"):
         self.root = Path(root)
-        self.meta = read_meta(self.root)
+        self.meta = read_meta(self.root, what)
 
     @property
     def num_layers(self) -> int:
@@ -245,6 +246,13 @@ class Trace:
                 raise ParityInputError(f"Trace file {path} could not be read ({e}); the trace is damaged, "
                                        "capture it again.") from e
 
+    def plora(self, layer: int, linear: str) -> dict[str, float]:
+        return self.meta.plora.get(str(layer), {}).get(linear, {})
+
+
+class Trace(TraceFolder):
+    """Read side of a trace folder; values are loaded lazily, per file, as memory-mapped views."""
+
     def get(self, layer: int | None, point: str) -> torch.Tensor | None:
         path = self._file(layer, point)
         if not path.is_file():
@@ -267,9 +275,6 @@ class Trace:
     def layers(self) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         for i in range(self.num_layers):
             yield i, self.layer(i)
-
-    def plora(self, layer: int, linear: str) -> dict[str, float]:
-        return self.meta.plora.get(str(layer), {}).get(linear, {})
 
 
 class TraceRows:

@@ -15,7 +15,8 @@ import pytest
 
 from parity.cli import main
 from parity.deploy.convert import convert_cached
-from parity.scratch import LOCK_NAME, ROOT_PREFIX, _try_lock, out_lock, remove_stale_roots, run_scratch
+from parity.locks import try_lock
+from parity.scratch import LOCK_NAME, ROOT_PREFIX, out_lock, remove_stale_roots, run_scratch
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache"
@@ -84,7 +85,7 @@ def test_killed_run_is_cleaned_at_the_next_start(model_ws, tmp_path, monkeypatch
     # a live run's root beside it must survive the cleaning
     live = tmp / f"{ROOT_PREFIX}999999-live"
     live.mkdir()
-    fd = _try_lock(live / LOCK_NAME)
+    fd = try_lock(live / LOCK_NAME)
     try:
         monkeypatch.setattr(tempfile, "tempdir", str(tmp))
         with run_scratch() as root:  # what every parity command does first
@@ -129,7 +130,7 @@ def test_concurrent_runs_into_one_out_are_refused(model_ws, tmp_path, capsys):
     def locked() -> bool:
         if not lock.is_file():
             return False
-        fd = _try_lock(lock)
+        fd = try_lock(lock)
         if fd is None:
             return True
         os.close(fd)

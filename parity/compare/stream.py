@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Collection
 
 import torch
-from safetensors import safe_open
 
 from ..atomic import write_file
 from ..errors import ParityInputError
-from ..trace import Trace, TraceMeta, atomic_save, is_skipped_part, read_meta, stored_form, trace_file, write_meta
+from ..trace import Trace, TraceFolder, TraceMeta, atomic_save, is_skipped_part, stored_form, write_meta
 from .rowstats import RowStats, row_stats
 
 FORMAT = "rowstats-1"
@@ -86,13 +85,12 @@ class StatsWriter:
         return StatsTrace(self.root)
 
 
-class StatsTrace:
+class StatsTrace(TraceFolder):
     """Read side of a `StatsWriter` folder: per (layer, point) the `RowStats` against the `against` trace."""
 
     def __init__(self, root: Path | str):
-        self.root = Path(root)
+        super().__init__(root, "Statistics folder")
         info_path = self.root / "stats.json"
-        self.meta = read_meta(self.root, "Statistics folder")
         if not info_path.is_file():
             raise ParityInputError(f"Statistics folder {self.root} has no stats.json; it was not written "
                                    "completely.")
@@ -103,17 +101,9 @@ class StatsTrace:
         self.against_root = info.get("against")
         self._cache: tuple[Path, dict[str, torch.Tensor]] | None = None
 
-    @property
-    def num_layers(self) -> int:
-        return self.meta.num_layers
-
-    def _file(self, layer: int | None, point: str) -> Path:
-        return trace_file(self.root, layer, point)
-
     def _load(self, path: Path) -> dict[str, torch.Tensor]:
         if self._cache is None or self._cache[0] != path:  # one file at a time: a layer's stats are small
-            with safe_open(str(path), "pt") as f:
-                self._cache = (path, {k: f.get_tensor(k) for k in f.keys()})
+            self._cache = (path, self._read(path, None))
         return self._cache[1]
 
     def stats(self, layer: int | None, point: str) -> RowStats | None:
@@ -129,10 +119,6 @@ class StatsTrace:
         """The keys with statistics in the file of `layer` (or the pre/post file `point_hint` lives in)."""
         path = self._file(layer, point_hint)
         return RowStats.prefixes(self._load(path)) if path.is_file() else []
-
-    def plora(self, layer: int, linear: str) -> dict[str, float]:
-        return self.meta.plora.get(str(layer), {}).get(linear, {})
-
 
 class FloorOnDemand:
     """A noise floor measured only when a judgement needs it (`Thresholds.floor_decides`).

@@ -23,8 +23,8 @@ machine without CUDA. It:
 `convert_cached(model_dir, cache_root)` converts into `cache_root/<key>` only when that folder is absent; the
 key hashes the model folder's file names, sizes and mtimes, tp, lora_config and the lmdeploy version. Several
 processes may ask for the same entry at once (pytest-xdist workers, `parity run --jobs` workers, two users of
-one cache): an exclusive lock on `cache_root/.<entry>.lock` (fcntl.flock, released by the kernel when its
-holder exits, even by a crash) lets one of them convert while the others wait and then use its result.
+one cache): an exclusive lock on `cache_root/.<entry>.lock` (`parity.locks.entry_lock`: released by the kernel
+when its holder exits, even by a crash) lets one of them convert while the others wait and then use its result.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ import yaml
 from ..atomic import replaced_folder
 from ..errors import ParityInputError, followable
 from ..hfconfig import kv_heads_of, read_hf_config
+from ..locks import entry_lock
 from ..patching import patched
 from ..records import ConversionRecord
 from .compat import cpu_converter_patches, installed_lmdeploy_version
@@ -548,30 +549,6 @@ def convert_cached(model_dir: str | Path, cache_root: str | Path, tp: int = 1, l
 
 def _cached(dest: Path) -> bool:
     return (dest / RECORD_NAME).is_file() and (dest / "triton_models" / "weights" / CONFIG_NAME).is_file()
-
-
-@contextlib.contextmanager
-def entry_lock(path: Path) -> Iterator[None]:
-    """Exclusive lock on `path` across processes (blocks until free): one process fills a cache entry, the
-    others wait and reuse it. Without fcntl (not POSIX) there is no lock: two processes may then both
-    convert, and the atomic rename keeps the entry whole either way."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as e:
-        raise ParityInputError(
-            f"Cannot create the conversion lock {path} ({e.strerror or e}); expected a writable cache folder "
-            "(for `parity run`, --cache-dir)."
-        ) from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
 
 
 def glob_escape(text: str) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import ParityInputError
+from ..hfconfig import read_hf_config
 from .lora_config import LORA_KEYS, check_lora_override
 
 LORA_CONFIG_FILE = "parity_lora_config.json"
@@ -47,14 +48,10 @@ def read_lora_config(model_dir: str | Path) -> dict[str, Any] | None:
 
 def disguise_qkv_bias(model_dir: str | Path) -> bool:
     """Whether the disguise in `model_dir` carries q/k/v biases (XComposer2's config.json flag `bias`)."""
-    path = Path(model_dir) / "config.json"
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ParityInputError(f"{path} is not readable JSON ({e}); expected the config.json `parity disguise` wrote.") from None
-    bias = cfg.get("bias", False) if isinstance(cfg, dict) else None
+    bias = read_hf_config(model_dir, "the folder `parity disguise` wrote").get("bias", False)
     if not isinstance(bias, bool):
-        raise ParityInputError(f"{path}: 'bias' is {bias!r}; expected true or false (XComposer2's q/k/v/o bias flag).")
+        raise ParityInputError(f"{Path(model_dir) / 'config.json'}: 'bias' is {bias!r}; expected true or false "
+                               "(XComposer2's q/k/v/o bias flag).")
     return bias
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from ..records import Finding
 from .lora import LORA_CONFIG_FILE, is_registered
 from .modelside import TASK_LORAS
 from ..reference.qwen2 import XCOMPOSER2_ARCH
-from ..hfconfig import head_dim_of, read_hf_config
+from ..hfconfig import head_dim_of, hub_offline, read_hf_config, require_trusted_code
 
 _SUB_TYPES = {"XCOMPOSER2": "7b", "XCOMPOSER2_4KHD": "4khd", "XCOMPOSER2D5": "2.5"}
 LMDEPLOY_READER_HEAD_DIM = 128
@@ -204,14 +203,10 @@ def audit_deployment(model_dir: str | Path, *, trust_remote_code: bool = False) 
     """
     path = Path(model_dir).resolve()
     cfg = read_hf_config(path, "a Hugging Face model folder to audit")
-    if cfg.get("auto_map") and not trust_remote_code:
-        raise ParityInputError(
-            f"Model {path} ships its own code (auto_map in config.json); lmdeploy runs it when it resolves the "
-            "architecture and the vision model, and so does this audit. Pass trust_remote_code=True "
-            "(--trust-remote-code) if you trust it."
-        )
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if cfg.get("auto_map"):
+        require_trusted_code(path, trust_remote_code, "lmdeploy runs when it resolves the architecture and the "
+                             "vision model (auto_map in config.json), and so does this audit")
+    hub_offline()
     from ..reference.loader import model_family
 
     lm = _lmdeploy_view(str(path))

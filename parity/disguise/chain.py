@@ -25,7 +25,8 @@ def disguised_workspace(model_dir: str | Path, cache_root: str | Path, *, tp: in
     parity_lora_config.json as the lora_config -- what lmdeploy writes when `register_lora_config()` is
     active in the converting/serving process.
     """
-    from ..deploy.convert import cache_key, convert_cached, entry_lock
+    from ..deploy.convert import cache_key, convert_cached
+    from ..locks import entry_lock
 
     model_dir = Path(model_dir).resolve()
     key = hashlib.sha256(f"{cache_key(model_dir)}/{DISGUISE_VERSION}".encode()).hexdigest()[:16]

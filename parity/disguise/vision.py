@@ -8,13 +8,13 @@ their image path through `parity.deploy.image_input`).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from ..errors import ParityInputError
+from ..hfconfig import hub_offline, require_trusted_code
 
 
 def _build(model_dir: str) -> Any:
@@ -38,13 +38,8 @@ def lmdeploy_vision_features(model_dir: str | Path, images: Sequence[str | Path]
 
     Runs the model folder's remote code (lmdeploy always does): requires `trust_remote_code=True`.
     """
-    if not trust_remote_code:
-        raise ParityInputError(
-            f"Computing lmdeploy's vision features runs {model_dir}'s own modeling code (as lmdeploy does); pass "
-            "trust_remote_code=True if you trust it."
-        )
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    require_trusted_code(model_dir, trust_remote_code, "computing lmdeploy's vision features runs (as lmdeploy does)")
+    hub_offline()
     from PIL import Image
 
     from ..deploy.image_input import lmdeploy_quiet

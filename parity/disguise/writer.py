@@ -23,7 +23,6 @@ lmdeploy when parity's registration is active (attn_bias = 1, see `parity.disgui
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -31,9 +30,9 @@ from typing import Any, Mapping
 import torch
 
 from ..atomic import replaced_folder
-from ..checkpoint import indexed_shards, load_weight_file
+from ..checkpoint import load_state, safetensors_files
 from ..errors import ParityInputError
-from ..hfconfig import AttnShape, read_hf_config
+from ..hfconfig import AttnShape, hub_offline, read_hf_config
 from ..points import PLORA_LINEARS
 from .lora import LORA_CONFIG_FILE, lora_config_for_disguise
 from ..names import QWEN2_LINEAR_OF, QWEN2_PROJECTIONS, QWEN2_QKV_PROJECTIONS
@@ -99,30 +98,19 @@ class DisguiseRecord:
 # ------------------------------------------------------------------------------------------ reading the source
 
 
-def _weight_files(src: Path) -> list[Path]:
-    shards = indexed_shards(src / "model.safetensors.index.json")
-    if shards is not None:
-        return shards
-    files = sorted(src.glob("*.safetensors"))
+def _load_tensors(src: Path) -> dict[str, torch.Tensor]:
+    files = safetensors_files(src)
     if not files:
         raise ParityInputError(
             f"{src} has no *.safetensors weights; `parity disguise` reads safetensors checkpoints (convert "
             "pytorch_model*.bin with `save_pretrained(..., safe_serialization=True)` first)."
         )
-    return files
-
-
-def _load_tensors(src: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in _weight_files(src):
-        out.update(load_weight_file(f))
-    return out
+    return load_state(src, files)
 
 
 def _scales_from_code(src: Path) -> dict[tuple[int, str], tuple[int, float]]:
     """(layer, projection) -> (rank, scale) read from the model's own code, built on the meta device."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    hub_offline()
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..reference.qwen2 import module_scales

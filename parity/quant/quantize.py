@@ -32,7 +32,7 @@ import torch
 
 from ..atomic import replaced_folder
 from ..errors import ParityInputError
-from ..hfconfig import read_hf_config
+from ..hfconfig import read_hf_config, require_trusted_code
 from ..patching import patched
 
 RECORD_NAME = "parity-quantize.json"
@@ -98,13 +98,16 @@ def _compensation(done: list[str], names: dict[int, str]) -> Iterator[None]:
 
     orig_ln, orig_fc = awq.smooth_ln_fcs, awq.smooth_fc_fcs
 
-    def ln_fcs(ln, fcs, act_scales, group_size=-1, alpha=0.5):
-        scales = orig_ln(ln, fcs, act_scales, group_size, alpha)
+    def scale_plora_a(fcs, scales):  # their inputs now come divided by `scales`; like the base weight, Plora_A undoes it
         with torch.no_grad():
             for fc in fcs:
                 if hasattr(fc, "Plora_A"):
                     fc.Plora_A.weight.mul_(scales.to(fc.Plora_A.weight.dtype).view(1, -1))
                     done.append(f"{names.get(id(fc), '?')}.Plora_A")
+
+    def ln_fcs(ln, fcs, act_scales, group_size=-1, alpha=0.5):
+        scales = orig_ln(ln, fcs, act_scales, group_size, alpha)
+        scale_plora_a(fcs, scales)
         return scales
 
     def fc_fcs(pre_fc, fcs, act_scales, group_size=-1, alpha=0.5):
@@ -115,10 +118,7 @@ def _compensation(done: list[str], names: dict[int, str]) -> Iterator[None]:
             if hasattr(pre_fc, "Plora_B"):
                 _rows_scale(pre_fc.Plora_B.weight, scales, divide=True)
                 done.append(f"{names.get(id(pre_fc), '?')}.Plora_B")
-            for fc in fcs:
-                if hasattr(fc, "Plora_A"):
-                    fc.Plora_A.weight.mul_(scales.to(fc.Plora_A.weight.dtype).view(1, -1))
-                    done.append(f"{names.get(id(fc), '?')}.Plora_A")
+        scale_plora_a(fcs, scales)
         return scales
 
     with patched(awq, "smooth_ln_fcs", ln_fcs), patched(awq, "smooth_fc_fcs", fc_fcs):
@@ -185,9 +185,7 @@ def _validate(model: Path, w_bits: int, group_size: int, trust_remote_code: bool
     if cfg.get("quantization_config"):
         raise ParityInputError(f"{model / 'config.json'} already has a quantization_config; quantize the original "
                                "floating-point model.")
-    if not trust_remote_code:
-        raise ParityInputError(f"Model {model} ships its own modeling code, which lmdeploy's calibration runs; pass "
-                               "--trust-remote-code if you trust it.")
+    require_trusted_code(model, trust_remote_code, "lmdeploy's calibration runs")
     if w_bits != 4:
         raise ParityInputError(f"--w-bits {w_bits}: lmdeploy's AWQ saves the AWQ layout for 4 bits only "
                                "(WeightOnlyQLinear asserts w_bit == 4), and TurboMind deploys W4A16.")
@@ -316,7 +314,8 @@ QUANT_FIXTURES: dict[str, tuple[str, bool]] = {
 
 def quantized_cached(model: Path | str, cache_root: Path | str, compensate_plora: bool) -> Path:
     """`parity quantize` of `model` under `cache_root`, run only when absent (keyed like convert_cached)."""
-    from ..deploy.convert import cache_key, entry_lock
+    from ..deploy.convert import cache_key
+    from ..locks import entry_lock
 
     model = Path(model).resolve()
     root = Path(cache_root).resolve()

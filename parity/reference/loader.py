@@ -8,7 +8,6 @@ q/k/v projections are seen as one canonical `attention.wqkv` (`anatomy.FusedQKV`
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from torch import nn
 
 from ..errors import ParityInputError
 from .anatomy import Anatomy, discover
-from ..hfconfig import read_hf_config
+from ..hfconfig import hub_offline, read_hf_config, require_trusted_code
 
 XCOMPOSER2_ARCH = "InternLMXComposer2ForCausalLM"
 
@@ -165,13 +164,9 @@ def load_reference(path: Path | str, trust_remote_code: bool, dtype: torch.dtype
             "Qwen2 PLoRA originals of disguised ones. For a Qwen2-based PLoRA model, disguise it first "
             "(`parity disguise SRC DST`, docs/qwen2-plora.md) and compare the original with the disguise's workspace."
         )
-    if cfg.get("auto_map") and not trust_remote_code:
-        raise ParityInputError(
-            f"Model {path} ships its own modeling code (auto_map in config.json), which runs on this machine when "
-            "loaded. Pass --trust-remote-code (trust_remote_code=True in Python) if you trust it."
-        )
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if cfg.get("auto_map"):
+        require_trusted_code(path, trust_remote_code, "runs on this machine when loaded (auto_map in config.json)")
+    hub_offline()
     from transformers import AutoTokenizer
 
     from ..quant.awq_folder import is_awq_folder, load_awq_model
