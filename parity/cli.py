@@ -13,6 +13,7 @@ from pathlib import Path
 from rich.console import Console
 
 from . import progress
+from .atomic import write_file
 from .errors import ParityInputError, followable
 from .places import CACHE_ENV, REPORTS_ROOT, default_cache_dir, default_report_dir
 from .scratch import Terminated, out_lock, run_scratch, terminate_as_exception
@@ -283,8 +284,8 @@ def _faults(a: argparse.Namespace) -> int:
         rows = [{"fault": r.fault.name, "kind": r.fault.kind, "expected": r.fault.expected.__dict__,
                  "got": r.got.__dict__ if r.got else None, "detected": r.detected} for r in results]
         a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps({"numeric": a.numeric, "detected": hits, "total": len(results), "rows": rows},
-                                     indent=1))
+        write_file(a.json, json.dumps({"numeric": a.numeric, "detected": hits, "total": len(results), "rows": rows},
+                                      indent=1))
     return 0 if hits == len(results) else 1
 
 
@@ -354,7 +355,7 @@ def _command(args: argparse.Namespace) -> int:
         print(audit.summary())
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(audit.to_dict(), indent=1, default=str))
+            write_file(args.json, json.dumps(audit.to_dict(), indent=1, default=str))
         return audit.exit_code
     if args.command == "faults":
         return _faults(args)

@@ -190,3 +190,28 @@ def test_remove_leftovers_clears_what_a_killed_writer_left_and_nothing_else(tmp_
     others[1].mkdir()
     assert remove_leftovers(dest) == left
     assert sorted(tmp_path.iterdir()) == sorted(others + [dest])
+
+
+def test_cli_json_outputs_are_replaced_whole(fixture_models, tmp_path, monkeypatch, capsys):
+    """`parity audit --json FILE`: a failure at the final rename leaves the previous FILE, not half a JSON."""
+    import json
+
+    from parity.cli import main
+
+    out = tmp_path / "audit.json"
+    out.write_text('{"previous": true}')
+    model = str(fixture_models["xcomposer2-tiny"])
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="No space"):
+        main(["audit", model, "--trust-remote-code", "--json", str(out)])
+    assert json.loads(out.read_text()) == {"previous": True}
+    assert [p.name for p in tmp_path.iterdir()] == ["audit.json"]
+    monkeypatch.setattr(atomic.os, "replace", real_replace)
+    main(["audit", model, "--trust-remote-code", "--json", str(out)])
+    assert "previous" not in json.loads(out.read_text())
+    assert [p.name for p in tmp_path.iterdir()] == ["audit.json"]
