@@ -1012,11 +1012,11 @@ def test_pipeline_drives_live_engine_through_engine_interface(fake_turbomind, de
 DECODE_N = 8
 
 
-def _live_decode(session, deep_model):
+def _live_decode(session, deep_model, session_len: int = 512):
     from parity.pipeline import RunOptions, run_parity
 
     return run_parity(RunOptions(model=deep_model, engine="turbomind", trust_remote_code=True, session=session,
-                                 cache_dir=CACHE, decode=DECODE_N, live={"session_len": 512}))
+                                 cache_dir=CACHE, decode=DECODE_N, live={"session_len": session_len}))
 
 
 def test_live_decode_clean_passes(fake_turbomind, deep_model, session):
@@ -1080,3 +1080,41 @@ def test_live_decode_names_plora_on_generated_rows(fake_turbomind, deep_model, s
     assert first.cause == "numeric_drift"
     assert not [f for f in report.errors() if f.check != "decode" and f.check != "decode-tokens"]  # prefill clean
 
+
+
+def test_live_decode_stops_where_turbomind_stops(fake_turbomind, deep_model, session, case):
+    """session_len leaving room for 4 of the 8 tokens: TurboMind limits the sequence to session_len - 1 tokens
+    (the replay's rule, `generated_limit`); the run stops there and says so (session_truncated, step 4)."""
+    P = len(case[2].input_ids)
+    report = _live_decode(session, deep_model, session_len=P + 5)
+    (sec,) = report.decode
+    assert sec.steps_run == 4 and sec.engine["truncated_at"] == 4 and sec.engine["session_len"] == P + 5
+    assert len(sec.engine["free_running"]["tokens"]) == 4
+    (f,) = [f for f in report.errors() if f.check == "decode"]
+    assert (f.cause, f.step) == ("session_truncated", 4)
+    forced = [r for r in fake_turbomind.built[-1].requests if r.get("step", 0) >= P]
+    assert [r["step"] for r in forced] == [P, P + 1, P + 2] and forced[-1]["sequence_end"]
+
+
+def test_live_decode_free_running_that_disagrees_with_the_fed_steps_is_a_warning(fake_turbomind, deep_model,
+                                                                                  session, monkeypatch):
+    """The judged steps stand for the engine's own generation only while its free-running tokens are its greedy
+    choices given the same history: a (fake) sampler that returns another token at step 2 than the logits put
+    first is a warning at step 2, beside a clean teacher-forced comparison."""
+    real = FakeInstance.async_stream_infer
+
+    async def sampler_flip(self, *args, **kwargs):
+        async for out in real(self, *args, **kwargs):
+            if kwargs["gen_config"].max_new_tokens == DECODE_N:  # the free-running request
+                out.token_ids = list(out.token_ids)
+                out.token_ids[2] = (out.token_ids[2] + 1) % 128
+            yield out
+
+    monkeypatch.setattr(FakeInstance, "async_stream_infer", sampler_flip)
+    report = _live_decode(session, deep_model)
+    (sec,) = report.decode
+    free = sec.engine["free_running"]
+    assert free["first_divergent_step"] == 2 and not free["agrees_with_forced"] and free["disagrees_at"] == 2
+    assert report.status == "pass" and not report.errors(), [f.message for f in report.errors()]
+    (w,) = [f for f in report.findings if f.check == "decode-tokens"]
+    assert w.severity == "warning" and w.step == 2 and "free-running" in w.message

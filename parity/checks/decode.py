@@ -104,4 +104,15 @@ def run(sections: list[DecodeSection], prefill: Divergence | None, floor_factor:
                          f"{t['eng_in_ref_topk']}, reference token in the engine's: {t['ref_in_eng_topk']}."),
                 metrics={"ref_gap": gap, "tie_threshold": tie, "matched_prefix": sec.matched_prefix,
                          "eng_in_ref_topk": t["eng_in_ref_topk"], "ref_in_eng_topk": t["ref_in_eng_topk"]}))
+        free = sec.engine.get("free_running")  # the live engine: its own generation beside the token-fed steps
+        if free and not free.get("agrees_with_forced", True):
+            k = free.get("disagrees_at")
+            out.findings.append(Finding(
+                check="decode-tokens", severity="warning", cause="numeric_drift", module="output",
+                positions="generated", case=sec.case, step=k,
+                message=(f"The engine's free-running generation chose token {free['tokens'][k]} at step {k}, but fed "
+                         "the same tokens before it through its KV cache its logits put another first (largest "
+                         f"logit difference between the two runs {fmt_metric(free.get('max_abs_logits_diff'))}): "
+                         "the judged steps are not the generation a user sees from this step on (sampling that "
+                         "is not greedy, or a continuation that differs from generation).")))
     return out

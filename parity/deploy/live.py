@@ -570,7 +570,7 @@ class LiveTurboMind:
                                   "(lmdeploy >= 0.7.0 is needed).")
         free_first = next((k for k, (a, b) in enumerate(zip(free_ids, tokens)) if int(a) != int(b)), None)
         free = {"tokens": [int(t) for t in free_ids], "first_divergent_step": free_first,
-                "agrees_with_forced": True, "max_abs_logits_diff": 0.0, "compared_steps": 0}
+                "agrees_with_forced": True, "disagrees_at": None, "max_abs_logits_diff": 0.0, "compared_steps": 0}
         self.decode_info["free_running"] = free
         sid, ended = _next_session_id(), False
         try:
@@ -593,8 +593,8 @@ class LiveTurboMind:
                     free["compared_steps"] += 1
                     d = float((free_logits[k] - logits[0]).abs().max())
                     free["max_abs_logits_diff"] = max(free["max_abs_logits_diff"], d) if d == d else float("nan")
-                    if int(free_ids[k]) != int(torch.argmax(logits[0])):
-                        free["agrees_with_forced"] = False
+                    if int(free_ids[k]) != int(torch.argmax(logits[0])) and free["agrees_with_forced"]:
+                        free["agrees_with_forced"], free["disagrees_at"] = False, k
                 yield DecodeStep(step=k, token=None if k == 0 else int(tokens[k - 1]),
                                  position=None if k == 0 else step, expected_position=None if k == 0 else P + k - 1,
                                  rope_theta=None, expected_rope_theta=None,
