@@ -1051,11 +1051,19 @@ def test_live_decode_clean_passes(fake_turbomind, deep_model, session):
     assert all(r["gen_config"].max_new_tokens == 1 for r in forced)
 
 
-def test_live_decode_names_a_flipped_token(fake_turbomind, deep_model, session):
+def test_live_decode_names_a_flipped_token(fake_turbomind, deep_model, session, tmp_path):
     """A (fake) engine whose logits put another token first at step 3: the free-running comparison diverges
-    there (a clear flip: error) and the step's logits are named end to end."""
+    there (a clear flip: error) and the step's logits are named end to end; the reports carry it."""
+    from parity.report import render_failure_message, write_reports
+
     fake_turbomind.flip_step = 3
     report = _live_decode(session, deep_model)
+    paths = write_reports(report, tmp_path / "out")
+    data = json.loads(Path(paths["json"]).read_text())
+    (sec_json,) = data["decode"]
+    assert sec_json["first_divergent_step"] == 3 and sec_json["engine"]["free_running"]["first_divergent_step"] == 3
+    assert {p["judged"] for p in sec_json["points"]} == {"e2e"}
+    assert "step 3" in render_failure_message(report)
     (sec,) = report.decode
     assert sec.first_divergent_step == 3 and sec.matched_prefix == 3
     assert sec.engine["free_running"]["first_divergent_step"] == 3
