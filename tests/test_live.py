@@ -1126,3 +1126,17 @@ def test_live_decode_free_running_that_disagrees_with_the_fed_steps_is_a_warning
     assert report.status == "pass" and not report.errors(), [f.message for f in report.errors()]
     (w,) = [f for f in report.findings if f.check == "decode-tokens"]
     assert w.severity == "warning" and w.step == 2 and "free-running" in w.message
+
+
+@pytest.mark.gpu
+def test_live_decode_on_gpu(deep_model, session):
+    """Needs a CUDA GPU with lmdeploy 0.7.1's compiled TurboMind: `--decode 8` live passes clean, and the
+    engine's free-running generation agrees with its token-fed steps (the continuation is its own decode)."""
+    ok, reason = live.available()
+    if not ok:
+        pytest.skip(f"TurboMind cannot run here: {reason}")
+    report = _live_decode(session, deep_model, session_len=1024)
+    assert report.status == "pass", [f.message for f in report.errors()]
+    (sec,) = report.decode
+    free = sec.engine["free_running"]
+    assert sec.steps_run == DECODE_N and free["agrees_with_forced"], free
