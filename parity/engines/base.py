@@ -55,7 +55,8 @@ class Engine(Protocol):
 
     # An engine that can generate (`--decode N`) also offers
     #   decode(request, tokens, teacher) -> Iterator[DecodeStep]: prefill request.call, feed tokens[:-1] one
-    #       per step (step 0 is the prefill's prediction), teacher-forced against `teacher` (a TraceRows);
+    #       per step (step 0 is the prefill's prediction), teacher-forced against `teacher` (a TraceRows) where
+    #       the engine can be (a step without `local` values is judged end to end: the live engine);
     #   decode_info() -> dict: what the last decode did (session_len, KV storage, truncated_at, ...).
 
 
