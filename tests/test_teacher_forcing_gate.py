@@ -75,6 +75,10 @@ def test_same_diagnosis_as_teacher_forcing_everywhere(fixture_models, broken_w2_
                teacher_forced_everywhere=True)
     assert diagnosis_key(gated) == diagnosis_key(full)
     assert full.engine["teacher_forced"] == {"default": "from layer 0 (every layer)"}
+    # every layer and linear has its PLoRA row, also the layers judged end to end (in fp32 from the statistics
+    # the end-to-end run kept of its deltas, which are not written a second time)
+    rows = [(r["layer"], r["linear"], r.get("status")) for r in gated.plora_table]
+    assert rows == [(r["layer"], r["linear"], r.get("status")) for r in full.plora_table] and rows
     started = gated.engine["teacher_forced"]["default"]
     if numeric == "fp32" and not broken:  # every clean fp32 value is within min_rel: no teacher-forced run
         assert gated.status == "pass" and started.startswith("not run")

@@ -9,6 +9,7 @@ import torch
 
 from ..compare.align import floor_needed, floor_stats, judge_value
 from ..compare.rowstats import RowStats, row_stats
+from ..compare.stream import StatsTrace
 from ..compare.thresholds import Thresholds
 from ..deploy.layout import tm_qkv_cols_to_hf
 from ..hfconfig import AttnShape
@@ -31,7 +32,10 @@ def run(ctx: CheckContext) -> CheckOutput:
                 key = plora_key(linear, "delta")
                 ref = ct.reference.get(layer, key)
                 eng = ct.engine_local.get(layer, key)
-                if ref is None or eng is None or ref.shape != eng.shape:
+                # a layer judged end to end (teacher forcing on demand, fp32): the statistics of the engine's
+                # delta against the reference's, kept as the end-to-end run went (`parity.compare.stream`)
+                kept = ct.engine.stats(layer, key) if eng is None and isinstance(ct.engine, StatsTrace) else None
+                if ref is None or (kept is None and (eng is None or ref.shape != eng.shape)):
                     continue
                 r_meta = ct.reference.plora(layer, linear)
                 e_meta = ct.engine.plora(layer, linear)
@@ -39,10 +43,11 @@ def run(ctx: CheckContext) -> CheckOutput:
                        "rank_ref": r_meta.get("rank"), "scale_ref": r_meta.get("scale"),
                        "rank_eng": e_meta.get("rank"), "scale_eng": e_meta.get("scale")}
                 expected = None
-                if bool(image.any()) and ctx.numeric != "fp32":
+                if bool(image.any()) and ctx.numeric != "fp32" and eng is not None:
                     expected = _faithful_lowp_delta(ctx, ct, layer, linear, image)
                 # one pass over the pair: the image-row comparison and the text rows' max |delta|
-                st = row_stats(ref, eng) if expected is None or bool(text.any()) else None
+                st = kept if kept is not None else \
+                    row_stats(ref, eng) if expected is None or bool(text.any()) else None
                 text_max = float(st.max_e[text].max()) if bool(text.any()) else 0.0
                 row["text_max_abs"] = text_max
                 if text_max > 0 or not math.isfinite(text_max):
@@ -73,7 +78,8 @@ def run(ctx: CheckContext) -> CheckOutput:
                     if floor_needed(ct.floor_local, [sti.metrics(sel)["rel_l2"]], t, ctx.numeric):
                         fst = floor_stats(ct.floor_local, layer, key, ref)
                         floor = fst.metrics(image)["rel_l2"] if fst is not None else 0.0
-                    raw = lambda: (ref[image], eng[image])  # noqa: E731
+                    # kept statistics are of finite values only: a non-finite one starts the teacher-forced run
+                    raw = (lambda: (ref[image], eng[image])) if eng is not None else None  # noqa: E731
                 m = sti.metrics(sel)
                 limit, exceeded = judge_value(m["rel_l2"], floor or 0.0, t, ctx.numeric, unmeasured=floor is None)
                 denom, cross, eng_sq = _dots(sti, sel, m, raw)
@@ -116,7 +122,7 @@ def lora_cause(not_applied: bool, cosine: float, factor: float, t: Thresholds) -
 def _dots(st: RowStats, rows: torch.Tensor | None, m: dict, raw) -> tuple[float, float, float]:
     """(r.r, e.r, e.e) over the compared rows, float64. From the row sums, which cover the entries finite on
     both sides; with a non-finite entry, the dot products of the raw values `raw()` (they propagate it)."""
-    if m["nonfinite_ref"] or m["nonfinite_eng"]:
+    if (m["nonfinite_ref"] or m["nonfinite_eng"]) and raw is not None:
         r, e = raw()
         rr = r.double().reshape(-1)
         ee = e.double().reshape(-1)

@@ -6,7 +6,8 @@ and per row class (image / text / bos). While every value the end-to-end run pro
 PLoRA deltas) is within min_rel of the reference in total and in every class, the engine reproduces the
 reference through those layers end to end, and the comparison judges those layers on the end-to-end values
 (`compare_case` reads the end-to-end value where the teacher-forced trace has none; the PLoRA check reads the
-end-to-end deltas, written to the teacher-forced trace): each passes at min_rel, the verdict any floor gives.
+end-to-end deltas: in fp32 mode the statistics the end-to-end `StatsWriter` kept of them, in emulate mode the
+values, written to the teacher-forced trace): each passes at min_rel, the verdict any floor gives.
 From the first layer where a value leaves min_rel (a fault's first layer, or where clean rounding has grown
 past it), every layer after it is run teacher-forced as before, so a fault is still localised by its own
 local error. The head (final norm, logits) is judged the same way when no layer started it.

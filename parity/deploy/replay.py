@@ -46,7 +46,7 @@ from .. import progress
 from ..errors import EngineRefused, ParityInputError
 
 from ..names import TM_LINEAR_OF, tm_linear_prefix
-from ..points import LAYER_POINTS, PLORA_LINEARS, plora_key
+from ..points import LAYER_POINTS, PLORA_LINEARS, PLORA_PARTS, plora_key
 from ..records import EngineCall, RuntimeSemantics
 from ..trace import Trace, TraceWriter, is_skipped_part
 from .layout import hf_qkv_cols_to_tm, tm_qkv_cols_to_hf
@@ -257,6 +257,8 @@ class TraceStream:
     # of the end-to-end run (what its checks read), its points left to the end-to-end trace
     start_when: Callable[[int | None, dict[str, torch.Tensor]], bool] | None = None
     started_at: int | str | None = 0  # the layer it started at ("head"; None: never needed)
+    # which of the end-to-end run's PLoRA parts it writes while it waits (`parity.points.PLORA_PARTS` names)
+    waiting_parts: tuple[str, ...] = PLORA_PARTS
 
     def __post_init__(self):
         if self.start_when is not None:
@@ -601,17 +603,20 @@ class ReplayEngine:
 
     @torch.no_grad()
     def run_pair(self, call: EngineCall, writer_e2e: TraceWriter, writer_local: TraceWriter,
-                 teacher: Trace, start_local=None) -> tuple[dict[str, Any], dict[str, Any]]:
+                 teacher: Trace, start_local=None,
+                 waiting_parts: tuple[str, ...] = PLORA_PARTS) -> tuple[dict[str, Any], dict[str, Any]]:
         """`run(call, writer_e2e)` and `run(call, writer_local, teacher=teacher)` in one layer-major pass: each
         layer's weights are read and upcast once and both states advance through the layer. The traces are
         bit-identical to the two separate runs'. Returns (info_e2e, info_local).
 
         `start_local(layer, values)`: teacher forcing on demand (`parity.compare.gate`): the teacher-forced run
-        starts at the first layer (or the head, layer None) where it returns True for the end-to-end values."""
+        starts at the first layer (or the head, layer None) where it returns True for the end-to-end values;
+        until then its writer gets the end-to-end run's PLoRA parts named in `waiting_parts`."""
         if teacher is None:
             raise ValueError("run_pair needs the teacher trace for its teacher-forced run.")
         e2e, local = self._run(call, [TraceStream(writer_e2e, None),
-                                      TraceStream(writer_local, teacher, start_when=start_local)])
+                                      TraceStream(writer_local, teacher, start_when=start_local,
+                                                  waiting_parts=tuple(waiting_parts))])
         return e2e, local
 
     def _prepare(self, call: EngineCall) -> PreparedCall:
@@ -669,7 +674,8 @@ class ReplayEngine:
             for s in streams:
                 if s.start_when is not None:  # not started yet (the end-to-end stream comes first)
                     if not s.start_when(i, e2e_vals):
-                        parts = {k: v for k, v in e2e_vals.items() if ":" in k}  # plora_key: "linear:part"
+                        parts = {k: v for k, v in e2e_vals.items()  # plora_key: "linear:part"
+                                 if ":" in k and k.rpartition(":")[2] in s.waiting_parts}
                         s.writer.layer(i, _fresh(parts, s.writer))
                         continue
                     s.start_when = None

@@ -70,8 +70,12 @@ class ReplayRunner:
             if not (self.setup.teacher_forced_everywhere or request.keep_all_parts):
                 gate = TeacherForcingGate(request.reference, self.setup.thresholds or Thresholds(),
                                           self.settings.numeric, row_classes(request.prepared), computed=e2e).needed
+            # until it starts, the teacher-forced trace holds the end-to-end run's masks, and in emulate mode its
+            # deltas and inputs too (the PLoRA check judges them against a faithful low-precision delta); in fp32
+            # mode the check reads the deltas' statistics against the reference from `e2e` (no second copy on disk)
+            waiting = PLORA_PARTS if self.settings.numeric == "emulate" else ("mask",)
             info, local_info = self.engine.run_pair(request.call, e2e, writer("engine_local", local_skip),
-                                                    request.reference, start_local=gate)
+                                                    request.reference, start_local=gate, waiting_parts=waiting)
             self.teacher_forced_from[request.case] = describe(local_info["teacher_forced_from"], ws.model.num_layer)
         else:  # different rows (a BOS policy or range mismatch): only the engine's own run exists
             info = local_info = self.engine.run(request.call, writer("engine", UNCHECKED_PARTS))
