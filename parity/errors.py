@@ -27,6 +27,12 @@ class EngineRefused(ValueError):
     """
 
 
+def one_line(e: BaseException) -> str:
+    """An exception's message as one line (newlines folded, ends stripped) for a one-paragraph error; "" when
+    it has none."""
+    return str(e).strip().replace("\n", " ")
+
+
 def followable(path: Path | str, what: str = "Path") -> Path:
     """`path`, after checking it can be looked up: a symlink loop is bad input (Python's own error for it
     is a RuntimeError from `Path.resolve`, deep inside whichever stage first touches the path)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from .errors import ParityInputError
+from .errors import ParityInputError, one_line
 
 
 def run_lmdeploy_cli(argv: list[str]) -> int:
@@ -54,7 +54,7 @@ def run_lmdeploy_cli(argv: list[str]) -> int:
                 "full dependencies (pip install lmdeploy==0.7.1) and a CUDA GPU."
             ) from None
         except Exception as e:  # noqa: BLE001 - lmdeploy's failure, reported as one paragraph
-            msg = str(e).strip().replace("\n", " ")[:600] or type(e).__name__
+            msg = one_line(e)[:600] or type(e).__name__
             raise ParityInputError(
                 f"lmdeploy {' '.join(args)} failed ({type(e).__name__}: {msg}). The command ran lmdeploy "
                 f"{installed_lmdeploy_version()}'s own CLI with parity's registration active; check its arguments "

@@ -47,7 +47,7 @@ from typing import Any, Iterator
 import yaml
 
 from ..atomic import replaced_folder
-from ..errors import ParityInputError, followable
+from ..errors import ParityInputError, followable, one_line
 from ..hfconfig import kv_heads_of, read_hf_config
 from ..locks import entry_lock
 from ..patching import patched
@@ -217,8 +217,7 @@ def _import_failure(model_dir: Path, entry: str) -> str:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             get_class_from_dynamic_module(f"ixc_utils.{entry}", str(model_dir))
     except Exception as e:  # noqa: BLE001 - we report whatever lmdeploy swallowed
-        msg = str(e).strip().replace("\n", " ")
-        return f"{type(e).__name__}: {msg}"
+        return f"{type(e).__name__}: {one_line(e)}"
     return "the import succeeds now (it failed while the converter ran)"
 
 
@@ -318,7 +317,7 @@ def _failing_line(e: BaseException) -> str:
 
 
 def _converter_error(model_dir: Path, e: BaseException, log: list[str]) -> ParityInputError:
-    msg = str(e).strip().replace("\n", " ") or _failing_line(e)
+    msg = one_line(e) or _failing_line(e)
     if len(msg) > 600:
         msg = msg[:600] + " ..."
     tail = ""

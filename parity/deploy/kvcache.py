@@ -133,18 +133,16 @@ def session_len(workspace) -> int:
         raise ParityInputError(
             f"{workspace.weights_dir}/config.yaml has no model_config.session_len; decoding needs it (the most "
             "tokens TurboMind keeps for one sequence).")
+    return _positive_int(workspace, "model_config.session_len", value)
+
+
+def _positive_int(workspace, key: str, value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ParityInputError(
-            f"{workspace.weights_dir}/config.yaml model_config.session_len is {value!r}; expected a positive "
-            "integer.")
+        raise ParityInputError(f"{workspace.weights_dir}/config.yaml {key} is {value!r}; expected a positive integer.")
     return value
 
 
 def block_len(workspace) -> int:
     """`attention_config.cache_block_seq_len` (TurboMind's default 64 when absent)."""
     value = (getattr(workspace, "attention", None) or {}).get("cache_block_seq_len", 64) or 64
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ParityInputError(
-            f"{workspace.weights_dir}/config.yaml attention_config.cache_block_seq_len is {value!r}; expected a "
-            "positive integer.")
-    return value
+    return _positive_int(workspace, "attention_config.cache_block_seq_len", value)

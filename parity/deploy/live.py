@@ -63,7 +63,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..errors import EngineUnavailable, ParityInputError
+from ..errors import EngineUnavailable, ParityInputError, one_line
 from ..records import DecodeStep, EngineCall, Finding
 from ..trace import Trace, TraceWriter
 from .compat import STUB_MODULE_NAME, installed_lmdeploy_version, lmdeploy_lib, stub_active
@@ -358,14 +358,14 @@ class LiveTurboMind:
                     self.tm = TurboMind.from_pretrained(str(self.model_dir), tokenizer=self.tokenizer,
                                                         engine_config=self.engine_config)
                 except (AssertionError, KeyError, ValueError) as e:  # lmdeploy's checks of the model/config
-                    msg = str(e).strip().replace("\n", " ") or type(e).__name__
+                    msg = one_line(e) or type(e).__name__
                     raise ParityInputError(
                         f"lmdeploy {installed_lmdeploy_version()}'s TurboMind could not load {self.model_dir} "
                         f"({type(e).__name__}: {msg[:600]}). Expected an XComposer2 HF folder that `parity convert` "
                         "accepts."
                     ) from e
                 except RuntimeError as e:  # the C++ engine's own checks (e.g. a LoRA rank it cannot hold)
-                    msg = str(e).strip().replace("\n", " ") or type(e).__name__
+                    msg = one_line(e) or type(e).__name__
                     raise LiveEngineError(
                         f"TurboMind (lmdeploy {installed_lmdeploy_version()}) refused to load {self.model_dir}: "
                         f"{msg[:600]}. Its C++ engine checks the LoRA tensors' sizes against the lora_config "
@@ -451,7 +451,7 @@ class LiveTurboMind:
                 if out.logits is not None:
                     out_logits = out.logits.detach().float().cpu().clone()
         except RuntimeError as e:  # raised by the C++ engine (CUDA out of memory, a failed kernel, ...)
-            msg = str(e).strip().replace("\n", " ") or type(e).__name__
+            msg = one_line(e) or type(e).__name__
             raise LiveEngineError(f"TurboMind failed on a request of {len(ids)} rows at step {step} (session_len "
                                   f"{self.config.session_len}) for {self.model_dir}: {msg[:600]}.") from None
         return token_ids, hidden, out_logits

@@ -137,17 +137,15 @@ def resolve(lora: "LoraSettings", layer: int, tm_linear: str) -> tuple[int, floa
     (see `effective`).
     """
     name = tm_name(layer, tm_linear)
-    rank = int(lora.lora_r)
-    for _, rx, v in _parse(lora.lora_rank_pattern or "", "lora_rank_pattern", "int"):
-        if rx.search(name):
-            rank = int(v)
-            break
-    scale = f32(lora.lora_scale)
-    for _, rx, v in _parse(lora.lora_scale_pattern or "", "lora_scale_pattern", "float"):
-        if rx.search(name):
-            scale = float(v)
-            break
-    return rank, scale
+    rank = _first_match(lora.lora_rank_pattern, "lora_rank_pattern", "int", name, lora.lora_r)
+    scale = _first_match(lora.lora_scale_pattern, "lora_scale_pattern", "float", name, f32(lora.lora_scale))
+    return int(rank), float(scale)
+
+
+def _first_match(pattern: str, field: str, kind: str, name: str, default: float) -> float:
+    """The value of the first `pattern` item whose regex matches `name` (TurboMind's getLoraPattern), else
+    `default`."""
+    return next((v for _, rx, v in _parse(pattern or "", field, kind) if rx.search(name)), default)
 
 
 def effective(lora: "LoraSettings", layer: int, tm_linear: str) -> tuple[int, float]:
