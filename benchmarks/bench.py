@@ -330,7 +330,9 @@ def child_parity(args, watch: Watch) -> dict:
     registry.CHECKS = tuple((name, timed_check(name, fn)) for name, fn in registry.CHECKS)  # held by value
     wrap(hidden, "run", lambda *a, **k: "check:hidden")
 
-    real_compare = pipeline.compare_case
+    import parity.judge as judge  # where run_parity's comparison runs
+
+    real_compare = judge.compare_case
     compare_info = out.setdefault("compare", {"bytes": 0, "wall_s": 0.0, "cpu_s": 0.0, "points": 0})
     excluded = {"wall_s": 0.0, "cpu_s": 0.0}
 
@@ -370,7 +372,7 @@ def child_parity(args, watch: Watch) -> dict:
             excluded["cpu_s"] += again.cpu
         return res
 
-    pipeline.compare_case = compare_case
+    judge.compare_case = compare_case
 
     case = case_for_rows(Path(args.model), args.rows, int(args.image_rows))
     opts = pipeline.RunOptions(model=Path(args.model), trust_remote_code=True, cache_dir=Path(args.root),

@@ -1,6 +1,6 @@
 """A run's options (`RunOptions`, what a user sets: CLI flags, `parity.run` keywords, the pytest plugin) and
 what is decided from them alone, before any model loads: their checks (exit 2), the input cases, the runtime
-semantics and the workspace to compare against."""
+semantics, the workspace to compare against and what the engine is set up with."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ from typing import Any
 
 from .compare.thresholds import Thresholds
 from .device import Placement, resolve_device
-from .engines import engine_class
+from .deploy.layout import stored_weights_dtype
+from .engines import EngineSetup, engine_class
 from .errors import ParityInputError
 from .inputs import default_cases, load_cases
 from .places import default_cache_dir
-from .records import CanonicalInput, RuntimeSemantics
+from .records import CanonicalInput, FaultHooks, RuntimeSemantics
 from .reference.session import ReferenceSession
 
 
@@ -85,6 +86,27 @@ def workspace_path(opts: RunOptions, family: str | None) -> Path:
     from .deploy.convert import convert_cached
 
     return convert_cached(opts.model, opts.cache_dir / "workspaces")
+
+
+def engine_setup(opts: RunOptions, semantics: RuntimeSemantics, session: ReferenceSession, workspace,
+                 faults: FaultHooks) -> EngineSetup:
+    """What the engine is built from, and the reference set up to match the deployment: judged with the weights
+    the workspace stores (the weights check compares them with the checkpoint), and with a quantized KV cache
+    (--quant-policy) reading K and V back through the same quantization as the engine stores them in.
+    `workspace`: the opened `parity.deploy.workspace.Workspace`."""
+    session.hold_weights_as(stored_weights_dtype(workspace.model.weight_type))
+    options = dict(opts.live)
+    if opts.quant_policy:
+        from .quant.kv import bits_for_policy
+        from .quant.kv_reference import turbomind_kv
+
+        session.kv_cache = turbomind_kv(bits_for_policy(opts.quant_policy), workspace.dtype)
+        options.update(kv_bits=bits_for_policy(opts.quant_policy))
+    return EngineSetup(
+        model=opts.model, workspace=workspace, semantics=semantics, numeric=opts.numeric, serve_from=opts.serve_from,
+        options=options, layers=opts.layers, cache_dir=opts.cache_dir, thresholds=opts.thresholds,
+        session=session, device=session.placement.device, faults=faults,
+        teacher_forced_everywhere=opts.teacher_forced_everywhere)
 
 
 MAX_DECODE = 4096

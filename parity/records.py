@@ -93,6 +93,50 @@ class EngineCall:
     content_hash: str
 
 
+@dataclass
+class CaseInput:
+    """One case laid out for both sides (`parity.cases.lay_out_cases`): the rows the reference sees and each
+    side's call built from its own rows."""
+
+    name: str
+    prepared: PreparedInput
+    hf_call: HFCall
+    engine_call: EngineCall
+
+    @property
+    def same_rows(self) -> bool:
+        """The engine is asked for the reference's rows: teacher forcing is possible. With different rows (a BOS
+        policy or range mismatch) only the engine's own run exists and the inputs check names the difference."""
+        return len(self.engine_call.input_ids) == self.prepared.image_rows.numel()
+
+    def request(self, captured: "ReferenceCapture", trace_dir: Path, keep_all_parts: bool) -> "EngineRequest":
+        return EngineRequest(self.name, self.engine_call, self.prepared, self.hf_call, captured.reference,
+                             captured.floor_e2e, self.same_rows, trace_dir, keep_all_parts=keep_all_parts)
+
+
+# ---------------------------------------------------------------- reference side
+
+
+@dataclass
+class ReferenceCapture:
+    """What the reference side captured for one case (`ReferenceSession.capture`): the fp32 trace and the noise
+    floors at the engine's precision that the engine's judging needs."""
+
+    reference: "Trace"
+    floor_e2e: "Trace | None"                                  # end to end, as values, where captured
+    floor_local: Any    # teacher-forced, as statistics (parity.compare.stream: StatsTrace, FloorOnDemand) or values
+
+
+@dataclass(frozen=True)
+class ReferenceInfo:
+    """What the report says about the reference it judged with (`ReferenceSession.describe`)."""
+
+    storage: str                   # the dtype its weights are held in ("float32")
+    weights: str                   # how they relate to the deployment's (rounded to its dtype, or as loaded)
+    device: dict[str, Any]         # parity.device.Placement.describe()
+    applied: list[str]             # in-process fixes made to the loaded model
+
+
 # ---------------------------------------------------------------- deployment side
 
 
@@ -215,6 +259,18 @@ class EngineSummary:
     warnings: list[EngineWarning] = field(default_factory=list)
     findings: list["Finding"] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class DeployedCase:
+    """One case after the deployment stage: its inputs, the reference's captures, and the engine's run (None
+    where the engine refused the workspace: `refused`), with its decode section under --decode."""
+
+    case: CaseInput
+    captured: ReferenceCapture
+    run: EngineRun | None
+    refused: Exception | None = None   # parity.errors.EngineRefused
+    decode: "DecodeSection | None" = None
 
 
 # ---------------------------------------------------------------- findings and report
@@ -435,3 +491,19 @@ class Report:
             "quantization": self.quantization,
             "decode": [asdict(d) for d in self.decode],
         }
+
+
+def engine_section(kind: str, semantics: RuntimeSemantics, settings: EngineSettings, serve_from: str,
+                   weight_type: str, conversion: ConversionRecord | None, reference: ReferenceInfo,
+                   summary: EngineSummary, image_input: dict[str, Any]) -> dict[str, Any]:
+    """The report's `engine` entry (README, "report.json"): the deployment as run, the reference it was judged
+    against, and the engine's own part (`EngineSummary.report`)."""
+    section = {"kind": kind, "lmdeploy_version": semantics.version, "numeric": settings.numeric,
+               "serve_from": serve_from, "semantics": semantics.__dict__, "weight_type": weight_type,
+               "sub_type": conversion.sub_type if conversion else None, "reference_storage": reference.storage,
+               "reference_weights": reference.weights,
+               "conversion_warnings": conversion.warnings if conversion else [], "device": reference.device,
+               "reference_applied": reference.applied, **summary.report}
+    if image_input:
+        section["image_input"] = image_input
+    return section

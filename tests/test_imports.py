@@ -18,8 +18,8 @@ SKIP = ("fixtures/remote_code", "fixtures/qwen2_remote_code")
 LEVELS: dict[str, int] = {
     "parity.deploy": 1, "parity.reference": 1, "parity.compare": 1, "parity.inputs": 1,
     "parity.disguise": 2, "parity.quant": 2, "parity.checks": 2, "parity.engines": 2, "parity.layerwise": 2,
-    "parity.generation": 2,
-    "parity.verdict": 2, "parity.report": 3, "parity.options": 3,
+    "parity.generation": 2, "parity.cases": 2,
+    "parity.verdict": 2, "parity.report": 3, "parity.options": 3, "parity.judge": 3,
     "parity.pipeline": 4, "parity.parallel": 4, "parity.faults": 4, "parity.api": 5, "parity.cli": 6,
     "parity.lmdeploy_cli": 6, "parity.pytest_plugin": 6, "parity": 6,
 }

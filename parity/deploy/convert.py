@@ -65,7 +65,12 @@ SUB_TYPES = {"XCOMPOSER2": "7b", "XCOMPOSER2_4KHD": "4khd", "XCOMPOSER2D5": "2.5
 # what each ixc_utils entry point means to lmdeploy (it tries Image_transform first)
 _IXC_MARKERS = (("Image_transform", "2.5"), ("HD_transform", "4khd"))
 # Bump when the conversion procedure (patches, override mechanics) changes: part of the cache key.
-CONVERT_PROCEDURE_VERSION = "2"  # 2: disguise folders bring their lora_config and attn_bias
+# 2: disguise folders bring their lora_config and attn_bias;
+# 3: the conversion record keeps the source model's fingerprint (`ConversionRecord.source`, parity.deploy.source).
+#    A workspace cached before it has a record without one, and the source check (parity.checks.source) then
+#    falls back to config.yaml's sizes and the norm weights, a weaker test than the fingerprint's sampled
+#    tensors: a new cache key re-converts it, and the new record has one.
+CONVERT_PROCEDURE_VERSION = "3"
 
 
 # ------------------------------------------------------------------------------------------ validation

@@ -23,7 +23,7 @@ import torch
 from ..checkpoint import safetensors_headers
 from ..device import Placement, place_reference, resolve_device
 from ..points import PLORA_PARTS
-from ..records import HFCall
+from ..records import EngineSettings, HFCall, ReferenceCapture, ReferenceInfo
 from ..trace import SAFETENSORS_CODES, Trace, TraceMeta
 from .capture import capture_reference
 from .loader import ReferenceModel, load_reference
@@ -118,6 +118,25 @@ class ReferenceSession:
             return None, self.floor_local(call, case, dtype)
         e2e = self.floor_e2e(call, case, dtype)
         return e2e, e2e
+
+    def capture(self, call: HFCall, case: str, settings: EngineSettings, measure_floor: bool = False
+                ) -> ReferenceCapture:
+        """One case's reference side for an engine judged as `settings` say: the fp32 trace and its noise floors.
+        The local floor is measured on demand, only where a verdict needs it, unless `measure_floor`."""
+        from ..compare.stream import FloorOnDemand
+
+        reference = self.reference(call, case)
+        floor_e2e, floor_local = self.floors(call, case, settings.floor_dtype, settings.teacher_forced)
+        if measure_floor and isinstance(floor_local, FloorOnDemand):
+            floor_local.resolve()
+        return ReferenceCapture(reference, floor_e2e, floor_local)
+
+    def describe(self, deployed_weight_type: str) -> ReferenceInfo:
+        """The reference as the report shows it, beside a deployment computing in `deployed_weight_type`."""
+        ref = self.ref
+        return ReferenceInfo(storage=str(next(ref.model.parameters()).dtype).replace("torch.", ""),
+                             weights=ref.weights_note(deployed_weight_type), device=self.placement.describe(),
+                             applied=ref.applied)
 
     def _get(self, key, make):
         if key not in self._traces:
