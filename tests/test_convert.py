@@ -336,3 +336,26 @@ def test_release_without_xcomposer2_is_refused_before_converting(fixture_models,
         convert(fixture_models["xcomposer2-tiny"], tmp_path / "ws")
     assert "0.14.0" in _one_paragraph(e.value)
     assert not (tmp_path / "ws").exists()
+
+
+def test_a_conversion_killed_outright_is_cleaned_by_the_next_one(fixture_models, tmp_path):
+    """SIGKILL inside lmdeploy's converter leaves its temp folder; the next convert_cached of the entry (under
+    the entry's lock) removes it and converts."""
+    import signal
+    import subprocess
+
+    md, cache = fixture_models["xcomposer2-tiny"], tmp_path / "cache"
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, signal, sys\n"
+        "import parity.deploy.convert as c\n"
+        "def dies(main, model_dir, dst, *a):\n"
+        "    (dst / 'triton_models').mkdir(parents=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "c._call_main = dies\n"
+        "c.convert_cached(sys.argv[1], sys.argv[2])\n"), str(md), str(cache)],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert killed.returncode == -signal.SIGKILL
+    assert [p for p in cache.iterdir() if ".converting." in p.name]  # what the kill left
+    ws = convert_cached(md, cache)
+    assert Workspace.open(ws).model.num_layer > 0
+    assert sorted(p.name for p in cache.iterdir()) == sorted([ws.name, f".{ws.name}.lock"])

@@ -46,7 +46,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from ..atomic import replaced_folder
+from ..atomic import remove_leftovers, replaced_folder
 from ..errors import ParityInputError, followable, one_line
 from ..hfconfig import kv_heads_of, read_hf_config
 from ..locks import entry_lock
@@ -542,6 +542,7 @@ def convert_cached(model_dir: str | Path, cache_root: str | Path, tp: int = 1, l
     with entry_lock(root / f".{dest.name}.lock"):
         if _cached(dest):
             return dest
+        remove_leftovers(dest, "converting")  # of a conversion killed outright (we hold the entry's lock)
         convert(model_dir, dest, tp=tp, lora_config=lora_config)
         if prune:
             for old in root.glob(f"{glob_escape(prefix)}*"):

@@ -7,7 +7,9 @@ import hashlib
 import json
 from pathlib import Path
 
+from ..atomic import remove_leftovers
 from ..errors import ParityInputError
+from ..locks import entry_lock
 from .lora import read_lora_config
 from .writer import DISGUISE_RECORD, DisguiseRecord, disguise
 
@@ -26,7 +28,6 @@ def disguised_workspace(model_dir: str | Path, cache_root: str | Path, *, tp: in
     active in the converting/serving process.
     """
     from ..deploy.convert import cache_key, convert_cached
-    from ..locks import entry_lock
 
     model_dir = Path(model_dir).resolve()
     key = hashlib.sha256(f"{cache_key(model_dir)}/{DISGUISE_VERSION}".encode()).hexdigest()[:16]
@@ -37,6 +38,7 @@ def disguised_workspace(model_dir: str | Path, cache_root: str | Path, *, tp: in
         try:
             record = DisguiseRecord(**json.loads(record_path.read_text()))
         except (OSError, ValueError, TypeError):
+            remove_leftovers(dst, "disguise")  # of a run killed outright (we hold the entry's lock)
             record = disguise(model_dir, dst, trust_remote_code=trust_remote_code, overwrite=True, quiet=True)
     lora = read_lora_config(dst)
     if lora is None:  # pragma: no cover - disguise always writes it

@@ -30,9 +30,10 @@ from typing import Any, Iterator
 
 import torch
 
-from ..atomic import replaced_folder
+from ..atomic import remove_leftovers, replaced_folder
 from ..errors import ParityInputError
 from ..hfconfig import read_hf_config, require_trusted_code
+from ..locks import entry_lock
 from ..patching import patched
 
 RECORD_NAME = "parity-quantize.json"
@@ -315,7 +316,6 @@ QUANT_FIXTURES: dict[str, tuple[str, bool]] = {
 def quantized_cached(model: Path | str, cache_root: Path | str, compensate_plora: bool) -> Path:
     """`parity quantize` of `model` under `cache_root`, run only when absent (keyed like convert_cached)."""
     from ..deploy.convert import cache_key
-    from ..locks import entry_lock
 
     model = Path(model).resolve()
     root = Path(cache_root).resolve()
@@ -325,6 +325,7 @@ def quantized_cached(model: Path | str, cache_root: Path | str, compensate_plora
     root.mkdir(parents=True, exist_ok=True)
     with entry_lock(root / f".{dest.name}.lock"):
         if not (dest / RECORD_NAME).is_file():
+            remove_leftovers(dest, "quantizing")  # of a run killed outright (we hold the entry's lock)
             quantize(model, dest, compensate_plora=compensate_plora, trust_remote_code=True, overwrite=True)
     return dest
 
