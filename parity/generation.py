@@ -33,7 +33,7 @@ def decode_case(session: ReferenceSession, engine, request: EngineRequest, n: in
     floor_local = session.floor_local(gen.call, name, settings.floor_dtype) if settings.teacher_forced else None
     floor_e2e = session.floor_e2e(gen.call, name, settings.floor_dtype)
     comparator = DecodeComparator(request.case, gen.tokens, gen.prompt_rows, reference, floor_local, floor_e2e,
-                                  thresholds, settings.numeric, ref.decode, kv_bits=settings.kv_bits)
+                                  thresholds, settings.numeric, ref.decode)
     teacher = TraceRows(reference)
     keep = request.trace_dir / "decode" if request.keep_all_parts else None  # --keep-traces: one file per step
     try:

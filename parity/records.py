@@ -178,7 +178,6 @@ class EngineSettings:
     teacher_forced: bool       # infer() also returns a run fed the reference's inputs (else local == e2e)
     serve_from: str            # "hf" | "workspace"
     weight_type: str           # the dtype the deployment computes in ("float16", "bfloat16", ...)
-    kv_bits: int = 0           # the KV cache holds u8/u4 codes (--quant-policy 8/4); 0: a floating-point cache
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,6 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
-from parity.compare.thresholds import Thresholds
 from parity.deploy.convert import convert_cached
 from parity.fixtures import (CLIP_HUB_ID, IMAGES_DIR, QWEN2_PROJECTIONS, FixtureSpec, Qwen2FixtureSpec, hf_home,
                              write_hub_cache, write_model, write_qwen2_model)
@@ -204,16 +203,16 @@ def test_clean_quantized_runs_raise_no_alarm(family, root, monkeypatch):
     assert len(seen) == EXAMPLES
 
 
-# ----------------------------------------------------------------------------- found
+# ----------------------------------------------------------------------------- found, open
 
 
 # Found by this property with 6 draws per family (draw 6 of 4KHD): uncompensated smoothing, u4 KV cache, fp32 mode,
-# 3 generated tokens, one image (3,817 rows). Beside the 4 structural findings, it gave a decode finding: step 2,
-# layer 0, attention, teacher-forced error 2.35e-4 over the fp32 cap 1e-4 while that point's own noise floor was
-# 6.2e-3 (u4 codes near a rounding boundary flip between float64 and float32 K/V, on the reference against itself
-# as on the replay; no floor could lift the float32 cap). A point that reads a quantized KV cache is now judged at
-# the cache's precision (`compare.thresholds.judged_numeric`); the same draw with --compensate-plora passed before.
-FOUND_U4_DECODE = QuantDraw(
+# 3 generated tokens, one image (3,817 rows). Beside the 4 structural findings, a decode finding: step 2, layer 0,
+# attention, teacher-forced error 2.35e-4 over the fp32 cap 1e-4 while its own noise floor is 6.2e-3 (u4 codes near
+# a rounding boundary flip between the reference's and the replay's fp32 K/V; the cap cannot be lifted by any
+# floor), and the verdict then names the prefill's lora_smoothing_mismatch as its cause, which cannot move a
+# replay-vs-reference error. The same draw with --compensate-plora passes with zero error findings.
+OPEN_U4_DECODE = QuantDraw(
     spec=FixtureSpec(name="q4khd", variant="4khd", layers=1, heads=2, kv_heads=1, head_dim=128, intermediate=128,
                      vocab=128, lora={"attention.wqkv": (2, 1.0), "attention.wo": (64, 0.5),
                                       "feed_forward.w1": (1, 16.0), "feed_forward.w3": (64, 16.0),
@@ -224,8 +223,11 @@ FOUND_U4_DECODE = QuantDraw(
         Segment("image", image=Path(IMAGES_DIR) / "gradient.png"), Segment("text", text="Hi "))))
 
 
-def test_found_u4_decode_step_judged_at_the_cache_precision(root):
-    report = run_draw(FOUND_U4_DECODE, root)
-    assert_clean_quantized(FOUND_U4_DECODE, report)
-    attention = [p for s in report.decode for p in s.points if p["module"] == "attention"]
-    assert attention and all(p["threshold"] > Thresholds().fp32_max_rel for p in attention if p["floor"] > 0)
+@pytest.mark.xfail(strict=False, reason=(
+    "OPEN (KV cache, parity/deploy/decode.py): the teacher-forced attention rotates the reference's keys with "
+    "the engine's rotary, so a u4 code near a rounding boundary flips against the reference's own cache and the "
+    "step exceeds the fp32 cap (numeric_drift). Lifting the cap for cache readers was tried and withdrawn: it "
+    "hides a 1% attention fault (test_quant_kv). The fix is a teacher-forced cache (the reference's own "
+    "dequantized K/V fed to the local attention) with the write path checked separately"))
+def test_open_u4_decode_step_over_the_fp32_cap(root):
+    assert_clean_quantized(OPEN_U4_DECODE, run_draw(OPEN_U4_DECODE, root))

@@ -20,7 +20,7 @@ from ..records import EngineRun, PointResult, PreparedInput
 from ..trace import Trace
 from .rowstats import RowStats, row_stats_multi
 from .stream import FloorOnDemand, StatsTrace
-from .thresholds import Thresholds, judged_numeric
+from .thresholds import Thresholds
 
 # Points whose per-row error the report draws as a heatmap.
 ROW_ERROR_POINTS = {"layer", "embeddings", "norm"}
@@ -175,11 +175,8 @@ def compare_case(ct: CaseTraces, thresholds: Thresholds, numeric: str) -> list[P
         e2e = class_metrics(st["e2e"], classes)
         local = class_metrics(st.get("local", st["e2e"]), classes)  # no teacher-forced value: local = e2e
         measured.append((layer, point, ref, st, e2e, local))
-    kv_bits = ct.run.settings.kv_bits if ct.run is not None else 0
-    numeric_at = {point: judged_numeric(numeric, point, kv_bits) for _, point, *_ in measured}
-    use_floor = not floor_values and any(
-        floor_needed(ct.floor_local, [local["rel_l2"], *(c["rel_l2"] for c in local["by_class"].values())],
-                     thresholds, numeric_at[point]) for _, point, _, _, _, local in measured)
+    judged = [v for *_, local in measured for v in (local["rel_l2"], *(c["rel_l2"] for c in local["by_class"].values()))]
+    use_floor = not floor_values and floor_needed(ct.floor_local, judged, thresholds, numeric)
     results: list[PointResult] = []
     for layer, point, ref, st, e2e, local in measured:
         if use_floor:
@@ -189,7 +186,7 @@ def compare_case(ct: CaseTraces, thresholds: Thresholds, numeric: str) -> list[P
         fls = st.get("floor_local")
         unmeasured = fls is None and isinstance(ct.floor_local, FloorOnDemand) and not use_floor
         floor_local = class_metrics(fls, classes) if fls is not None else {"rel_l2": 0.0, "by_class": {}}
-        threshold, exceeded = judge_classes(local, floor_local, thresholds, numeric_at[point], unmeasured)
+        threshold, exceeded = judge_classes(local, floor_local, thresholds, numeric, unmeasured)
         if ct.floor_e2e is not None:  # only the live path reads it
             fes = st.get("floor_e2e")
             local["floor_e2e"] = fes.metrics()["rel_l2"] if fes is not None else 0.0

@@ -29,7 +29,7 @@ from ..records import DecodeSection, DecodeStep
 from ..tokens import choice, in_topk, logprob, public, text
 from ..trace import Trace, TraceRows
 from .rowstats import row_stats_multi
-from .thresholds import Thresholds, judged_numeric
+from .thresholds import Thresholds
 
 
 def step_points(num_layers: int):
@@ -50,12 +50,10 @@ def _row_rel(sd2: float, sr2: float) -> float:
 
 class DecodeComparator:
     def __init__(self, case: str, tokens: list[int], prompt_rows: int, reference: Trace, floor_local,
-                 floor_e2e: Trace | None, thresholds: Thresholds, numeric: str, decode: Callable[[int], str],
-                 kv_bits: int = 0):
+                 floor_e2e: Trace | None, thresholds: Thresholds, numeric: str, decode: Callable[[int], str]):
         self.case, self.ref_tokens, self.P = case, list(tokens), prompt_rows
         self.rows = TraceRows(reference)
         self.floor_local, self.thresholds, self.numeric, self.decode = floor_local, thresholds, numeric, decode
-        self.kv_bits = kv_bits  # a quantized KV cache: its readers are judged at its precision (judged_numeric)
         self.floor_rows = TraceRows(floor_e2e) if floor_e2e is not None else None
         self.num_layers = reference.num_layers
         self._floors: dict[tuple[int | None, str], Any] = {}
@@ -126,7 +124,7 @@ class DecodeComparator:
             s_e2e, s_loc = row_stats_multi(ref.float(), [e2e.float().reshape(ref.shape), loc.float().reshape(ref.shape)])
             m_e2e, m_loc = s_e2e.metrics(), s_loc.metrics()
             floor = self._floor(layer, point, row) if forced else self._floor_e2e(layer, point, row)
-            threshold = self.thresholds.threshold(floor, judged_numeric(self.numeric, point, self.kv_bits))
+            threshold = self.thresholds.threshold(floor, self.numeric)
             local = m_loc["rel_l2"]
             exceeded = not math.isfinite(local) or local > threshold
             self.points.append({

@@ -6,9 +6,6 @@ float32 vs the deployment dtype for dtype emulation and the live engine). `min_r
 reproducible points (floor 0) from failing on the last bit; `max_rel` is the absolute cap that no noisy
 floor may lift a threshold above, so a real fault cannot hide under the noise of an unrelated point.
 Configurable in `[tool.parity]` of the project's pyproject.toml and by CLI flags.
-
-A point is judged at the precision of what it computes from (`judged_numeric`): in fp32 mode that is float32,
-except where a value is read back from a quantized KV cache (see `KV_CACHE_READERS`).
 """
 
 from __future__ import annotations
@@ -66,7 +63,6 @@ class Thresholds:
         return self
 
     def bounds(self, numeric: str) -> tuple[float, float]:
-        """(min_rel, max_rel) of a numeric mode: "fp32", else the low-precision ones ("emulate", "lowp")."""
         if numeric == "fp32":
             return self.fp32_min_rel, self.fp32_max_rel
         return self.lowp_min_rel, self.lowp_max_rel
@@ -103,21 +99,6 @@ class Thresholds:
                 raise ParityInputError(f"{source}: threshold {shown} = {values.get(key)!r} is not usable: {msg} "
                                        f"({_RULES.get(key, '')}).") from None
             raise ParityInputError(f"{source}: {msg}.") from None
-
-
-# The points whose value is computed from keys and values read back from TurboMind's KV cache (the prefill's
-# attention reads them back too: parity.deploy.kvcache). With `--quant-policy` 8/4 the cache holds u8/u4 codes.
-KV_CACHE_READERS = frozenset({"attention"})
-
-
-def judged_numeric(numeric: str, point: str, kv_bits: int) -> str:
-    """The precision `point` is judged at. A value read back from u8/u4 codes is coarser than any floating
-    dtype: an input that differs in its last float32 bit moves a code across a rounding boundary by a whole
-    step, on the reference against itself as on the engine (a u4 cache's floor, float64 against float32, is
-    ~6e-3). The fp32 cap (the bound no floor may lift a threshold above) is a float32 bound, so no floor of such
-    a point could ever pass it; these points take the low-precision bounds, the ones for a store coarser than
-    float32, in either mode. Every other point, and every point of a floating-point cache, keeps the mode's."""
-    return "lowp" if kv_bits and point in KV_CACHE_READERS else numeric
 
 
 # the thresholds the command line sets, with what each means (for --help)

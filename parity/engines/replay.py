@@ -43,8 +43,7 @@ class ReplayRunner:
         self.settings = EngineSettings(
             kind=self.kind, numeric=s.numeric,
             floor_dtype=torch.float64 if s.numeric == "fp32" else s.workspace.dtype,
-            teacher_forced=True, serve_from=s.serve_from, weight_type=str(s.workspace.model.weight_type),
-            kv_bits=self.engine.kv_bits)
+            teacher_forced=True, serve_from=s.serve_from, weight_type=str(s.workspace.model.weight_type))
         return self.settings
 
     def infer(self, request: EngineRequest) -> EngineRun:
