@@ -13,7 +13,6 @@ from pathlib import Path
 from rich.console import Console
 
 from . import progress
-from .atomic import write_file
 from .errors import ParityInputError, followable
 from .places import CACHE_ENV, REPORTS_ROOT, default_cache_dir, default_report_dir
 from .scratch import Terminated, out_lock, run_scratch, terminate_as_exception
@@ -252,8 +251,6 @@ def _run(a: argparse.Namespace) -> int:
 
 
 def _faults(a: argparse.Namespace) -> int:
-    import json
-
     from rich.table import Table
 
     from .faults import CATALOGUE, run_catalogue
@@ -283,10 +280,18 @@ def _faults(a: argparse.Namespace) -> int:
     if a.json:
         rows = [{"fault": r.fault.name, "kind": r.fault.kind, "expected": r.fault.expected.__dict__,
                  "got": r.got.__dict__ if r.got else None, "detected": r.detected} for r in results]
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        write_file(a.json, json.dumps({"numeric": a.numeric, "detected": hits, "total": len(results), "rows": rows},
-                                      indent=1))
+        _write_json(a.json, {"numeric": a.numeric, "detected": hits, "total": len(results), "rows": rows})
     return 0 if hits == len(results) else 1
+
+
+def _write_json(path: Path, data) -> None:
+    """A `--json` file, written whole or not at all; an unwritable place is bad input (exit 2), not a traceback."""
+    import json
+
+    from .report._common import atomic_write_text, ensure_dir
+
+    ensure_dir(path.parent)
+    atomic_write_text(path, json.dumps(data, indent=1, default=str))
 
 
 def _check_writable(out: Path) -> None:
@@ -347,15 +352,12 @@ def _command(args: argparse.Namespace) -> int:
             f"{'compensated (' + str(len(rec.compensated)) + ' tensors)' if rec.compensate_plora else 'left as lmdeploy leaves it'})",
             rec.warnings)
     if args.command == "audit":
-        import json
-
         from .disguise import audit_deployment
 
         audit = audit_deployment(args.model, trust_remote_code=args.trust_remote_code)
         print(audit.summary())
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            write_file(args.json, json.dumps(audit.to_dict(), indent=1, default=str))
+            _write_json(args.json, audit.to_dict())
         return audit.exit_code
     if args.command == "faults":
         return _faults(args)

@@ -30,6 +30,10 @@ def try_lock(path: Path | str, hint: str = "a writable folder") -> int | None:
     except BlockingIOError:
         os.close(fd)
         return None
+    except OSError as e:  # e.g. ENOLCK: a file system without locks
+        os.close(fd)
+        raise ParityInputError(f"Cannot lock {path} ({e.strerror or e}); expected {hint} on a file system "
+                               "that supports file locks.") from None
     return fd
 
 

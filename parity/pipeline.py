@@ -63,7 +63,7 @@ def _run_stages(opts: RunOptions, faults: FaultHooks, session: ReferenceSession,
                     deployed.append(DeployedCase(case, captured, engine.infer(request)))
             except EngineRefused as e:  # TurboMind refuses such a workspace at load time (LoRA byte sizes)
                 deployed.append(DeployedCase(case, captured, None, refused=e))
-            if opts.decode and case.same_rows and deployed[-1].run is not None:  # generated tokens (issue 18)
+            if opts.decode and case.same_rows and deployed[-1].run is not None:  # generated tokens, compared step by step
                 with timed(timings, "decode", case.name):
                     deployed[-1].decode = decode_case(session, engine, request, opts.decode, opts.thresholds, settings)
         summary = engine.deactivate()  # a follow-up strategy (live per-layer runs) runs here

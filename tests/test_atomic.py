@@ -207,8 +207,10 @@ def test_cli_json_outputs_are_replaced_whole(fixture_models, tmp_path, monkeypat
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(atomic.os, "replace", failing_replace)
-    with pytest.raises(OSError, match="No space"):
-        main(["audit", model, "--trust-remote-code", "--json", str(out)])
+    capsys.readouterr()
+    assert main(["audit", model, "--trust-remote-code", "--json", str(out)]) == 2  # bad input, not a traceback
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and str(tmp_path) in " ".join(err.split()) and "Traceback" not in err
     assert json.loads(out.read_text()) == {"previous": True}
     assert [p.name for p in tmp_path.iterdir()] == ["audit.json"]
     monkeypatch.setattr(atomic.os, "replace", real_replace)

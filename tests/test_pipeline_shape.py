@@ -1,4 +1,4 @@
-"""`parity/pipeline.py` reads as the stages in order and holds no engine-specific branch (issue 16): what differs
+"""`parity/pipeline.py` reads as the stages in order and holds no engine-specific branch: what differs
 between engines is stated by the engine (`EngineSettings`) or set up beside it (`options.engine_setup`), never
 decided in the pipeline. Read from the source with `ast`; nothing is run."""
 
@@ -13,7 +13,7 @@ import pytest
 from parity.engines import ENGINES
 
 PIPELINE = Path(__file__).resolve().parents[1] / "parity" / "pipeline.py"
-MAX_LINES = 90  # issue 16: "reads as the stages in order (≈ 60–80 lines)"
+MAX_LINES = 90  # the stages in order fit in about 60-80 lines; a little room for one-line edits
 
 # What differs between engines or deployments: the run options and engine settings that say so, the engine
 # object itself, the engines' names and classes. The pipeline passes them on; it never branches on them.
@@ -74,7 +74,7 @@ def test_pipeline_reads_as_the_stages_in_order():
 
 
 @pytest.mark.parametrize("snippet", [
-    # the shapes pipeline.py had before issue 16 (the quantized KV cache set up inline, live options read)
+    # the shapes pipeline.py once had (the quantized KV cache set up inline, live options read)
     """
     if opts.quant_policy:
         session.kv_cache = turbomind_kv(bits_for_policy(opts.quant_policy), ws.dtype)

@@ -79,6 +79,13 @@ def test_same_diagnosis_as_teacher_forcing_everywhere(fixture_models, broken_w2_
     # the end-to-end run kept of its deltas, which are not written a second time)
     rows = [(r["layer"], r["linear"], r.get("status")) for r in gated.plora_table]
     assert rows == [(r["layer"], r["linear"], r.get("status")) for r in full.plora_table] and rows
+    for g, f in zip(gated.plora_table, full.plora_table):  # the same deltas, not only the same verdicts
+        # end to end against teacher-forced on a clean layer: equal within fp32's min_rel
+        where = (g["layer"], g["linear"])
+        assert g["text_max_abs"] == f["text_max_abs"], where
+        for key in ("delta_rel_l2", "factor"):
+            if isinstance(f.get(key), float) and math.isfinite(f[key]):
+                assert g[key] == pytest.approx(f[key], rel=0, abs=1e-6), (where, key)
     started = gated.engine["teacher_forced"]["default"]
     if numeric == "fp32" and not broken:  # every clean fp32 value is within min_rel: no teacher-forced run
         assert gated.status == "pass" and started.startswith("not run")

@@ -601,8 +601,10 @@ class LiveTurboMind:
                                  e2e={(None, "norm"): hidden, (None, "output"): logits})
         finally:
             if not ended and self.instance is not None:  # a run stopped early: end the session on the engine
-                with contextlib.suppress(Exception):
+                try:
                     _run_coroutine(self.instance.async_end(sid))
+                except Exception as exc:  # the run's outcome stands; an open session is said, not hidden
+                    self.engine_log.append(f"parity: ending decode session {sid} failed: {one_line(exc)}")
 
     # ---------------------------------------------------------------- report
 

@@ -38,7 +38,7 @@ def lmdeploy_vision_features(model_dir: str | Path, images: Sequence[str | Path]
 
     Runs the model folder's remote code (lmdeploy always does): requires `trust_remote_code=True`.
     """
-    require_trusted_code(model_dir, trust_remote_code, "computing lmdeploy's vision features runs (as lmdeploy does)")
+    require_trusted_code(model_dir, trust_remote_code, "lmdeploy runs to compute the vision features")
     hub_offline()
     from PIL import Image
 

@@ -152,8 +152,8 @@ def restore_nonfinite(obj: Any) -> Any:
 def _unwritable(folder: Path, exc: BaseException) -> ParityInputError:
     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
     return ParityInputError(
-        f"Cannot write the report into the folder '{folder}': {reason}. Choose an output folder that exists "
-        f"(or can be created) and that this user may write to, for example with --out reports/run1."
+        f"Cannot write into the folder '{folder}': {reason}. Choose an output folder that exists (or can be "
+        f"created), that this user may write to and that has free space, for example with --out reports/run1."
     )
 
 
