@@ -48,6 +48,14 @@ def _row_rel(sd2: float, sr2: float) -> float:
     return math.sqrt(sd2) / math.sqrt(sr2) if sr2 > 0.0 else math.inf
 
 
+def _row_or_all(got, i: int) -> float:
+    """A decode floor: max(row i's, the floor over every generated row); 0 where none was measured."""
+    if got is None:
+        return 0.0
+    st, agg = got
+    return max(_row_rel(float(st.sd2[i]), float(st.sr2[i])), agg) if 0 <= i < st.rows else agg
+
+
 class DecodeComparator:
     def __init__(self, case: str, tokens: list[int], prompt_rows: int, reference: Trace, floor_local,
                  floor_e2e: Trace | None, thresholds: Thresholds, numeric: str, decode: Callable[[int], str]):
@@ -76,11 +84,7 @@ class DecodeComparator:
             else:
                 agg = st.metrics(self._decode_rows)["rel_l2"] if bool(self._decode_rows.any()) else 0.0
                 self._floors[key] = (st, agg)
-        got = self._floors[key]
-        if got is None:
-            return 0.0
-        st, agg = got
-        return max(_row_rel(float(st.sd2[row]), float(st.sr2[row])), agg)
+        return _row_or_all(self._floors[key], row)
 
     def _floor_e2e(self, layer: int | None, point: str, row: int) -> float:
         """The same rule for a step judged end to end: max(this row's, every generated row's) error of the
@@ -95,12 +99,7 @@ class DecodeComparator:
                 if ref is not None and fl is not None:
                     (st,) = row_stats_multi(ref.float(), [fl.float().reshape(ref.shape)])
                     self._floors[key] = (st, st.metrics()["rel_l2"])
-        got = self._floors[key]
-        if got is None:
-            return 0.0
-        st, agg = got
-        i = row - self.P
-        return max(_row_rel(float(st.sd2[i]), float(st.sr2[i])), agg) if 0 <= i < st.rows else agg
+        return _row_or_all(self._floors[key], row - self.P)
 
     # ---------------------------------------------------------------- steps
 
