@@ -5,7 +5,7 @@ quantized folders, truncated models and fixture models (`replaced_folder`), and 
 (`replaced_file`, `write_file`). Each is built under a unique hidden temp name beside its target, then renamed onto
 it, so a reader sees the old target or the complete new one, never a half-written one; the temp is removed on every
 exit path (an exception in the writer included). A kill between build and rename leaves only a hidden sibling,
-which `remove_leftovers` clears (the caller must hold a lock that keeps other writers out).
+which `remove_leftovers` clears (under a lock that keeps other writers out, or only a dead writer's).
 """
 
 from __future__ import annotations
@@ -105,15 +105,29 @@ def write_file(path: str | os.PathLike, data: str | bytes, fsync: bool = True) -
     return path
 
 
-def remove_leftovers(dest: str | os.PathLike, label: str = "tmp") -> list[Path]:
+def remove_leftovers(dest: str | os.PathLike, label: str = "tmp", dead_writers_only: bool = False) -> list[Path]:
     """Remove the temp and set-aside folders a killed `replaced_folder(dest, label)` left beside `dest`.
-    Only safe while no other process writes `dest` (hold the caller's lock)."""
+    Only safe while no other process writes `dest` (hold the caller's lock); without such a lock,
+    `dead_writers_only` removes only those whose writer (the process id in the name) no longer runs on this
+    machine."""
     dest = Path(dest)
-    pattern = re.compile(rf"^\.{re.escape(dest.name)}\.(?:{re.escape(label)}|{_OLD})\.\d+\.[0-9a-f]{{12}}$")
+    pattern = re.compile(rf"^\.{re.escape(dest.name)}\.(?:{re.escape(label)}|{_OLD})\.(\d+)\.[0-9a-f]{{12}}$")
     removed = []
     if dest.parent.is_dir():
         for p in dest.parent.iterdir():
-            if pattern.match(p.name):
+            m = pattern.match(p.name)
+            if m and not (dead_writers_only and _running(int(m.group(1)))):
                 _remove(p)
                 removed.append(p)
     return removed
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists here (a live one of another user counts; a reused id keeps a leftover)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -192,6 +192,25 @@ def test_remove_leftovers_clears_what_a_killed_writer_left_and_nothing_else(tmp_
     assert sorted(tmp_path.iterdir()) == sorted(others + [dest])
 
 
+def test_remove_leftovers_of_dead_writers_only_keeps_a_running_writers_temp(tmp_path):
+    """Without a lock (the truncated-model cache), only a writer that no longer runs loses its temp folder."""
+    dest = _old_folder(tmp_path)
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, signal, sys\n"
+        "from parity.atomic import replaced_folder\n"
+        "with replaced_folder(sys.argv[1]) as tmp:\n"
+        "    tmp.mkdir()\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"), str(dest)], env={**os.environ, "PYTHONPATH": REPO})
+    assert killed.returncode == -signal.SIGKILL
+    (dead,) = [p for p in tmp_path.iterdir() if p.name != "model"]
+    with replaced_folder(dest) as running:  # this process is the running writer
+        running.mkdir()
+        assert remove_leftovers(dest, dead_writers_only=True) == [dead]
+        assert running.is_dir() and not dead.exists()
+        (running / "new.bin").write_bytes(b"new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] and (dest / "new.bin").is_file()
+
+
 def test_cli_json_outputs_are_replaced_whole(fixture_models, tmp_path, monkeypatch, capsys):
     """`parity audit --json FILE`: a failure at the final rename leaves the previous FILE, not half a JSON."""
     import json

@@ -311,6 +311,25 @@ def test_truncated_models_cache_and_cleanup(deep_model, tmp_path):
     assert not a.exists() and not b.exists() and deep_model.exists()
 
 
+def test_truncated_models_cache_clears_a_killed_builds_temp(deep_model, tmp_path):
+    """A build killed outright leaves a hidden temp folder beside its entry; the next build of that entry removes
+    it (the writer's process is gone) and a running writer's is left alone."""
+    import subprocess
+    import sys
+
+    models = TruncatedModels(deep_model, tmp_path)
+    dest = models.path_for(2)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f".{dest.name}.tmp.{int(gone.stdout)}.{'a' * 12}"
+    alive = tmp_path / f".{dest.name}.tmp.{os.getpid()}.{'b' * 12}"
+    for d in (dead, alive):
+        d.mkdir(parents=True)
+        (d / "half.bin").write_bytes(b"x")
+    assert models.get(2) == dest and (dest / MARKER_NAME).is_file()
+    assert not dead.exists() and alive.is_dir()
+    models.cleanup()
+
+
 def test_truncation_matches_full_model_layer(session, deep_model, case, target, tmp_path):
     """A k-layer truncated model's own HF forward ends with exactly norm(hidden_k) of the full model."""
     from parity.reference.loader import load_reference

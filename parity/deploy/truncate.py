@@ -36,7 +36,7 @@ from typing import Any, Iterable, Literal
 
 import torch
 
-from ..atomic import replaced_folder
+from ..atomic import remove_leftovers, replaced_folder
 from ..errors import ParityInputError
 from ..hfconfig import read_hf_config
 from .folder_config import LORA_CONFIG_FILE, read_lora_file
@@ -307,6 +307,7 @@ class TruncatedModels:
         dest = self.path_for(k, variant)
         if not (dest / MARKER_NAME).is_file():
             self.cache_root.mkdir(parents=True, exist_ok=True)
+            remove_leftovers(dest, dead_writers_only=True)  # of a build killed outright (writers take no lock)
             # a concurrent writer that finished first wins (a reader may already use its folder); a half
             # folder without the marker is replaced
             with replaced_folder(dest, keep=lambda d: (d / MARKER_NAME).is_file()) as tmp:
