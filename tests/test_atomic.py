@@ -172,9 +172,8 @@ def test_write_file_under_a_file_raises_and_leaves_nothing(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["not-a-folder"]
 
 
-def test_remove_leftovers_clears_what_a_killed_writer_left_and_nothing_else(tmp_path):
-    dest = _old_folder(tmp_path)
-    before = _tree(dest)
+def _killed_writer(dest: Path) -> None:
+    """A process SIGKILLed halfway through `replaced_folder(dest)`: it leaves a hidden temp folder."""
     killed = subprocess.run([sys.executable, "-c", (
         "import os, signal, sys\n"
         "from parity.atomic import replaced_folder\n"
@@ -182,6 +181,12 @@ def test_remove_leftovers_clears_what_a_killed_writer_left_and_nothing_else(tmp_
         "    tmp.mkdir(); (tmp / 'half.bin').write_bytes(b'x')\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"), str(dest)], env={**os.environ, "PYTHONPATH": REPO})
     assert killed.returncode == -signal.SIGKILL
+
+
+def test_remove_leftovers_clears_what_a_killed_writer_left_and_nothing_else(tmp_path):
+    dest = _old_folder(tmp_path)
+    before = _tree(dest)
+    _killed_writer(dest)
     assert _tree(dest) == before
     left = [p for p in tmp_path.iterdir() if p.name != "model"]
     assert len(left) == 1 and left[0].name.startswith(".model.tmp.")
@@ -195,13 +200,7 @@ def test_remove_leftovers_clears_what_a_killed_writer_left_and_nothing_else(tmp_
 def test_remove_leftovers_of_dead_writers_only_keeps_a_running_writers_temp(tmp_path):
     """Without a lock (the truncated-model cache), only a writer that no longer runs loses its temp folder."""
     dest = _old_folder(tmp_path)
-    killed = subprocess.run([sys.executable, "-c", (
-        "import os, signal, sys\n"
-        "from parity.atomic import replaced_folder\n"
-        "with replaced_folder(sys.argv[1]) as tmp:\n"
-        "    tmp.mkdir()\n"
-        "    os.kill(os.getpid(), signal.SIGKILL)\n"), str(dest)], env={**os.environ, "PYTHONPATH": REPO})
-    assert killed.returncode == -signal.SIGKILL
+    _killed_writer(dest)
     (dead,) = [p for p in tmp_path.iterdir() if p.name != "model"]
     with replaced_folder(dest) as running:  # this process is the running writer
         running.mkdir()
