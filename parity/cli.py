@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="YAML/JSON file of input cases (default: one built-in text-image-text case)")
     r.add_argument("--quant-policy", type=int, choices=[0, 4, 8], default=0,
                    help="TurboMind's KV cache: 8 = u8, 4 = u4, per token and head (emulated in the replay and the "
-                        "reference; its cost is reported against a budget); default: 0 (unquantized)")
+                        "reference; its cost is reported against a budget; with --decode, emulate mode only); "
+                        "default: 0 (unquantized)")
     r.add_argument("--original", type=user_path, metavar="MODEL",
                    help="for an AWQ model: the floating-point model it was quantized from (checks that the AWQ "
                         "smoothing kept PLoRA and reports the cost of quantization, apart from the deployment's "

@@ -142,6 +142,13 @@ def _check_decode(opts: RunOptions) -> None:
     if not isinstance(n, int) or isinstance(n, bool) or n < 0 or n > MAX_DECODE:
         raise ParityInputError(f"--decode must be an integer from 0 to {MAX_DECODE} (generated tokens to compare), "
                                f"got {n!r}.")
+    if n and opts.quant_policy and opts.numeric == "fp32":
+        raise ParityInputError(
+            f"--decode with --quant-policy {opts.quant_policy} needs --numeric emulate. A decode step is judged one "
+            "row at a time, and through a u8/u4 KV cache a single code that flips at a rounding boundary (the engine's "
+            "float32 rotary and the reference's differ in the last bit) moves that row by more than fp32 mode's "
+            "bounds on a clean deployment too; emulate mode judges at the deployment's precision. fp32 mode with "
+            "--quant-policy remains available for the prompt (no --decode).")
     if n and not hasattr(engine_class(opts.engine), "decode"):
         raise ParityInputError(f"--decode needs an engine that decodes (--engine replay); --engine {opts.engine} "
                                "does not report its generated tokens' values yet.")

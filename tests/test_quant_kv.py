@@ -115,6 +115,12 @@ def test_quant_policy_bad_input(fixture_models, tmp_path, capsys):
                  "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "emulated by the replay" in " ".join(err.split()) and "Traceback" not in err
+    # decoding through a quantized cache is judged at the deployment's precision (a code flip is not a fault)
+    assert main(["run", m, "--trust-remote-code", "--quant-policy", "4", "--decode", "3",
+                 "--out", str(tmp_path / "r")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--decode with --quant-policy 4 needs --numeric emulate" in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
 
 
 def test_decode_reads_the_quantized_cache(fixture_models):
@@ -123,7 +129,7 @@ def test_decode_reads_the_quantized_cache(fixture_models):
     from parity.pipeline import RunOptions, run_parity
 
     report = run_parity(RunOptions(model=fixture_models["xcomposer2-tiny"], trust_remote_code=True, quant_policy=4,
-                                   decode=3))
+                                   decode=3, numeric="emulate"))
     assert report.status == "pass", [f.message for f in report.errors()]
     assert '"kv_storage": "u4' in json.dumps(report.to_dict(), default=str)
 
