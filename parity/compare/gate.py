@@ -36,11 +36,6 @@ class TeacherForcingGate:
         self.classes = classes  # `align.row_classes` of the case: what the comparison judges per class
         self.started_at: int | str | None = None  # a layer index, "head", or None (never needed)
 
-    def _reference(self, layer: int | None, keys) -> dict[str, torch.Tensor]:
-        if layer is not None:
-            return self.reference.layer(layer)
-        return {k: v for k in keys if (v := self.reference.get(None, k)) is not None}
-
     def leaves(self, ref: torch.Tensor, value: torch.Tensor) -> bool:
         """Whether `value` is farther than min_rel (relative L2) from the reference in total or in a row class,
         or has a non-finite value on either side."""
@@ -53,18 +48,23 @@ class TeacherForcingGate:
         return not all(m["rel_l2"] <= self.min_rel for m in judged)
 
     def needed(self, layer: int | None, values: dict[str, torch.Tensor]) -> bool:
-        refs = self._reference(layer, values.keys())
         done = self.computed.last if self.computed is not None else {}
         for key, value in values.items():
-            ref = refs.get(key)
+            if key in done:  # compared already, against a floating reference value of the same shape
+                if self._leaves(done[key]):
+                    return self._start(layer)
+                continue
+            ref = self.reference.get(layer, key)  # read only where no statistics were kept
             if ref is None or not value.is_floating_point() or not ref.is_floating_point():
                 continue  # masks are compared by the mask check; parts the reference did not record
             # not comparable here (let the teacher-forced run and the comparison say why), or off the reference
-            if ref.shape != value.shape or ref.dim() == 0 or \
-                    (self._leaves(done[key]) if key in done else self.leaves(ref, value)):
-                self.started_at = "head" if layer is None else layer
-                return True
+            if ref.shape != value.shape or ref.dim() == 0 or self.leaves(ref, value):
+                return self._start(layer)
         return False
+
+    def _start(self, layer: int | None) -> bool:
+        self.started_at = "head" if layer is None else layer
+        return True
 
 
 def describe(started_at: int | str | None, num_layers: int) -> str:

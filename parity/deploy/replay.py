@@ -674,8 +674,7 @@ class ReplayEngine:
             for s in streams:
                 if s.start_when is not None:  # not started yet (the end-to-end stream comes first)
                     if not s.start_when(i, e2e_vals):
-                        parts = {k: v for k, v in e2e_vals.items()  # plora_key: "linear:part"
-                                 if ":" in k and k.rpartition(":")[2] in s.waiting_parts}
+                        parts = {k: v for k, v in e2e_vals.items() if is_skipped_part(k, s.waiting_parts)}
                         s.writer.layer(i, _fresh(parts, s.writer))
                         continue
                     s.start_when = None
