@@ -100,8 +100,8 @@ def trace_file(root: Path, layer: int | None, point: str) -> Path:
 
 
 def write_meta(root: Path, meta: TraceMeta) -> None:
-    """Written last: its presence says the folder is complete."""
-    write_file(root / "meta.json", json.dumps(meta.__dict__, indent=1, default=str))
+    """Written last: its presence says the folder is complete (atomic, not fsynced: as `atomic_save`)."""
+    write_file(root / "meta.json", json.dumps(meta.__dict__, indent=1, default=str), fsync=False)
 
 
 def read_meta(root: Path, what: str = "Trace folder") -> TraceMeta:

@@ -80,7 +80,8 @@ class StatsWriter:
             atomic_save(self._pre, self.root / "pre.safetensors")
         if self._post:
             atomic_save(self._post, self.root / "post.safetensors")
-        write_file(self.root / "stats.json", json.dumps({"format": FORMAT, "against": str(self.against.root)}))
+        write_file(self.root / "stats.json", json.dumps({"format": FORMAT, "against": str(self.against.root)}),
+                   fsync=False)  # a trace file: rebuilt by the next run, as `trace.atomic_save`
         write_meta(self.root, self.meta)
         return StatsTrace(self.root)
 

@@ -261,6 +261,7 @@ class Workspace:
     lora: LoraSettings
     dtype: torch.dtype
     _files: dict[str, dict[int | None, str]] = field(default_factory=dict, repr=False)
+    _record: list = field(default_factory=list, repr=False, compare=False)  # [the record] once read
 
     # -------------------------------------------------------------- opening
 
@@ -456,8 +457,11 @@ class Workspace:
         return layout.merge_shards(spec, self.shards(name, rank))
 
     def conversion_record(self) -> ConversionRecord | None:
-        """The parity-conversion.json `parity.deploy.convert` left in the workspace root, if any."""
-        return load_record(self.root / RECORD_NAME)
+        """The parity-conversion.json `parity.deploy.convert` left in the workspace root, if any (read once: the
+        image path, the source check, the judge and the report all ask for it)."""
+        if not self._record:
+            self._record.append(load_record(self.root / RECORD_NAME))
+        return self._record[0]
 
     def lora_dict(self) -> dict[str, Any]:
         return self.lora.to_dict()

@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ParityInputError
 from ..names import TM_LINEAR_OF
 from ..points import PLORA_LINEARS
 from ..records import Finding
