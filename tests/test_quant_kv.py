@@ -163,4 +163,4 @@ def test_small_attention_fault_is_named_under_a_quantized_cache(fixture_models, 
                                    quant_policy=policy, numeric="fp32"))
     assert report.status == "fail"
     first = report.first_divergence
-    assert (first.layer, first.module) == (0, "attention"), first
+    assert (first.layer, first.module, first.positions, first.cause) == (0, "attention", "all", "numeric_drift"), first
